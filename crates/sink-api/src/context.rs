@@ -1,0 +1,317 @@
+//! The handles a running stage is given: its input, its output, the shutdown
+//! signal and its live parameters.
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::Batch;
+
+/// A stage's config as the runtime hands it over on reload: the stage's own
+/// config type, behind `Any`.
+pub type AnyConfig = Arc<dyn Any + Send + Sync>;
+
+/// Everything a running stage is given besides its data: its id, the shutdown
+/// signal and its live parameter updates.
+#[derive(Debug, Clone)]
+pub struct Context {
+    id: Arc<str>,
+    shutdown: ShutdownSignal,
+    params: watch::Receiver<AnyConfig>,
+}
+
+impl Context {
+    /// A context for stage `id`, and the sender through which its new
+    /// parameters reach it. The runtime and the test kit make these.
+    pub fn new(id: &str, shutdown: ShutdownSignal, initial: AnyConfig) -> (Self, ParamSender) {
+        let (sender, params) = watch::channel(initial);
+        let cx = Self {
+            id: id.into(),
+            shutdown,
+            params,
+        };
+        (cx, ParamSender(sender))
+    }
+
+    /// The stage's id from `pipeline.toml`, for log lines.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The signal that shutdown has started.
+    pub fn shutdown(&self) -> &ShutdownSignal {
+        &self.shutdown
+    }
+
+    /// New parameters for this stage, typed as its config `C`, as the file is
+    /// reloaded. Only changes of live keys arrive here: a change to a key the
+    /// stage marks `x-restart` is refused as a topology change.
+    ///
+    /// ```
+    /// # async fn demo(cx: sink_api::Context) {
+    /// #[derive(Debug)]
+    /// struct MyConfig { threshold: i64 }
+    ///
+    /// let mut params = cx.params::<MyConfig>();
+    /// let mut threshold = 10;
+    /// tokio::select! {
+    ///     new = params.changed() => threshold = new.threshold,
+    ///     _ = cx.shutdown().wait() => {}
+    /// }
+    /// # let _ = threshold;
+    /// # }
+    /// ```
+    pub fn params<C: Any + Send + Sync>(&self) -> Params<C> {
+        Params {
+            receiver: self.params.clone(),
+            config: PhantomData,
+        }
+    }
+}
+
+/// The sending half of a stage's parameter updates, held by the runtime.
+#[derive(Debug)]
+pub struct ParamSender(watch::Sender<AnyConfig>);
+
+impl ParamSender {
+    /// Hands the stage `config`; it must be of the stage's own config type.
+    pub fn send(&self, config: AnyConfig) {
+        // A stage that has finished has no use for parameters.
+        let _ = self.0.send(config);
+    }
+}
+
+/// A stage's stream of new parameters; see [`Context::params`].
+#[derive(Debug)]
+pub struct Params<C> {
+    receiver: watch::Receiver<AnyConfig>,
+    config: PhantomData<fn() -> C>,
+}
+
+impl<C: Any + Send + Sync> Params<C> {
+    /// Waits for the next new config. Pending forever once the runtime is gone,
+    /// so it can sit in a `select!` loop without spinning.
+    pub async fn changed(&mut self) -> Arc<C> {
+        loop {
+            if self.receiver.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            let latest = Arc::clone(&self.receiver.borrow_and_update());
+            if let Ok(config) = latest.downcast::<C>() {
+                return config;
+            }
+        }
+    }
+}
+
+/// Fires once when shutdown starts. Cheap to clone; every stage holds one.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let shutdown = sink_api::ShutdownSignal::new();
+/// let waiter = shutdown.clone();
+/// shutdown.trigger();
+/// waiter.wait().await;
+/// assert!(waiter.is_triggered());
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownSignal(CancellationToken);
+
+impl ShutdownSignal {
+    /// A signal that has not fired.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts shutdown for every holder of this signal.
+    pub fn trigger(&self) {
+        self.0.cancel();
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_triggered(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    /// Waits until shutdown starts.
+    pub async fn wait(&self) {
+        self.0.cancelled().await
+    }
+}
+
+/// A bounded channel of batches into a stage, with `capacity` batches of room.
+/// The runtime wires stages with these; the test kit feeds stages with them.
+///
+/// # Panics
+///
+/// When `capacity` is 0; the runtime refuses such a file before building.
+pub fn channel(capacity: usize) -> (BatchSender, Input) {
+    let (sender, receiver) = mpsc::channel(capacity);
+    let received = Arc::new(AtomicU64::new(0));
+    (
+        BatchSender(sender),
+        Input {
+            receiver,
+            received,
+        },
+    )
+}
+
+/// The sending end of a stage's input channel; see [`channel`].
+#[derive(Debug, Clone)]
+pub struct BatchSender(mpsc::Sender<Batch>);
+
+/// A stage's input: the batches of all its upstream stages, merged.
+#[derive(Debug)]
+pub struct Input {
+    receiver: mpsc::Receiver<Batch>,
+    received: Arc<AtomicU64>,
+}
+
+impl Input {
+    /// The next batch, or `None` once every upstream stage has finished.
+    pub async fn recv(&mut self) -> Option<Batch> {
+        let batch = self.receiver.recv().await?;
+        self.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Some(batch)
+    }
+
+    /// A counter of the readings this input has delivered, for the runtime's
+    /// accounting of what a timed-out shutdown lost.
+    pub fn received_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.received)
+    }
+}
+
+/// Where a stage sends its batches: every downstream stage gets each batch.
+/// Cheap to clone, so a source can hand one to each connection task.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    targets: Arc<[BatchSender]>,
+    sent: Arc<AtomicU64>,
+}
+
+/// The batch could not be sent; it is handed back.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// A downstream stage has stopped; nothing more can be delivered there.
+    #[error("a downstream stage has stopped")]
+    Closed(Batch),
+    /// A downstream channel has no room now (only from [`Output::try_send`]).
+    #[error("a downstream stage is full")]
+    Full(Batch),
+}
+
+impl Output {
+    /// An output that delivers to each of `targets`.
+    pub fn new(targets: Vec<BatchSender>) -> Self {
+        Self {
+            targets: targets.into(),
+            sent: Arc::default(),
+        }
+    }
+
+    /// Sends `batch` to every downstream stage, waiting while any is full: this
+    /// wait is the backpressure that reaches clients. Room is reserved in every
+    /// channel before anything is sent, so a batch reaches all or none.
+    pub async fn send(&self, batch: Batch) -> Result<(), SendError> {
+        let mut permits = Vec::with_capacity(self.targets.len());
+        for target in self.targets.iter() {
+            match target.0.reserve().await {
+                Ok(permit) => permits.push(permit),
+                Err(_) => return Err(SendError::Closed(batch)),
+            }
+        }
+        self.deliver(permits, batch);
+        Ok(())
+    }
+
+    /// Sends `batch` to every downstream stage if all have room now; otherwise
+    /// sends nothing and hands it back.
+    pub fn try_send(&self, batch: Batch) -> Result<(), SendError> {
+        let mut permits = Vec::with_capacity(self.targets.len());
+        for target in self.targets.iter() {
+            match target.0.try_reserve() {
+                Ok(permit) => permits.push(permit),
+                Err(mpsc::error::TrySendError::Full(())) => return Err(SendError::Full(batch)),
+                Err(mpsc::error::TrySendError::Closed(())) => return Err(SendError::Closed(batch)),
+            }
+        }
+        self.deliver(permits, batch);
+        Ok(())
+    }
+
+    /// A counter of the readings sent, for the runtime's accounting.
+    pub fn sent_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.sent)
+    }
+
+    fn deliver(&self, permits: Vec<mpsc::Permit<'_, Batch>>, batch: Batch) {
+        self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut permits = permits.into_iter();
+        let last = permits.next_back();
+        // Fan-out copies the batch for all targets but the last, which gets the original.
+        for permit in permits {
+            permit.send(batch.clone());
+        }
+        if let Some(permit) = last {
+            permit.send(batch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Reading, Timestamp};
+
+    fn batch(n: usize) -> Batch {
+        (0..n)
+            .map(|i| Reading {
+                sensor_name: format!("s{i}"),
+                value: Some(i as i64),
+                created_at: None,
+                received_at: Timestamp::now(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn fan_out_delivers_to_all_or_none() {
+        let (a_tx, mut a) = channel(1);
+        let (b_tx, mut b) = channel(1);
+        let output = Output::new(vec![a_tx, b_tx]);
+        output.try_send(batch(2)).unwrap();
+        // b is full now: the next batch must reach neither.
+        b.recv().await.unwrap();
+        output.try_send(batch(1)).unwrap();
+        assert!(matches!(output.try_send(batch(3)), Err(SendError::Full(b)) if b.len() == 3));
+        assert_eq!(a.recv().await.unwrap().len(), 2);
+        assert_eq!(a.recv().await.unwrap().len(), 1);
+        assert_eq!(b.recv().await.unwrap().len(), 1);
+        assert_eq!(output.sent_counter().load(Ordering::Relaxed), 3);
+        assert_eq!(a.received_counter().load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn send_reports_a_stopped_downstream() {
+        let (tx, input) = channel(4);
+        drop(input);
+        let output = Output::new(vec![tx]);
+        assert!(matches!(output.send(batch(1)).await, Err(SendError::Closed(_))));
+    }
+
+    #[tokio::test]
+    async fn params_arrive_typed() {
+        let (cx, sender) = Context::new("x", ShutdownSignal::new(), Arc::new(1_u32));
+        let mut params = cx.params::<u32>();
+        sender.send(Arc::new(2_u32));
+        assert_eq!(*params.changed().await, 2);
+    }
+}

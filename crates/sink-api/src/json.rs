@@ -1,0 +1,151 @@
+//! The JSON lines the built-in sinks write, shared so that custom sinks can
+//! write the same format.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Reading, Timestamp};
+
+/// How readings are laid out as JSON lines.
+///
+/// ```
+/// use sink_api::json::{Layout, encode_batch};
+/// use sink_api::{Reading, Timestamp};
+/// let reading = Reading {
+///     sensor_name: "t1".into(),
+///     value: Some(42),
+///     created_at: Timestamp::new(1_795_860_000, 0),
+///     received_at: Timestamp::new(1_795_860_000, 512_000_000).unwrap(),
+/// };
+/// let mut out = Vec::new();
+/// encode_batch(Layout::Value, &[reading], Timestamp::now(), &mut out);
+/// assert_eq!(
+///     String::from_utf8(out).unwrap(),
+///     "{\"sensor_name\":\"t1\",\"sensor_value\":42,\"created_at\":\"2026-11-28T10:00:00Z\",\
+///      \"received_at\":\"2026-11-28T10:00:00.512Z\"}\n"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One line per reading: `{"sensor_name":…,"sensor_value":…,"created_at":…,"received_at":…}`.
+    #[default]
+    Value,
+    /// One line per batch, as the original Go service wrote its log file.
+    Batch,
+}
+
+/// Appends `readings` to `out` as JSON lines in `layout`; `now` stamps a
+/// `batch` line. Writes nothing for an empty batch, so no empty line or batch
+/// ever reaches a file.
+pub fn encode_batch(layout: Layout, readings: &[Reading], now: Timestamp, out: &mut Vec<u8>) {
+    if readings.is_empty() {
+        return;
+    }
+    match layout {
+        Layout::Value => {
+            for reading in readings {
+                encode_reading(reading, out);
+                out.push(b'\n');
+            }
+        }
+        Layout::Batch => {
+            out.extend_from_slice(br#"{"level":"info","ts":""#);
+            now.write_rfc3339(out);
+            out.extend_from_slice(br#"","msg":"sensor values batch received","timestamp":"#);
+            out.extend_from_slice(itoa::Buffer::new().format(now.seconds()).as_bytes());
+            out.extend_from_slice(br#","messageCount":"#);
+            out.extend_from_slice(itoa::Buffer::new().format(readings.len()).as_bytes());
+            out.extend_from_slice(br#","values":["#);
+            for (i, reading) in readings.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                encode_reading(reading, out);
+            }
+            out.extend_from_slice(b"]}\n");
+        }
+    }
+}
+
+/// Appends one reading as a JSON object (no newline).
+pub fn encode_reading(reading: &Reading, out: &mut Vec<u8>) {
+    out.extend_from_slice(br#"{"sensor_name":"#);
+    // serde_json does the string escaping; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, reading.sensor_name.as_str());
+    out.extend_from_slice(br#","sensor_value":"#);
+    match reading.value {
+        Some(value) => out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(br#","created_at":"#);
+    write_optional_timestamp(reading.created_at, out);
+    out.extend_from_slice(br#","received_at":"#);
+    write_optional_timestamp(Some(reading.received_at), out);
+    out.push(b'}');
+}
+
+fn write_optional_timestamp(timestamp: Option<Timestamp>, out: &mut Vec<u8>) {
+    match timestamp {
+        Some(timestamp) => {
+            out.push(b'"');
+            timestamp.write_rfc3339(out);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(name: &str, value: Option<i64>) -> Reading {
+        Reading {
+            sensor_name: name.into(),
+            value,
+            created_at: None,
+            received_at: Timestamp::new(0, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn value_lines_are_valid_json_with_nulls_and_escapes() {
+        let mut out = Vec::new();
+        let batch = [reading("quote\"and\\newline\n", None), reading("ü", Some(-7))];
+        encode_batch(Layout::Value, &batch, Timestamp::now(), &mut out);
+        let lines: Vec<serde_json::Value> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["sensor_name"], "quote\"and\\newline\n");
+        assert!(lines[0]["sensor_value"].is_null());
+        assert!(lines[0]["created_at"].is_null());
+        assert_eq!(lines[1]["sensor_value"], -7);
+        assert_eq!(lines[1]["received_at"], "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn batch_line_matches_the_original_format() {
+        let mut out = Vec::new();
+        let now = Timestamp::new(1_795_860_000, 0).unwrap();
+        encode_batch(Layout::Batch, &[reading("a", Some(1)), reading("b", Some(2))], now, &mut out);
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["level"], "info");
+        assert_eq!(line["ts"], "2026-11-28T10:00:00Z");
+        assert_eq!(line["msg"], "sensor values batch received");
+        assert_eq!(line["timestamp"], 1_795_860_000);
+        assert_eq!(line["messageCount"], 2);
+        assert_eq!(line["values"][1]["sensor_name"], "b");
+    }
+
+    #[test]
+    fn empty_batch_writes_nothing() {
+        let mut out = Vec::new();
+        encode_batch(Layout::Batch, &[], Timestamp::now(), &mut out);
+        encode_batch(Layout::Value, &[], Timestamp::now(), &mut out);
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,36 @@
+//! # sink-api: the stage API of telemetry-sink
+//!
+//! Everything a custom source, processor or sink depends on. A stage type is
+//! two parts:
+//!
+//! - a **config**, deserialized from its `[sources|processors|sinks.<id>]`
+//!   table and registered by name with `typetag` ([`SourceConfig`],
+//!   [`ProcessorConfig`], [`SinkConfig`]) and with [`register_stage!`] (which
+//!   feeds `sink list` and `sink describe` from the config's own schema);
+//! - a **running stage**, an async task that owns its state ([`Source`],
+//!   [`Processor`], [`Sink`]) and gets its [`Input`], [`Output`] and a
+//!   [`Context`] (shutdown signal, live parameters).
+//!
+//! [`Batch`]es of [`Reading`]s, never single readings, cross the channels.
+
+mod config;
+mod context;
+pub mod json;
+mod reading;
+mod registry;
+
+pub use config::{
+    BuildContext, ConfigError, IntoAny, Processor, ProcessorConfig, Sink, SinkConfig, Source,
+    SourceConfig, StageError,
+};
+pub use context::{
+    AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError,
+    ShutdownSignal, channel,
+};
+pub use reading::{Batch, Reading, Timestamp};
+pub use registry::{KeyInfo, StageInfo, StageKind, registered_stages};
+
+#[doc(hidden)]
+pub use inventory;
+#[doc(hidden)]
+pub use schemars;

@@ -1,0 +1,247 @@
+//! The catalogue of stage types linked into a binary, for `sink list`,
+//! `sink describe` and for telling live keys from keys that need a restart.
+//!
+//! Each entry is generated from the config type's own JSON schema (derived with
+//! `schemars`), so the documentation a user reads cannot drift from the code.
+
+use std::fmt;
+
+use serde_json::Value;
+
+/// Which section of `pipeline.toml` a stage type belongs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StageKind {
+    /// `[sources.<id>]`: produces batches.
+    Source,
+    /// `[processors.<id>]`: transforms batches.
+    Processor,
+    /// `[sinks.<id>]`: writes batches out.
+    Sink,
+}
+
+impl StageKind {
+    /// The singular word: `source`, `processor` or `sink`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Processor => "processor",
+            Self::Sink => "sink",
+        }
+    }
+
+    /// The `pipeline.toml` section: `sources`, `processors` or `sinks`.
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::Source => "sources",
+            Self::Processor => "processors",
+            Self::Sink => "sinks",
+        }
+    }
+}
+
+impl fmt::Display for StageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One registered stage type. Create it with [`register_stage!`](crate::register_stage).
+#[derive(Debug)]
+pub struct StageInfo {
+    /// Its section.
+    pub kind: StageKind,
+    /// Its `type` name, the same as in its `#[typetag::serde(name = ...)]`.
+    pub name: &'static str,
+    /// The crate that defines it.
+    pub crate_name: &'static str,
+    /// The JSON schema of its config type.
+    pub schema: fn() -> schemars::Schema,
+}
+
+inventory::collect!(StageInfo);
+
+/// Registers a stage type's description under its `type` name, next to its
+/// `#[typetag::serde(name = ...)]` impl. The description is the config type's
+/// doc comment; each key's doc comment, type and default come from its schema.
+/// Mark a key that cannot change while running with
+/// `#[schemars(extend("x-restart" = true))]`: a reload that changes it is then
+/// refused as a topology change.
+///
+/// ```
+/// #[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// /// Keeps readings whose value is at least `min`.
+/// struct AtLeast {
+///     /// Smallest value kept.
+///     min: i64,
+/// }
+/// sink_api::register_stage!(processor "at_least" => AtLeast);
+///
+/// let info = sink_api::registered_stages().find(|s| s.name == "at_least").unwrap();
+/// assert_eq!(info.description(), "Keeps readings whose value is at least `min`.");
+/// assert_eq!(info.keys()[0].name, "min");
+/// ```
+#[macro_export]
+macro_rules! register_stage {
+    (source $name:literal => $config:ty) => {
+        $crate::register_stage!(@ Source $name $config);
+    };
+    (processor $name:literal => $config:ty) => {
+        $crate::register_stage!(@ Processor $name $config);
+    };
+    (sink $name:literal => $config:ty) => {
+        $crate::register_stage!(@ Sink $name $config);
+    };
+    (@ $kind:ident $name:literal $config:ty) => {
+        $crate::inventory::submit! {
+            $crate::StageInfo {
+                kind: $crate::StageKind::$kind,
+                name: $name,
+                crate_name: env!("CARGO_PKG_NAME"),
+                schema: || $crate::schemars::schema_for!($config),
+            }
+        }
+    };
+}
+
+/// Every stage type linked into this binary, sorted by kind, then name.
+pub fn registered_stages() -> impl Iterator<Item = &'static StageInfo> {
+    let mut all: Vec<&'static StageInfo> = inventory::iter::<StageInfo>.into_iter().collect();
+    all.sort_by_key(|info| (info.kind, info.name));
+    all.into_iter()
+}
+
+/// One key of a stage's table, as the schema describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key as written in `pipeline.toml`.
+    pub name: String,
+    /// Its type in words: `integer`, `string`, `"value" | "batch"`, `table`...
+    pub value_type: String,
+    /// Its default as TOML, or `None` when the key is required.
+    pub default: Option<String>,
+    /// Whether a reload applies it without a restart.
+    pub live: bool,
+    /// Its doc comment.
+    pub doc: String,
+}
+
+impl StageInfo {
+    /// The first paragraph of the config type's doc comment.
+    pub fn description(&self) -> String {
+        let schema = (self.schema)();
+        let text = schema.get("description").and_then(Value::as_str).unwrap_or("");
+        text.split("\n\n").next().unwrap_or("").replace('\n', " ")
+    }
+
+    /// The keys of the stage's table, in declaration order.
+    pub fn keys(&self) -> Vec<KeyInfo> {
+        let schema = (self.schema)();
+        let root = schema.as_value();
+        let required: Vec<&str> = root
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|keys| keys.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let Some(properties) = root.get("properties").and_then(Value::as_object) else {
+            return Vec::new();
+        };
+        properties
+            .iter()
+            .map(|(name, property)| KeyInfo {
+                name: name.clone(),
+                value_type: describe_type(property, root),
+                default: property
+                    .get("default")
+                    .map(json_to_toml)
+                    .or_else(|| (!required.contains(&name.as_str())).then(|| "(none)".into())),
+                live: property.get("x-restart") != Some(&Value::Bool(true)),
+                doc: property
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .replace('\n', " "),
+            })
+            .collect()
+    }
+
+    /// Keys that a reload cannot change while running.
+    pub fn restart_keys(&self) -> Vec<String> {
+        self.keys()
+            .into_iter()
+            .filter(|key| !key.live)
+            .map(|key| key.name)
+            .collect()
+    }
+
+    /// A ready-to-paste `pipeline.toml` table for this type, every key at its
+    /// default and required keys left for the user to fill in.
+    pub fn example_toml(&self, id: &str) -> String {
+        let mut out = format!("[{}.{id}]\ntype = \"{}\"\n", self.kind.section(), self.name);
+        if self.kind != StageKind::Source {
+            out.push_str("inputs = [\"<upstream id>\"]\n");
+        }
+        for key in self.keys() {
+            match key.default.as_deref() {
+                None => out.push_str(&format!("{} = <{}>   # required\n", key.name, key.value_type)),
+                Some("(none)") => out.push_str(&format!("# {} = <{}>\n", key.name, key.value_type)),
+                Some(default) => out.push_str(&format!("{} = {default}\n", key.name)),
+            }
+        }
+        out
+    }
+}
+
+/// A short, human reading of a property's JSON schema type.
+fn describe_type(property: &Value, root: &Value) -> String {
+    if let Some(reference) = property.get("$ref").and_then(Value::as_str) {
+        let name = reference.rsplit('/').next().unwrap_or(reference);
+        return match root.get("$defs").and_then(|defs| defs.get(name)) {
+            Some(target) => describe_type(target, root),
+            None => name.to_string(),
+        };
+    }
+    if let Some(constant) = property.get("const") {
+        return constant.to_string();
+    }
+    if let Some(options) = property.get("enum").and_then(Value::as_array) {
+        return options.iter().map(Value::to_string).collect::<Vec<_>>().join(" | ");
+    }
+    if let Some(variants) = property.get("oneOf").or_else(|| property.get("anyOf")) {
+        let parts: Vec<String> = variants
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|variant| describe_type(variant, root))
+            .filter(|part| part != "null")
+            .collect();
+        return parts.join(" | ");
+    }
+    match property.get("type") {
+        Some(Value::String(kind)) if kind == "object" => "table".into(),
+        Some(Value::String(kind)) if kind == "array" => "array".into(),
+        Some(Value::String(kind)) => kind.clone(),
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|kind| *kind != "null")
+            .collect::<Vec<_>>()
+            .join(" | "),
+        _ => "any".into(),
+    }
+}
+
+/// Renders a JSON default as the TOML a user would write.
+fn json_to_toml(value: &Value) -> String {
+    match value {
+        Value::Null => "(none)".into(),
+        Value::Object(map) => {
+            let fields: Vec<String> =
+                map.iter().map(|(k, v)| format!("{k} = {}", json_to_toml(v))).collect();
+            format!("{{ {} }}", fields.join(", "))
+        }
+        Value::Array(items) => {
+            format!("[{}]", items.iter().map(json_to_toml).collect::<Vec<_>>().join(", "))
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,138 @@
+//! `buffered`: holds readings and forwards them in larger batches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sink_api::{
+    Batch, BuildContext, ConfigError, Context, Input, Output, Processor, ProcessorConfig,
+    StageError,
+};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+/// Holds readings and forwards them as one batch when it holds `max_events`,
+/// when `flush_interval` ticks, when its input ends, and when shutdown starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BufferedConfig {
+    /// Forward the buffer once it holds this many readings or more. Batches
+    /// are never split, so a forwarded batch can be larger.
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    /// Forward whatever is held this often; the tick restarts after each
+    /// flush on size. A duration such as "1m" or "500ms".
+    #[serde(default = "default_flush_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub flush_interval: Duration,
+}
+
+fn default_max_events() -> usize {
+    10
+}
+
+fn default_flush_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for BufferedConfig {
+    fn default() -> Self {
+        Self {
+            max_events: default_max_events(),
+            flush_interval: default_flush_interval(),
+        }
+    }
+}
+
+#[typetag::serde(name = "buffered")]
+impl ProcessorConfig for BufferedConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_events == 0 {
+            return Err(ConfigError::new("max_events", "must be at least 1"));
+        }
+        if self.flush_interval.is_zero() {
+            return Err(ConfigError::new("flush_interval", "must be longer than 0s"));
+        }
+        Ok(())
+    }
+
+    fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+        Ok(Box::new(Buffered {
+            config: Arc::new(self.clone()),
+        }))
+    }
+}
+
+sink_api::register_stage!(processor "buffered" => BufferedConfig);
+
+struct Buffered {
+    config: Arc<BufferedConfig>,
+}
+
+#[async_trait]
+impl Processor for Buffered {
+    async fn run(
+        self: Box<Self>,
+        mut input: Input,
+        output: Output,
+        cx: Context,
+    ) -> Result<(), StageError> {
+        let mut config = self.config;
+        let mut params = cx.params::<BufferedConfig>();
+        let mut buffer = Batch::new();
+        let mut ticker = periodic(config.flush_interval);
+        let mut flushed_for_shutdown = false;
+        loop {
+            tokio::select! {
+                received = input.recv() => {
+                    let Some(batch) = received else {
+                        return forward(&mut buffer, &output).await;
+                    };
+                    if buffer.is_empty() {
+                        buffer = batch;
+                    } else {
+                        buffer.extend(batch);
+                    }
+                    if buffer.len() >= config.max_events {
+                        forward(&mut buffer, &output).await?;
+                        ticker.reset();
+                    }
+                }
+                _ = ticker.tick() => forward(&mut buffer, &output).await?,
+                new = params.changed() => {
+                    if new.flush_interval != config.flush_interval {
+                        ticker = periodic(new.flush_interval);
+                    }
+                    if buffer.len() >= new.max_events {
+                        forward(&mut buffer, &output).await?;
+                        ticker.reset();
+                    }
+                    config = new;
+                }
+                // Hand on what is held now rather than when the sources have
+                // finished: it shortens shutdown. Input is still drained after.
+                _ = cx.shutdown().wait(), if !flushed_for_shutdown => {
+                    flushed_for_shutdown = true;
+                    forward(&mut buffer, &output).await?;
+                }
+            }
+        }
+    }
+}
+
+/// A periodic tick whose first tick is one `period` from now.
+fn periodic(period: Duration) -> Interval {
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
+}
+
+/// Sends the buffer on whole, leaving an empty one; sends nothing when empty.
+/// The sent batch is moved away, never touched again.
+async fn forward(buffer: &mut Batch, output: &Output) -> Result<(), StageError> {
+    if buffer.is_empty() {
+        return Ok(());
+    }
+    output.send(std::mem::take(buffer)).await?;
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Built-in processors.
+
+pub mod buffered;

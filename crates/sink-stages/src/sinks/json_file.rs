@@ -1,0 +1,84 @@
+//! `json_file`: appends JSON lines to a file.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sink_api::json::Layout;
+use sink_api::{BuildContext, ConfigError, Context, Input, Sink, SinkConfig, StageError};
+
+use super::lines::{LineSinkConfig, write_lines};
+
+/// Appends JSON lines to a file, one write and flush per batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonFileConfig {
+    /// File to append to, relative to the working directory; missing parent
+    /// directories are created. A reload moves writing to the new path between
+    /// two batches.
+    pub path: PathBuf,
+    /// `"value"`: one line per reading; `"batch"`: one line per batch, as the
+    /// original Go service wrote.
+    #[serde(default)]
+    pub layout: Layout,
+}
+
+#[typetag::serde(name = "json_file")]
+impl SinkConfig for JsonFileConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::new("path", "must name a file"));
+        }
+        Ok(())
+    }
+
+    fn build(&self, _: &BuildContext) -> Result<Box<dyn Sink>, ConfigError> {
+        let file = self
+            .open()
+            .map_err(|err| ConfigError::new("path", format!("cannot open {}: {err}", self.target_name())))?;
+        Ok(Box::new(JsonFile {
+            config: Arc::new(self.clone()),
+            file,
+        }))
+    }
+}
+
+sink_api::register_stage!(sink "json_file" => JsonFileConfig);
+
+impl LineSinkConfig for JsonFileConfig {
+    type Target = File;
+
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    fn open(&self) -> io::Result<File> {
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        OpenOptions::new().create(true).append(true).open(&self.path)
+    }
+
+    fn moves_target(&self, old: &Self) -> bool {
+        self.path != old.path
+    }
+
+    fn target_name(&self) -> String {
+        format!("`{}`", self.path.display())
+    }
+}
+
+struct JsonFile {
+    config: Arc<JsonFileConfig>,
+    file: File,
+}
+
+#[async_trait]
+impl Sink for JsonFile {
+    async fn run(self: Box<Self>, input: Input, cx: Context) -> Result<(), StageError> {
+        write_lines(self.config, self.file, input, cx).await
+    }
+}

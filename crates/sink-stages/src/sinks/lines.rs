@@ -1,0 +1,133 @@
+//! The loop shared by the sinks that write JSON lines to a byte stream
+//! (`json_file`, `stdout`): encode each batch into one reused buffer, write it
+//! with one call off the async threads, retry failed writes without splitting
+//! or repeating a line, and switch targets between batches on reload.
+
+use std::any::Any;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sink_api::json::{Layout, encode_batch};
+use sink_api::{Context, Input, StageError, Timestamp};
+
+/// What a line-writing sink's config tells the shared loop.
+pub(crate) trait LineSinkConfig: Any + Send + Sync {
+    /// Where the bytes go.
+    type Target: Write + Send + 'static;
+
+    /// How readings are laid out.
+    fn layout(&self) -> Layout;
+
+    /// Opens the target, for startup and for a reload that moves it.
+    fn open(&self) -> io::Result<Self::Target>;
+
+    /// Whether moving from `old` to this config needs the target reopened.
+    fn moves_target(&self, old: &Self) -> bool;
+
+    /// The target in words, for log lines.
+    fn target_name(&self) -> String;
+}
+
+/// Writes every batch of `input` to `target` until the input ends, then flushes.
+pub(crate) async fn write_lines<C: LineSinkConfig>(
+    mut config: Arc<C>,
+    target: C::Target,
+    mut input: Input,
+    cx: Context,
+) -> Result<(), StageError> {
+    let mut params = cx.params::<C>();
+    let mut pending = Pending {
+        target,
+        bytes: Vec::with_capacity(64 * 1024),
+    };
+    loop {
+        tokio::select! {
+            received = input.recv() => {
+                let Some(batch) = received else { break };
+                pending.bytes.clear();
+                encode_batch(config.layout(), &batch, Timestamp::now(), &mut pending.bytes);
+                pending = write_until_done(pending, cx.id()).await?;
+            }
+            new = params.changed() => {
+                if new.moves_target(&config) {
+                    match new.open() {
+                        Ok(target) => {
+                            let old = std::mem::replace(&mut pending.target, target);
+                            close(old, &config.target_name(), cx.id()).await;
+                            tracing::info!(stage = cx.id(), "now writing to {}", new.target_name());
+                        }
+                        Err(err) => {
+                            tracing::warn!(
+                                stage = cx.id(),
+                                "cannot open {}: {err}; still writing to {}",
+                                new.target_name(),
+                                config.target_name()
+                            );
+                            continue;
+                        }
+                    }
+                }
+                config = new;
+            }
+        }
+    }
+    close(pending.target, &config.target_name(), cx.id()).await;
+    Ok(())
+}
+
+/// A target and the encoded bytes still to be written to it, moved together
+/// into the blocking thread and back so that neither is copied.
+struct Pending<T> {
+    target: T,
+    bytes: Vec<u8>,
+}
+
+/// Writes all of `pending.bytes`, retrying with backoff while the target
+/// fails (a full disk, say): a reading accepted is never dropped here.
+/// Retries resume after the bytes already written, so no line is split or
+/// written twice.
+async fn write_until_done<T: Write + Send + 'static>(
+    mut pending: Pending<T>,
+    stage: &str,
+) -> Result<Pending<T>, StageError> {
+    let mut backoff = Duration::from_millis(100);
+    let mut written = 0;
+    loop {
+        let (returned, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = write_from(&mut pending.target, &pending.bytes, written);
+            (pending, outcome)
+        })
+        .await?;
+        pending = returned;
+        match outcome {
+            Ok(()) => return Ok(pending),
+            Err((done, err)) => {
+                written = done;
+                tracing::warn!(stage, "write failed, retrying in {backoff:?}: {err}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Writes `bytes[from..]` and flushes; on failure says how far it got.
+fn write_from(target: &mut impl Write, bytes: &[u8], mut from: usize) -> Result<(), (usize, io::Error)> {
+    while from < bytes.len() {
+        match target.write(&bytes[from..]) {
+            Ok(0) => return Err((from, io::ErrorKind::WriteZero.into())),
+            Ok(n) => from += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err((from, err)),
+        }
+    }
+    target.flush().map_err(|err| (from, err))
+}
+
+async fn close<T: Write + Send + 'static>(mut target: T, name: &str, stage: &str) {
+    let flushed = tokio::task::spawn_blocking(move || target.flush()).await;
+    if let Ok(Err(err)) = flushed {
+        tracing::warn!(stage, "flushing {name} on close failed: {err}");
+    }
+}

@@ -1,0 +1,370 @@
+//! `grpc`: the original service's `sensor.v1.SensorService/SendSensorValues`,
+//! with a byte-rate limit, a message-size limit and backpressure, plus the
+//! standard health service and server reflection on the same port.
+//!
+//! The service is written out here rather than generated so that every limit
+//! is read per call and can change on reload without restarting the listener.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use sink_api::{
+    Batch, BuildContext, ConfigError, Context, Output, Reading, SendError, Source, SourceConfig,
+    StageError, Timestamp,
+};
+use sink_proto::{SensorValue, SensorValuesRequest, SensorValuesResponse};
+use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
+use tonic::server::{NamedService, UnaryService};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
+/// wire-compatible with the original Go service) and serves the gRPC health
+/// service and server reflection on the same address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Address to listen on, `host:port`; port 0 picks a free port (the log
+    /// says which).
+    #[schemars(extend("x-restart" = true))]
+    pub address: String,
+    /// Byte-rate limit over each request's encoded size; absent means
+    /// unlimited. Over it, calls fail with RESOURCE_EXHAUSTED and a RetryInfo.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Largest request message accepted, in bytes; larger ones fail with
+    /// RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// When the next stage is full: `"wait"` holds the call until there is
+    /// room (backpressure); `"reject"` fails it with UNAVAILABLE and a RetryInfo.
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+/// A token bucket over request bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate, in bytes per second.
+    pub bytes_per_second: u32,
+    /// Bucket size, in bytes: the most a burst can send at once, and the
+    /// largest request that can ever pass. Defaults to `bytes_per_second`.
+    #[serde(default)]
+    pub burst_bytes: Option<u32>,
+}
+
+/// What a call does when the next stage has no room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    /// Wait for room: backpressure reaches the client as a slower answer.
+    #[default]
+    Wait,
+    /// Answer UNAVAILABLE with a RetryInfo at once.
+    Reject,
+}
+
+/// Suggested wait before retrying a call refused because the pipeline was full.
+const FULL_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+fn default_max_message_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+impl RateLimit {
+    fn burst(&self) -> u32 {
+        self.burst_bytes.unwrap_or(self.bytes_per_second)
+    }
+}
+
+#[typetag::serde(name = "grpc")]
+impl SourceConfig for GrpcConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::new("max_message_bytes", "must be at least 1"));
+        }
+        if let Some(limit) = &self.rate_limit {
+            if limit.bytes_per_second == 0 {
+                return Err(ConfigError::new("rate_limit.bytes_per_second", "must be at least 1"));
+            }
+            if limit.burst() == 0 {
+                return Err(ConfigError::new("rate_limit.burst_bytes", "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
+        let listener = std::net::TcpListener::bind(&self.address)
+            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+            .map_err(|err| ConfigError::new("address", format!("cannot listen on {}: {err}", self.address)))?;
+        let local = listener
+            .local_addr()
+            .map_err(|err| ConfigError::new("address", err.to_string()))?;
+        tracing::info!(stage = cx.id, "grpc source listening on {local}");
+        Ok(Box::new(GrpcSource {
+            config: self.clone(),
+            listener,
+            local,
+        }))
+    }
+}
+
+sink_api::register_stage!(source "grpc" => GrpcConfig);
+
+struct GrpcSource {
+    config: GrpcConfig,
+    listener: std::net::TcpListener,
+    local: SocketAddr,
+}
+
+#[async_trait]
+impl Source for GrpcSource {
+    async fn run(self: Box<Self>, output: Output, cx: Context) -> Result<(), StageError> {
+        let listener = tokio::net::TcpListener::from_std(self.listener)?;
+        let limits = Arc::new(ArcSwap::from_pointee(Limits::new(&self.config, None)));
+        let service = SensorService {
+            limits: Arc::clone(&limits),
+            output,
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(sink_proto::SERVICE_NAME, tonic_health::ServingStatus::Serving)
+            .await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(sink_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        // Limits change live: each call reads the current ones from `limits`.
+        let mut params = cx.params::<GrpcConfig>();
+        let stage = cx.id().to_string();
+        let reload_limits = async move {
+            loop {
+                let new = params.changed().await;
+                let old = limits.load();
+                limits.store(Arc::new(Limits::new(&new, Some(&old))));
+                tracing::debug!(stage, "limits updated");
+            }
+        };
+
+        let shutdown = cx.shutdown().clone();
+        let stop = async move {
+            shutdown.wait().await;
+            health
+                .set_service_status(sink_proto::SERVICE_NAME, tonic_health::ServingStatus::NotServing)
+                .await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        };
+
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop);
+        tokio::select! {
+            served = server => served?,
+            never = reload_limits => match never {},
+        }
+        tracing::info!(stage = cx.id(), "grpc source on {} stopped", self.local);
+        Ok(())
+    }
+}
+
+/// The limits one call checks, swapped whole on reload.
+struct Limits {
+    max_message_bytes: usize,
+    when_full: WhenFull,
+    rate: Option<(RateLimit, Arc<DefaultDirectRateLimiter>)>,
+}
+
+impl Limits {
+    /// The limits of `config`. An unchanged rate limit keeps its bucket from
+    /// `previous`; a changed one starts full at its new burst.
+    fn new(config: &GrpcConfig, previous: Option<&Limits>) -> Self {
+        let rate = config.rate_limit.map(|limit| {
+            let kept = previous
+                .and_then(|p| p.rate.as_ref())
+                .filter(|(old, _)| *old == limit)
+                .map(|(_, bucket)| Arc::clone(bucket));
+            let bucket = kept.unwrap_or_else(|| Arc::new(RateLimiter::direct(quota(limit))));
+            (limit, bucket)
+        });
+        Self {
+            max_message_bytes: config.max_message_bytes,
+            when_full: config.when_full,
+            rate,
+        }
+    }
+}
+
+fn quota(limit: RateLimit) -> Quota {
+    // validate() guarantees both are at least 1.
+    let rate = NonZeroU32::new(limit.bytes_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limit.burst()).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
+/// The hand-written `sensor.v1.SensorService` server.
+#[derive(Clone)]
+struct SensorService {
+    limits: Arc<ArcSwap<Limits>>,
+    output: Output,
+}
+
+impl NamedService for SensorService {
+    const NAME: &'static str = sink_proto::SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for SensorService
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != sink_proto::SEND_SENSOR_VALUES_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+        }
+        let max_message_bytes = self.limits.load().max_message_bytes;
+        let handler = SendSensorValues(self.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                .max_decoding_message_size(max_message_bytes);
+            let mut response = grpc.unary(handler, request).await;
+            // tonic refuses an oversize message with OUT_OF_RANGE before reading
+            // its body; the contract (like OTLP) requires RESOURCE_EXHAUSTED.
+            // The handler itself never answers OUT_OF_RANGE.
+            let headers = response.headers_mut();
+            if headers.get("grpc-status").is_some_and(|code| code == "11") {
+                headers.insert("grpc-status", http::HeaderValue::from(Code::ResourceExhausted as i32));
+            }
+            Ok(response)
+        })
+    }
+}
+
+struct SendSensorValues(SensorService);
+
+impl UnaryService<SensorValuesRequest> for SendSensorValues {
+    type Response = SensorValuesResponse;
+    type Future = BoxFuture<Response<SensorValuesResponse>, Status>;
+
+    fn call(&mut self, request: Request<SensorValuesRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.accept(request.into_inner()).await })
+    }
+}
+
+impl SensorService {
+    /// Admits the request under the limits and hands its readings on; OK means
+    /// they are in the pipeline.
+    async fn accept(&self, request: SensorValuesRequest) -> Result<Response<SensorValuesResponse>, Status> {
+        if request.items.is_empty() {
+            return Ok(Response::new(SensorValuesResponse {}));
+        }
+        let limits = self.limits.load_full();
+        if let Some((limit, bucket)) = &limits.rate {
+            admit(request.encoded_len(), *limit, bucket)?;
+        }
+        let batch = to_batch(request.items, Timestamp::now())?;
+        let sent = match limits.when_full {
+            WhenFull::Wait => self.output.send(batch).await,
+            WhenFull::Reject => self.output.try_send(batch),
+        };
+        match sent {
+            Ok(()) => Ok(Response::new(SensorValuesResponse {})),
+            Err(SendError::Full(_)) => Err(retry_status(
+                Code::Unavailable,
+                "the pipeline is full; retry later".into(),
+                FULL_RETRY_DELAY,
+            )),
+            Err(SendError::Closed(_)) => Err(Status::unavailable("the pipeline is shutting down")),
+        }
+    }
+}
+
+/// Takes `cost` bytes from the bucket, or says when to retry.
+fn admit(cost: usize, limit: RateLimit, bucket: &DefaultDirectRateLimiter) -> Result<(), Status> {
+    let never = || {
+        Status::resource_exhausted(format!(
+            "request of {cost} bytes exceeds the rate limit's burst of {} bytes and can never pass; send smaller requests",
+            limit.burst()
+        ))
+    };
+    let cost = u32::try_from(cost).ok().and_then(NonZeroU32::new).ok_or_else(never)?;
+    match bucket.check_n(cost) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(not_until)) => {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Err(retry_status(
+                Code::ResourceExhausted,
+                format!(
+                    "rate limit of {} bytes/s exceeded; retry in {} ms",
+                    limit.bytes_per_second,
+                    wait.as_millis().max(1)
+                ),
+                wait,
+            ))
+        }
+        Err(_) => Err(never()),
+    }
+}
+
+/// A status carrying a `google.rpc.RetryInfo` with `delay`, which OTLP-style
+/// clients honour instead of dropping the data.
+fn retry_status(code: Code, message: String, delay: Duration) -> Status {
+    Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay)))
+}
+
+/// Converts the wire messages into readings, moving each name, refusing
+/// timestamps that RFC 3339 cannot express.
+fn to_batch(items: Vec<SensorValue>, received_at: Timestamp) -> Result<Batch, Status> {
+    let mut batch = Batch::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let measurement = item.measurement.unwrap_or_default();
+        let created_at = match measurement.created_at {
+            None => None,
+            Some(t) => Some(
+                u32::try_from(t.nanos)
+                    .ok()
+                    .and_then(|nanos| Timestamp::new(t.seconds, nanos))
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "items[{index}].measurement.created_at ({}s, {}ns) is outside 0001-01-01..9999-12-31 or has nanos outside 0..1e9",
+                            t.seconds, t.nanos
+                        ))
+                    })?,
+            ),
+        };
+        batch.push(Reading {
+            sensor_name: item.sensor_name,
+            value: measurement.sensor_value,
+            created_at,
+            received_at,
+        });
+    }
+    Ok(batch)
+}

@@ -1,0 +1,97 @@
+//! `${VAR}` and `${VAR:-default}` substitution in the text of a pipeline file,
+//! so that the original's env-file and ConfigMap workflow keeps working.
+
+/// Replaces every `${VAR}` and `${VAR:-default}` in `text` with the value that
+/// `lookup` gives. `$${` stands for a literal `${`. Comment lines (first
+/// non-blank character `#`) are left as they are, so a commented-out key never
+/// needs its variable. Fails with a message naming the variable and the line.
+pub fn substitute(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    for (number, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        substitute_line(line, &lookup, &mut out).map_err(|err| format!("line {}: {err}", number + 1))?;
+    }
+    Ok(out)
+}
+
+fn substitute_line(
+    line: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), String> {
+    let mut rest = line;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        if let Some(escaped) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = escaped;
+        } else if let Some(body) = after.strip_prefix("${") {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("`{}` has no closing `}}`", after.trim_end()))?;
+            let (name, default) = match body[..end].split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (&body[..end], None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("`${{{}}}` is not a variable name", &body[..end]));
+            }
+            match lookup(name).or_else(|| default.map(str::to_string)) {
+                Some(value) => out.push_str(&value),
+                None => {
+                    return Err(format!(
+                        "environment variable `{name}` is not set and has no default (write `${{{name}:-default}}` to give one)"
+                    ));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "PORT" => Some("9000".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn substitutes_values_and_defaults() {
+        let text = "a = \"${PORT}\"\nb = ${MISSING:-7}\nc = \"${EMPTY:-x}\" # $5 and $${LITERAL}\n";
+        assert_eq!(
+            substitute(text, env).unwrap(),
+            "a = \"9000\"\nb = 7\nc = \"\" # $5 and ${LITERAL}\n"
+        );
+    }
+
+    #[test]
+    fn names_an_unset_variable_and_its_line() {
+        let err = substitute("a = 1\nb = \"${NOPE}\"\n", env).unwrap_err();
+        assert!(err.contains("line 2") && err.contains("`NOPE`"), "{err}");
+    }
+
+    #[test]
+    fn leaves_comment_lines_alone() {
+        assert_eq!(substitute("  # ${NOPE}\n", env).unwrap(), "  # ${NOPE}\n");
+    }
+
+    #[test]
+    fn refuses_an_unclosed_reference() {
+        assert!(substitute("a = \"${PORT\"\n", env).unwrap_err().contains("closing"));
+    }
+}

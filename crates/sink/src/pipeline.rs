@@ -1,0 +1,571 @@
+//! Loading `pipeline.toml`: substitution, parsing, each stage's config through
+//! typetag, and the checks on the graph. Every mistake found is reported, each
+//! naming the file, the stage and the key, before anything starts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use sink_api::{ConfigError, ProcessorConfig, SinkConfig, SourceConfig, StageKind};
+use toml::{Table, Value};
+
+/// The section of the README that explains linking a stage crate, named in
+/// every "unknown type" error.
+pub const LINKING_HELP: &str = "README.md, section \"Linking a stage crate\"";
+
+/// A validated pipeline file, ready to build.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// Where it was read from (for messages).
+    pub file: PathBuf,
+    /// `[settings]`.
+    pub settings: Settings,
+    /// Every stage, sources first, then processors, then sinks, each section in file order.
+    pub stages: Vec<StageSpec>,
+}
+
+/// `[settings]`: every key has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Least severe log level written: trace, debug, info, warn or error. Live.
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// How long shutdown may take before the process gives up and exits non-zero. Live.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Capacity, in batches, of every stage input channel without a `capacity`. Topology.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            log_level: LogLevel::default(),
+            shutdown_timeout: default_shutdown_timeout(),
+            channel_capacity: default_channel_capacity(),
+        }
+    }
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_channel_capacity() -> usize {
+    1024
+}
+
+/// A log level as written in `settings.log_level` or `--log-level`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything.
+    Trace,
+    /// Detail for debugging.
+    Debug,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Something needs attention.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// One stage of the file.
+#[derive(Debug)]
+pub struct StageSpec {
+    /// Its `<id>`.
+    pub id: String,
+    /// Its section.
+    pub kind: StageKind,
+    /// Its `type`.
+    pub type_name: String,
+    /// Its `inputs`, as written.
+    pub inputs: Vec<String>,
+    /// Its input channel's capacity, in batches (0 for sources, which have none).
+    pub capacity: usize,
+    /// Its own keys (everything but `type`, `inputs` and `capacity`), to tell
+    /// what a reload changes.
+    pub params: Table,
+    /// Its config, deserialized by its type.
+    pub config: StageConfig,
+}
+
+/// A stage's config as its type deserialized it.
+#[derive(Debug)]
+pub enum StageConfig {
+    /// A `[sources.<id>]` table.
+    Source(Box<dyn SourceConfig>),
+    /// A `[processors.<id>]` table.
+    Processor(Box<dyn ProcessorConfig>),
+    /// A `[sinks.<id>]` table.
+    Sink(Box<dyn SinkConfig>),
+}
+
+impl StageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            Self::Source(config) => config.validate(),
+            Self::Processor(config) => config.validate(),
+            Self::Sink(config) => config.validate(),
+        }
+    }
+}
+
+/// One mistake in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineError {
+    /// The file.
+    pub file: PathBuf,
+    /// The stage, as `sinks.file`, when the mistake is in one.
+    pub stage: Option<String>,
+    /// The key, when the mistake is in one.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(stage) = &self.stage {
+            write!(f, ": stage `{stage}`")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every mistake found in one pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PipelineErrors(pub Vec<PipelineError>);
+
+impl fmt::Display for PipelineErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Pipeline {
+    /// Reads, substitutes, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, PipelineErrors> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            PipelineErrors(vec![PipelineError {
+                file: path.to_path_buf(),
+                stage: None,
+                key: None,
+                message: format!("cannot read: {err}"),
+            }])
+        })?;
+        Self::parse(path, &text, |name| std::env::var(name).ok())
+    }
+
+    /// Substitutes, parses and validates `text`, read from `file`.
+    pub fn parse(
+        file: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, PipelineErrors> {
+        let mut errors = Errors {
+            file: file.to_path_buf(),
+            found: Vec::new(),
+        };
+        let text = crate::env::substitute(text, env).map_err(|message| errors.single(None, None, message))?;
+        let document: Document = toml::from_str(&text).map_err(|err| {
+            errors.single(None, None, err.to_string().trim_end().to_string())
+        })?;
+
+        let settings = deserialize_key::<Settings>(Value::Table(document.settings), &mut errors, None, "settings.")
+            .unwrap_or_default();
+        if settings.channel_capacity == 0 {
+            errors.push(None, Some("settings.channel_capacity".into()), "must be at least 1".into());
+        }
+
+        let mut stages = Vec::new();
+        for (kind, section) in [
+            (StageKind::Source, document.sources),
+            (StageKind::Processor, document.processors),
+            (StageKind::Sink, document.sinks),
+        ] {
+            for (id, table) in section {
+                if let Some(stage) = parse_stage(kind, id, table, settings.channel_capacity, &mut errors) {
+                    stages.push(stage);
+                }
+            }
+        }
+        check_graph(&stages, &mut errors);
+        if errors.found.is_empty() {
+            Ok(Self {
+                file: file.to_path_buf(),
+                settings,
+                stages,
+            })
+        } else {
+            Err(PipelineErrors(errors.found))
+        }
+    }
+
+    /// The stage named `id`.
+    pub fn stage(&self, id: &str) -> Option<&StageSpec> {
+        self.stages.iter().find(|stage| stage.id == id)
+    }
+}
+
+/// The top level of the file, before each stage is read by its type.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    #[serde(default)]
+    settings: Table,
+    #[serde(default)]
+    sources: Table,
+    #[serde(default)]
+    processors: Table,
+    #[serde(default)]
+    sinks: Table,
+}
+
+/// Collects mistakes, each naming the file.
+struct Errors {
+    file: PathBuf,
+    found: Vec<PipelineError>,
+}
+
+impl Errors {
+    fn push(&mut self, stage: Option<String>, key: Option<String>, message: String) {
+        self.found.push(PipelineError {
+            file: self.file.clone(),
+            stage,
+            key,
+            message,
+        });
+    }
+
+    fn single(&mut self, stage: Option<String>, key: Option<String>, message: String) -> PipelineErrors {
+        self.push(stage, key, message);
+        PipelineErrors(std::mem::take(&mut self.found))
+    }
+}
+
+/// Reads one `[<section>.<id>]` table: the runtime's keys (`type`, `inputs`,
+/// `capacity`) here, the rest by the stage's type.
+fn parse_stage(
+    kind: StageKind,
+    id: String,
+    table: Value,
+    default_capacity: usize,
+    errors: &mut Errors,
+) -> Option<StageSpec> {
+    let stage = format!("{}.{id}", kind.section());
+    let Value::Table(mut params) = table else {
+        errors.push(Some(stage), None, "must be a table".into());
+        return None;
+    };
+    let type_name = match params.remove("type") {
+        Some(Value::String(name)) => name,
+        Some(other) => {
+            errors.push(Some(stage), Some("type".into()), format!("must be a string, not {}", other.type_str()));
+            return None;
+        }
+        None => {
+            let known = known_types(kind);
+            errors.push(Some(stage), Some("type".into()), format!("is missing; {known}"));
+            return None;
+        }
+    };
+    let inputs = match params.remove("inputs") {
+        None => Vec::new(),
+        Some(value) => {
+            let inputs = value
+                .as_array()
+                .and_then(|items| items.iter().map(|item| item.as_str().map(str::to_string)).collect::<Option<Vec<_>>>());
+            match inputs {
+                Some(inputs) => inputs,
+                None => {
+                    errors.push(Some(stage.clone()), Some("inputs".into()), "must be an array of stage ids".into());
+                    Vec::new()
+                }
+            }
+        }
+    };
+    let capacity = match (kind, params.remove("capacity")) {
+        (_, None) => default_capacity,
+        (StageKind::Source, Some(_)) => {
+            errors.push(Some(stage.clone()), Some("capacity".into()), "a source has no input channel to size".into());
+            0
+        }
+        (_, Some(Value::Integer(n))) if n >= 1 => n as usize,
+        (_, Some(other)) => {
+            errors.push(
+                Some(stage.clone()),
+                Some("capacity".into()),
+                format!("must be an integer of at least 1, not {other}"),
+            );
+            default_capacity
+        }
+    };
+
+    let mut tagged = Table::new();
+    tagged.insert(type_name.clone(), Value::Table(params.clone()));
+    let tagged = Value::Table(tagged);
+    let config = match kind {
+        StageKind::Source => deserialize_stage::<Box<dyn SourceConfig>>(tagged, kind, &type_name, &stage, errors)
+            .map(StageConfig::Source),
+        StageKind::Processor => {
+            deserialize_stage::<Box<dyn ProcessorConfig>>(tagged, kind, &type_name, &stage, errors)
+                .map(StageConfig::Processor)
+        }
+        StageKind::Sink => deserialize_stage::<Box<dyn SinkConfig>>(tagged, kind, &type_name, &stage, errors)
+            .map(StageConfig::Sink),
+    }?;
+    if let Err(err) = config.validate() {
+        errors.push(Some(stage), Some(err.key), err.message);
+        return None;
+    }
+    Some(StageSpec {
+        id,
+        kind,
+        type_name,
+        inputs,
+        capacity,
+        params,
+        config,
+    })
+}
+
+/// Deserializes a stage config through typetag, turning serde's messages
+/// into ones that name the key and suggest the right one.
+fn deserialize_stage<T: DeserializeOwned>(
+    tagged: Value,
+    kind: StageKind,
+    type_name: &str,
+    stage: &str,
+    errors: &mut Errors,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(tagged) {
+        Ok(config) => Some(config),
+        Err(err) => {
+            let message = err.inner().to_string();
+            // The first path segment is the type name the value was tagged with.
+            let path = err.path().to_string();
+            let key = path.split_once('.').map(|(_, key)| key.to_string());
+            if message.starts_with("unknown variant") {
+                let known = known_types(kind);
+                let hint = did_you_mean(type_name, &backticked(&message)[1..]);
+                errors.push(
+                    Some(stage.into()),
+                    Some("type".into()),
+                    format!("unknown {kind} type `{type_name}`{hint}; {known}. A type from another crate must be linked into the binary: see {LINKING_HELP}"),
+                );
+            } else if message.starts_with("unknown field") {
+                let words = backticked(&message);
+                let field = words.first().cloned().unwrap_or_default();
+                let hint = did_you_mean(&field, &words[1..]);
+                let full_key = match key.as_deref().and_then(|k| k.rsplit_once('.')) {
+                    Some((parent, _)) => format!("{parent}.{field}"),
+                    None => field,
+                };
+                errors.push(Some(stage.into()), Some(full_key), format!("{message}{hint}"));
+            } else if message.starts_with("missing field") {
+                let field = backticked(&message).into_iter().next().unwrap_or_default();
+                let full_key = match key {
+                    Some(parent) => format!("{parent}.{field}"),
+                    None => field,
+                };
+                errors.push(Some(stage.into()), Some(full_key), "is required but missing".into());
+            } else {
+                errors.push(Some(stage.into()), key, message);
+            }
+            None
+        }
+    }
+}
+
+/// Deserializes `value`, reporting a failure against `prefix` + its key path.
+fn deserialize_key<T: DeserializeOwned>(
+    value: Value,
+    errors: &mut Errors,
+    stage: Option<String>,
+    prefix: &str,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(value) => Some(value),
+        Err(err) => {
+            let message = err.inner().to_string();
+            let path = err.path().to_string();
+            let key = if message.starts_with("unknown field") || message.starts_with("missing field") {
+                backticked(&message).into_iter().next().unwrap_or(path)
+            } else {
+                path
+            };
+            let words = backticked(&message);
+            let hint = if message.starts_with("unknown field") {
+                did_you_mean(&key, &words[1..])
+            } else {
+                String::new()
+            };
+            errors.push(stage, Some(format!("{prefix}{key}")), format!("{message}{hint}"));
+            None
+        }
+    }
+}
+
+/// The words between backticks in a serde message.
+fn backticked(message: &str) -> Vec<String> {
+    message.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// ` (did you mean `x`?)` when one of `known` is near `word`.
+fn did_you_mean(word: &str, known: &[String]) -> String {
+    known
+        .iter()
+        .map(|candidate| (strsim::damerau_levenshtein(word, candidate), candidate))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
+        .min()
+        .map(|(_, candidate)| format!(" (did you mean `{candidate}`?)"))
+        .unwrap_or_default()
+}
+
+/// "known <kind> types: a, b" for this binary.
+fn known_types(kind: StageKind) -> String {
+    let names: Vec<&str> = sink_api::registered_stages()
+        .filter(|info| info.kind == kind)
+        .map(|info| info.name)
+        .collect();
+    format!("known {kind} types in this binary: {}", names.join(", "))
+}
+
+/// The checks across stages: ids unique, inputs that exist and carry data,
+/// no cycles, every processor and sink fed, every source and processor read.
+fn check_graph(stages: &[StageSpec], errors: &mut Errors) {
+    let mut by_id: HashMap<&str, &StageSpec> = HashMap::new();
+    for stage in stages {
+        if let Some(first) = by_id.insert(&stage.id, stage) {
+            errors.push(
+                Some(format!("{}.{}", stage.kind.section(), stage.id)),
+                None,
+                format!("id `{}` is also used by `{}.{}`; ids must be unique", stage.id, first.kind.section(), first.id),
+            );
+        }
+    }
+    if !stages.iter().any(|s| s.kind == StageKind::Source) {
+        errors.push(None, Some("sources".into()), "no source is declared; nothing would be received".into());
+    }
+    if !stages.iter().any(|s| s.kind == StageKind::Sink) {
+        errors.push(None, Some("sinks".into()), "no sink is declared; nothing would be written".into());
+    }
+    let mut readers: BTreeMap<&str, usize> = BTreeMap::new();
+    for stage in stages {
+        let name = format!("{}.{}", stage.kind.section(), stage.id);
+        match stage.kind {
+            StageKind::Source if !stage.inputs.is_empty() => {
+                errors.push(Some(name.clone()), Some("inputs".into()), "a source takes no inputs".into());
+            }
+            StageKind::Processor | StageKind::Sink if stage.inputs.is_empty() => {
+                errors.push(
+                    Some(name.clone()),
+                    Some("inputs".into()),
+                    format!("no stage feeds this {}; name at least one source or processor", stage.kind),
+                );
+            }
+            _ => {}
+        }
+        for input in &stage.inputs {
+            match by_id.get(input.as_str()) {
+                None => {
+                    let ids: Vec<String> = by_id.keys().map(|id| id.to_string()).collect();
+                    let hint = did_you_mean(input, &ids);
+                    errors.push(
+                        Some(name.clone()),
+                        Some("inputs".into()),
+                        format!("`{input}` names no stage{hint}"),
+                    );
+                }
+                Some(upstream) if upstream.kind == StageKind::Sink => {
+                    errors.push(
+                        Some(name.clone()),
+                        Some("inputs".into()),
+                        format!("`{input}` is a sink, which has no output"),
+                    );
+                }
+                Some(_) => *readers.entry(input.as_str()).or_default() += 1,
+            }
+        }
+    }
+    for stage in stages {
+        if stage.kind != StageKind::Sink && !readers.contains_key(stage.id.as_str()) {
+            errors.push(
+                Some(format!("{}.{}", stage.kind.section(), stage.id)),
+                None,
+                format!("no stage reads from this {}; its readings would be dropped (name it in some `inputs`)", stage.kind),
+            );
+        }
+    }
+    if let Some(cycle) = find_cycle(stages) {
+        errors.push(
+            Some(format!("processors.{}", cycle[0])),
+            Some("inputs".into()),
+            format!("stages read from each other in a cycle: {}", cycle.join(" <- ")),
+        );
+    }
+}
+
+/// A cycle among the stages' inputs, as the ids along it, if there is one.
+fn find_cycle(stages: &[StageSpec]) -> Option<Vec<String>> {
+    let inputs: HashMap<&str, &[String]> = stages.iter().map(|s| (s.id.as_str(), s.inputs.as_slice())).collect();
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Visiting,
+        Done,
+    }
+    fn visit<'a>(
+        id: &'a str,
+        inputs: &HashMap<&'a str, &'a [String]>,
+        marks: &mut HashMap<&'a str, Mark>,
+        path: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match marks.get(id) {
+            Some(Mark::Done) => return None,
+            Some(Mark::Visiting) => {
+                let start = path.iter().position(|p| *p == id).unwrap_or(0);
+                let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
+                cycle.push(id.to_string());
+                return Some(cycle);
+            }
+            None => {}
+        }
+        marks.insert(id, Mark::Visiting);
+        path.push(id);
+        for upstream in inputs.get(id).copied().unwrap_or_default() {
+            if inputs.contains_key(upstream.as_str())
+                && let Some(cycle) = visit(upstream.as_str(), inputs, marks, path)
+            {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        marks.insert(id, Mark::Done);
+        None
+    }
+    let mut marks = HashMap::new();
+    for stage in stages {
+        if let Some(cycle) = visit(&stage.id, &inputs, &mut marks, &mut Vec::new()) {
+            return Some(cycle);
+        }
+    }
+    None
+}

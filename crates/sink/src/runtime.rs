@@ -1,0 +1,184 @@
+//! Building a validated pipeline into running tasks, and shutting it down
+//! without losing what it accepted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sink_api::{AnyConfig, BatchSender, BuildContext, Context, Input, Output, ParamSender, ShutdownSignal, StageError, StageKind};
+use tokio::task::JoinSet;
+
+use crate::pipeline::{Pipeline, PipelineError, PipelineErrors, StageConfig};
+
+/// A pipeline whose stages are running.
+pub struct Running {
+    shutdown: ShutdownSignal,
+    tasks: JoinSet<(String, Result<(), StageError>)>,
+    params: HashMap<String, ParamSender>,
+    accepted: Vec<(String, Arc<AtomicU64>)>,
+    written: Vec<(String, Arc<AtomicU64>)>,
+}
+
+/// How a pipeline ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Every stage finished and all that was accepted was handed to the sinks.
+    Clean,
+    /// A stage failed; the rest were drained.
+    StageFailed,
+    /// `shutdown_timeout` passed first.
+    TimedOut,
+}
+
+/// A stage built but not yet wired.
+enum Built {
+    Source(Box<dyn sink_api::Source>),
+    Processor(Box<dyn sink_api::Processor>),
+    Sink(Box<dyn sink_api::Sink>),
+}
+
+impl Running {
+    /// Builds every stage (binding sockets, opening files), wires them with
+    /// bounded channels and starts them. A stage that cannot be built stops
+    /// everything before any data flows.
+    pub fn start(pipeline: Pipeline) -> Result<Self, PipelineErrors> {
+        let mut built = Vec::new();
+        let mut errors = Vec::new();
+        for stage in &pipeline.stages {
+            let cx = BuildContext::new(stage.id.clone());
+            let result = match &stage.config {
+                StageConfig::Source(config) => config.build(&cx).map(Built::Source),
+                StageConfig::Processor(config) => config.build(&cx).map(Built::Processor),
+                StageConfig::Sink(config) => config.build(&cx).map(Built::Sink),
+            };
+            match result {
+                Ok(stage) => built.push(stage),
+                Err(err) => errors.push(PipelineError {
+                    file: pipeline.file.clone(),
+                    stage: Some(format!("{}.{}", stage.kind.section(), stage.id)),
+                    key: Some(err.key),
+                    message: err.message,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PipelineErrors(errors));
+        }
+
+        // Every processor and sink gets one input channel; each upstream
+        // stage's output holds a sender into it.
+        let mut senders: HashMap<String, BatchSender> = HashMap::new();
+        let mut inputs: HashMap<String, Input> = HashMap::new();
+        for stage in pipeline.stages.iter().filter(|s| s.kind != StageKind::Source) {
+            let (sender, input) = sink_api::channel(stage.capacity);
+            senders.insert(stage.id.clone(), sender);
+            inputs.insert(stage.id.clone(), input);
+        }
+        let outputs: HashMap<String, Output> = pipeline
+            .stages
+            .iter()
+            .map(|stage| {
+                let targets = pipeline
+                    .stages
+                    .iter()
+                    .filter(|reader| reader.inputs.contains(&stage.id))
+                    .filter_map(|reader| senders.get(&reader.id).cloned())
+                    .collect();
+                (stage.id.clone(), Output::new(targets))
+            })
+            .collect();
+        // Only outputs hold senders now, so each input ends when its upstreams do.
+        drop(senders);
+
+        let mut running = Self {
+            shutdown: ShutdownSignal::new(),
+            tasks: JoinSet::new(),
+            params: HashMap::new(),
+            accepted: Vec::new(),
+            written: Vec::new(),
+        };
+        let Pipeline { stages, .. } = pipeline;
+        for (stage, built) in stages.into_iter().zip(built) {
+            let initial: AnyConfig = match stage.config {
+                StageConfig::Source(config) => Arc::from(config.into_any()),
+                StageConfig::Processor(config) => Arc::from(config.into_any()),
+                StageConfig::Sink(config) => Arc::from(config.into_any()),
+            };
+            let (cx, params) = Context::new(&stage.id, running.shutdown.clone(), initial);
+            running.params.insert(stage.id.clone(), params);
+            let output = outputs.get(&stage.id).cloned().unwrap_or_default();
+            let input = inputs.remove(&stage.id);
+            let id = stage.id.clone();
+            match (built, input) {
+                (Built::Source(source), _) => {
+                    running.accepted.push((id.clone(), output.sent_counter()));
+                    running.tasks.spawn(async move { (id, source.run(output, cx).await) });
+                }
+                (Built::Processor(processor), Some(input)) => {
+                    running.tasks.spawn(async move { (id, processor.run(input, output, cx).await) });
+                }
+                (Built::Sink(sink), Some(input)) => {
+                    running.written.push((id.clone(), input.received_counter()));
+                    running.tasks.spawn(async move { (id, sink.run(input, cx).await) });
+                }
+                (_, None) => unreachable!("every processor and sink was given an input above"),
+            }
+        }
+        Ok(running)
+    }
+
+    /// Hands stage `id` its new config, of the stage's own type.
+    pub fn update(&self, id: &str, config: AnyConfig) {
+        if let Some(sender) = self.params.get(id) {
+            sender.send(config);
+        }
+    }
+
+    /// Waits until a stage ends with an error (`Some`), or all stages end (`None`).
+    pub async fn next_failure(&mut self) -> Option<String> {
+        while let Some(joined) = self.tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((id, Err(err))) => {
+                    tracing::error!(stage = id, "stage failed: {err}");
+                    return Some(id);
+                }
+                Err(err) => {
+                    tracing::error!("a stage panicked: {err}");
+                    return Some("(panicked)".into());
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts shutdown and waits for every stage to drain, at most `timeout`.
+    /// Sources stop accepting; each stage then ends as its input ends, so
+    /// everything accepted flows down to the sinks before they close.
+    pub async fn shut_down(mut self, timeout: Duration, already_failed: bool) -> Ending {
+        self.shutdown.trigger();
+        let mut failed = already_failed;
+        let drained = tokio::time::timeout(timeout, async {
+            while let Some(failure) = self.next_failure().await {
+                tracing::error!(stage = failure, "stage failed during shutdown");
+                failed = true;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            let accepted: u64 = self.accepted.iter().map(|(_, n)| n.load(Ordering::Relaxed)).sum();
+            for (sink, received) in &self.written {
+                let received = received.load(Ordering::Relaxed);
+                tracing::error!(
+                    stage = sink,
+                    "shutdown_timeout ({}) passed: sources accepted {accepted} readings, this sink took {received}; up to {} readings lost",
+                    humantime::format_duration(timeout),
+                    accepted.saturating_sub(received)
+                );
+            }
+            return Ending::TimedOut;
+        }
+        if failed { Ending::StageFailed } else { Ending::Clean }
+    }
+}
