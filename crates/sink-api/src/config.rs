@@ -174,7 +174,12 @@ pub trait Source: Send {
 pub trait Processor: Send {
     /// Runs until `input` ends; everything received must be sent on (or
     /// deliberately dropped) before returning.
-    async fn run(self: Box<Self>, input: Input, output: Output, cx: Context) -> Result<(), StageError>;
+    async fn run(
+        self: Box<Self>,
+        input: Input,
+        output: Output,
+        cx: Context,
+    ) -> Result<(), StageError>;
 }
 
 /// A running sink: writes every batch from `input` somewhere, and returns once

@@ -24,7 +24,9 @@ use crate::{Reading, Timestamp};
 ///      \"received_at\":\"2026-11-28T10:00:00.512Z\"}\n"
 /// );
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
     /// One line per reading: `{"sensor_name":…,"sensor_value":…,"created_at":…,"received_at":…}`.
@@ -111,7 +113,10 @@ mod tests {
     #[test]
     fn value_lines_are_valid_json_with_nulls_and_escapes() {
         let mut out = Vec::new();
-        let batch = [reading("quote\"and\\newline\n", None), reading("ü", Some(-7))];
+        let batch = [
+            reading("quote\"and\\newline\n", None),
+            reading("ü", Some(-7)),
+        ];
         encode_batch(Layout::Value, &batch, Timestamp::now(), &mut out);
         let lines: Vec<serde_json::Value> = out
             .split(|&b| b == b'\n')
@@ -130,7 +135,12 @@ mod tests {
     fn batch_line_matches_the_original_format() {
         let mut out = Vec::new();
         let now = Timestamp::new(1_795_860_000, 0).unwrap();
-        encode_batch(Layout::Batch, &[reading("a", Some(1)), reading("b", Some(2))], now, &mut out);
+        encode_batch(
+            Layout::Batch,
+            &[reading("a", Some(1)), reading("b", Some(2))],
+            now,
+            &mut out,
+        );
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(line["level"], "info");

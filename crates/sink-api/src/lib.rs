@@ -18,14 +18,15 @@ mod context;
 pub mod json;
 mod reading;
 mod registry;
+pub mod testkit;
 
 pub use config::{
     BuildContext, ConfigError, IntoAny, Processor, ProcessorConfig, Sink, SinkConfig, Source,
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError,
-    ShutdownSignal, channel,
+    AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError, ShutdownSignal,
+    channel,
 };
 pub use reading::{Batch, Reading, Timestamp};
 pub use registry::{KeyInfo, StageInfo, StageKind, registered_stages};

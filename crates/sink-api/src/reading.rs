@@ -100,9 +100,9 @@ impl Timestamp {
         if self.nanos != 0 {
             let mut fraction = *b".000000000";
             put_digits(&mut fraction[1..], self.nanos);
-            let digits = if self.nanos % 1_000_000 == 0 {
+            let digits = if self.nanos.is_multiple_of(1_000_000) {
                 3
-            } else if self.nanos % 1_000 == 0 {
+            } else if self.nanos.is_multiple_of(1_000) {
                 6
             } else {
                 9
@@ -161,12 +161,18 @@ mod tests {
     fn formats_known_instants() {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_860_000, 512_000_000), "2026-11-28T10:00:00.512Z");
+        assert_eq!(
+            rfc3339(1_795_860_000, 512_000_000),
+            "2026-11-28T10:00:00.512Z"
+        );
         assert_eq!(rfc3339(1, 1_000), "1970-01-01T00:00:01.000001Z");
         assert_eq!(rfc3339(1, 1), "1970-01-01T00:00:01.000000001Z");
         assert_eq!(rfc3339(-1, 0), "1969-12-31T23:59:59Z");
         assert_eq!(rfc3339(MIN_SECONDS, 0), "0001-01-01T00:00:00Z");
-        assert_eq!(rfc3339(MAX_SECONDS, 999_999_999), "9999-12-31T23:59:59.999999999Z");
+        assert_eq!(
+            rfc3339(MAX_SECONDS, 999_999_999),
+            "9999-12-31T23:59:59.999999999Z"
+        );
     }
 
     #[test]
@@ -174,7 +180,8 @@ mod tests {
         // humantime formats only from 1970 on; compare a day-stepped sweep there.
         for day in (0..2_932_896).step_by(997) {
             let secs = day * 86_400 + 3_723;
-            let expected = humantime::format_rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(secs as u64));
+            let expected =
+                humantime::format_rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(secs as u64));
             assert_eq!(rfc3339(secs, 0), expected.to_string());
         }
     }

@@ -129,7 +129,10 @@ impl StageInfo {
     /// The first paragraph of the config type's doc comment.
     pub fn description(&self) -> String {
         let schema = (self.schema)();
-        let text = schema.get("description").and_then(Value::as_str).unwrap_or("");
+        let text = schema
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         text.split("\n\n").next().unwrap_or("").replace('\n', " ")
     }
 
@@ -182,7 +185,10 @@ impl StageInfo {
         }
         for key in self.keys() {
             match key.default.as_deref() {
-                None => out.push_str(&format!("{} = <{}>   # required\n", key.name, key.value_type)),
+                None => out.push_str(&format!(
+                    "{} = <{}>   # required\n",
+                    key.name, key.value_type
+                )),
                 Some("(none)") => out.push_str(&format!("# {} = <{}>\n", key.name, key.value_type)),
                 Some(default) => out.push_str(&format!("{} = {default}\n", key.name)),
             }
@@ -204,7 +210,11 @@ fn describe_type(property: &Value, root: &Value) -> String {
         return constant.to_string();
     }
     if let Some(options) = property.get("enum").and_then(Value::as_array) {
-        return options.iter().map(Value::to_string).collect::<Vec<_>>().join(" | ");
+        return options
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(" | ");
     }
     if let Some(variants) = property.get("oneOf").or_else(|| property.get("anyOf")) {
         let parts: Vec<String> = variants
@@ -235,12 +245,21 @@ fn json_to_toml(value: &Value) -> String {
     match value {
         Value::Null => "(none)".into(),
         Value::Object(map) => {
-            let fields: Vec<String> =
-                map.iter().map(|(k, v)| format!("{k} = {}", json_to_toml(v))).collect();
+            let fields: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", json_to_toml(v)))
+                .collect();
             format!("{{ {} }}", fields.join(", "))
         }
         Value::Array(items) => {
-            format!("[{}]", items.iter().map(json_to_toml).collect::<Vec<_>>().join(", "))
+            format!(
+                "[{}]",
+                items
+                    .iter()
+                    .map(json_to_toml)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
         other => other.to_string(),
     }

@@ -59,14 +59,22 @@ pub fn run_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return if err.use_stderr() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::SUCCESS };
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(cli.pipeline.as_deref(), cli.log_level),
         Command::Validate => match load(cli.pipeline.as_deref()) {
             Ok(pipeline) => {
-                println!("{}: valid, {} stages", pipeline.file.display(), pipeline.stages.len());
+                println!(
+                    "{}: valid, {} stages",
+                    pipeline.file.display(),
+                    pipeline.stages.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(errors) => config_failure(&errors),
@@ -82,9 +90,11 @@ pub fn run_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 fn load(path: Option<&Path>) -> Result<Pipeline, PipelineErrors> {
     match path {
         Some(path) => Pipeline::load(path),
-        None => Pipeline::parse(Path::new("(built-in default pipeline)"), DEFAULT_PIPELINE, |name| {
-            std::env::var(name).ok()
-        }),
+        None => Pipeline::parse(
+            Path::new("(built-in default pipeline)"),
+            DEFAULT_PIPELINE,
+            |name| std::env::var(name).ok(),
+        ),
     }
 }
 
@@ -97,7 +107,13 @@ fn config_failure(errors: &PipelineErrors) -> ExitCode {
 
 fn list(verbose: bool) {
     for info in registered_stages() {
-        println!("{:<10} {:<12} {:<14} {}", info.kind, info.name, info.crate_name, info.description());
+        println!(
+            "{:<10} {:<12} {:<14} {}",
+            info.kind,
+            info.name,
+            info.crate_name,
+            info.description()
+        );
         if verbose {
             for key in info.keys() {
                 println!(
@@ -115,10 +131,19 @@ fn list(verbose: bool) {
 fn describe(name: &str) -> ExitCode {
     let Some(info) = registered_stages().find(|info| info.name == name) else {
         let known: Vec<&str> = registered_stages().map(|info| info.name).collect();
-        eprintln!("error: no stage type `{name}` in this binary; known: {}", known.join(", "));
+        eprintln!(
+            "error: no stage type `{name}` in this binary; known: {}",
+            known.join(", ")
+        );
         return ExitCode::from(EXIT_CONFIG);
     };
-    println!("{} `{}` (crate {})\n{}\n", info.kind, info.name, info.crate_name, info.description());
+    println!(
+        "{} `{}` (crate {})\n{}\n",
+        info.kind,
+        info.name,
+        info.crate_name,
+        info.description()
+    );
     for key in info.keys() {
         println!(
             "{} ({}, default {}, {})\n    {}\n",
@@ -140,7 +165,10 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(errors) => return config_failure(&errors),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

@@ -12,7 +12,8 @@ pub fn substitute(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
             out.push_str(line);
             continue;
         }
-        substitute_line(line, &lookup, &mut out).map_err(|err| format!("line {}: {err}", number + 1))?;
+        substitute_line(line, &lookup, &mut out)
+            .map_err(|err| format!("line {}: {err}", number + 1))?;
     }
     Ok(out)
 }
@@ -92,6 +93,10 @@ mod tests {
 
     #[test]
     fn refuses_an_unclosed_reference() {
-        assert!(substitute("a = \"${PORT\"\n", env).unwrap_err().contains("closing"));
+        assert!(
+            substitute("a = \"${PORT\"\n", env)
+                .unwrap_err()
+                .contains("closing")
+        );
     }
 }

@@ -24,7 +24,10 @@ impl LogControl {
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal());
         // A second init (tests that run the CLI twice in one process) keeps the first.
-        let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init();
         Self { handle, pinned }
     }
 

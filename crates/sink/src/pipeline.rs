@@ -184,15 +184,24 @@ impl Pipeline {
             file: file.to_path_buf(),
             found: Vec::new(),
         };
-        let text = crate::env::substitute(text, env).map_err(|message| errors.single(None, None, message))?;
-        let document: Document = toml::from_str(&text).map_err(|err| {
-            errors.single(None, None, err.to_string().trim_end().to_string())
-        })?;
+        let text = crate::env::substitute(text, env)
+            .map_err(|message| errors.single(None, None, message))?;
+        let document: Document = toml::from_str(&text)
+            .map_err(|err| errors.single(None, None, err.to_string().trim_end().to_string()))?;
 
-        let settings = deserialize_key::<Settings>(Value::Table(document.settings), &mut errors, None, "settings.")
-            .unwrap_or_default();
+        let settings = deserialize_key::<Settings>(
+            Value::Table(document.settings),
+            &mut errors,
+            None,
+            "settings.",
+        )
+        .unwrap_or_default();
         if settings.channel_capacity == 0 {
-            errors.push(None, Some("settings.channel_capacity".into()), "must be at least 1".into());
+            errors.push(
+                None,
+                Some("settings.channel_capacity".into()),
+                "must be at least 1".into(),
+            );
         }
 
         let mut stages = Vec::new();
@@ -202,7 +211,9 @@ impl Pipeline {
             (StageKind::Sink, document.sinks),
         ] {
             for (id, table) in section {
-                if let Some(stage) = parse_stage(kind, id, table, settings.channel_capacity, &mut errors) {
+                if let Some(stage) =
+                    parse_stage(kind, id, table, settings.channel_capacity, &mut errors)
+                {
                     stages.push(stage);
                 }
             }
@@ -255,7 +266,12 @@ impl Errors {
         });
     }
 
-    fn single(&mut self, stage: Option<String>, key: Option<String>, message: String) -> PipelineErrors {
+    fn single(
+        &mut self,
+        stage: Option<String>,
+        key: Option<String>,
+        message: String,
+    ) -> PipelineErrors {
         self.push(stage, key, message);
         PipelineErrors(std::mem::take(&mut self.found))
     }
@@ -278,25 +294,40 @@ fn parse_stage(
     let type_name = match params.remove("type") {
         Some(Value::String(name)) => name,
         Some(other) => {
-            errors.push(Some(stage), Some("type".into()), format!("must be a string, not {}", other.type_str()));
+            errors.push(
+                Some(stage),
+                Some("type".into()),
+                format!("must be a string, not {}", other.type_str()),
+            );
             return None;
         }
         None => {
             let known = known_types(kind);
-            errors.push(Some(stage), Some("type".into()), format!("is missing; {known}"));
+            errors.push(
+                Some(stage),
+                Some("type".into()),
+                format!("is missing; {known}"),
+            );
             return None;
         }
     };
     let inputs = match params.remove("inputs") {
         None => Vec::new(),
         Some(value) => {
-            let inputs = value
-                .as_array()
-                .and_then(|items| items.iter().map(|item| item.as_str().map(str::to_string)).collect::<Option<Vec<_>>>());
+            let inputs = value.as_array().and_then(|items| {
+                items
+                    .iter()
+                    .map(|item| item.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+            });
             match inputs {
                 Some(inputs) => inputs,
                 None => {
-                    errors.push(Some(stage.clone()), Some("inputs".into()), "must be an array of stage ids".into());
+                    errors.push(
+                        Some(stage.clone()),
+                        Some("inputs".into()),
+                        "must be an array of stage ids".into(),
+                    );
                     Vec::new()
                 }
             }
@@ -305,7 +336,11 @@ fn parse_stage(
     let capacity = match (kind, params.remove("capacity")) {
         (_, None) => default_capacity,
         (StageKind::Source, Some(_)) => {
-            errors.push(Some(stage.clone()), Some("capacity".into()), "a source has no input channel to size".into());
+            errors.push(
+                Some(stage.clone()),
+                Some("capacity".into()),
+                "a source has no input channel to size".into(),
+            );
             0
         }
         (_, Some(Value::Integer(n))) if n >= 1 => n as usize,
@@ -323,14 +358,18 @@ fn parse_stage(
     tagged.insert(type_name.clone(), Value::Table(params.clone()));
     let tagged = Value::Table(tagged);
     let config = match kind {
-        StageKind::Source => deserialize_stage::<Box<dyn SourceConfig>>(tagged, kind, &type_name, &stage, errors)
-            .map(StageConfig::Source),
+        StageKind::Source => {
+            deserialize_stage::<Box<dyn SourceConfig>>(tagged, kind, &type_name, &stage, errors)
+                .map(StageConfig::Source)
+        }
         StageKind::Processor => {
             deserialize_stage::<Box<dyn ProcessorConfig>>(tagged, kind, &type_name, &stage, errors)
                 .map(StageConfig::Processor)
         }
-        StageKind::Sink => deserialize_stage::<Box<dyn SinkConfig>>(tagged, kind, &type_name, &stage, errors)
-            .map(StageConfig::Sink),
+        StageKind::Sink => {
+            deserialize_stage::<Box<dyn SinkConfig>>(tagged, kind, &type_name, &stage, errors)
+                .map(StageConfig::Sink)
+        }
     }?;
     if let Err(err) = config.validate() {
         errors.push(Some(stage), Some(err.key), err.message);
@@ -379,14 +418,22 @@ fn deserialize_stage<T: DeserializeOwned>(
                     Some((parent, _)) => format!("{parent}.{field}"),
                     None => field,
                 };
-                errors.push(Some(stage.into()), Some(full_key), format!("{message}{hint}"));
+                errors.push(
+                    Some(stage.into()),
+                    Some(full_key),
+                    format!("{message}{hint}"),
+                );
             } else if message.starts_with("missing field") {
                 let field = backticked(&message).into_iter().next().unwrap_or_default();
                 let full_key = match key {
                     Some(parent) => format!("{parent}.{field}"),
                     None => field,
                 };
-                errors.push(Some(stage.into()), Some(full_key), "is required but missing".into());
+                errors.push(
+                    Some(stage.into()),
+                    Some(full_key),
+                    "is required but missing".into(),
+                );
             } else {
                 errors.push(Some(stage.into()), key, message);
             }
@@ -407,18 +454,23 @@ fn deserialize_key<T: DeserializeOwned>(
         Err(err) => {
             let message = err.inner().to_string();
             let path = err.path().to_string();
-            let key = if message.starts_with("unknown field") || message.starts_with("missing field") {
-                backticked(&message).into_iter().next().unwrap_or(path)
-            } else {
-                path
-            };
+            let key =
+                if message.starts_with("unknown field") || message.starts_with("missing field") {
+                    backticked(&message).into_iter().next().unwrap_or(path)
+                } else {
+                    path
+                };
             let words = backticked(&message);
             let hint = if message.starts_with("unknown field") {
                 did_you_mean(&key, &words[1..])
             } else {
                 String::new()
             };
-            errors.push(stage, Some(format!("{prefix}{key}")), format!("{message}{hint}"));
+            errors.push(
+                stage,
+                Some(format!("{prefix}{key}")),
+                format!("{message}{hint}"),
+            );
             None
         }
     }
@@ -426,7 +478,12 @@ fn deserialize_key<T: DeserializeOwned>(
 
 /// The words between backticks in a serde message.
 fn backticked(message: &str) -> Vec<String> {
-    message.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    message
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
 }
 
 /// ` (did you mean `x`?)` when one of `known` is near `word`.
@@ -458,28 +515,48 @@ fn check_graph(stages: &[StageSpec], errors: &mut Errors) {
             errors.push(
                 Some(format!("{}.{}", stage.kind.section(), stage.id)),
                 None,
-                format!("id `{}` is also used by `{}.{}`; ids must be unique", stage.id, first.kind.section(), first.id),
+                format!(
+                    "id `{}` is also used by `{}.{}`; ids must be unique",
+                    stage.id,
+                    first.kind.section(),
+                    first.id
+                ),
             );
         }
     }
     if !stages.iter().any(|s| s.kind == StageKind::Source) {
-        errors.push(None, Some("sources".into()), "no source is declared; nothing would be received".into());
+        errors.push(
+            None,
+            Some("sources".into()),
+            "no source is declared; nothing would be received".into(),
+        );
     }
     if !stages.iter().any(|s| s.kind == StageKind::Sink) {
-        errors.push(None, Some("sinks".into()), "no sink is declared; nothing would be written".into());
+        errors.push(
+            None,
+            Some("sinks".into()),
+            "no sink is declared; nothing would be written".into(),
+        );
     }
     let mut readers: BTreeMap<&str, usize> = BTreeMap::new();
     for stage in stages {
         let name = format!("{}.{}", stage.kind.section(), stage.id);
         match stage.kind {
             StageKind::Source if !stage.inputs.is_empty() => {
-                errors.push(Some(name.clone()), Some("inputs".into()), "a source takes no inputs".into());
+                errors.push(
+                    Some(name.clone()),
+                    Some("inputs".into()),
+                    "a source takes no inputs".into(),
+                );
             }
             StageKind::Processor | StageKind::Sink if stage.inputs.is_empty() => {
                 errors.push(
                     Some(name.clone()),
                     Some("inputs".into()),
-                    format!("no stage feeds this {}; name at least one source or processor", stage.kind),
+                    format!(
+                        "no stage feeds this {}; name at least one source or processor",
+                        stage.kind
+                    ),
                 );
             }
             _ => {}
@@ -519,14 +596,20 @@ fn check_graph(stages: &[StageSpec], errors: &mut Errors) {
         errors.push(
             Some(format!("processors.{}", cycle[0])),
             Some("inputs".into()),
-            format!("stages read from each other in a cycle: {}", cycle.join(" <- ")),
+            format!(
+                "stages read from each other in a cycle: {}",
+                cycle.join(" <- ")
+            ),
         );
     }
 }
 
 /// A cycle among the stages' inputs, as the ids along it, if there is one.
 fn find_cycle(stages: &[StageSpec]) -> Option<Vec<String>> {
-    let inputs: HashMap<&str, &[String]> = stages.iter().map(|s| (s.id.as_str(), s.inputs.as_slice())).collect();
+    let inputs: HashMap<&str, &[String]> = stages
+        .iter()
+        .map(|s| (s.id.as_str(), s.inputs.as_slice()))
+        .collect();
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         Visiting,

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sink_api::{AnyConfig, BatchSender, BuildContext, Context, Input, Output, ParamSender, ShutdownSignal, StageError, StageKind};
+use sink_api::{
+    AnyConfig, BatchSender, BuildContext, Context, Input, Output, ParamSender, ShutdownSignal,
+    StageError, StageKind,
+};
 use tokio::task::JoinSet;
 
 use crate::pipeline::{Pipeline, PipelineError, PipelineErrors, StageConfig};
@@ -70,7 +73,11 @@ impl Running {
         // stage's output holds a sender into it.
         let mut senders: HashMap<String, BatchSender> = HashMap::new();
         let mut inputs: HashMap<String, Input> = HashMap::new();
-        for stage in pipeline.stages.iter().filter(|s| s.kind != StageKind::Source) {
+        for stage in pipeline
+            .stages
+            .iter()
+            .filter(|s| s.kind != StageKind::Source)
+        {
             let (sender, input) = sink_api::channel(stage.capacity);
             senders.insert(stage.id.clone(), sender);
             inputs.insert(stage.id.clone(), input);
@@ -113,14 +120,20 @@ impl Running {
             match (built, input) {
                 (Built::Source(source), _) => {
                     running.accepted.push((id.clone(), output.sent_counter()));
-                    running.tasks.spawn(async move { (id, source.run(output, cx).await) });
+                    running
+                        .tasks
+                        .spawn(async move { (id, source.run(output, cx).await) });
                 }
                 (Built::Processor(processor), Some(input)) => {
-                    running.tasks.spawn(async move { (id, processor.run(input, output, cx).await) });
+                    running
+                        .tasks
+                        .spawn(async move { (id, processor.run(input, output, cx).await) });
                 }
                 (Built::Sink(sink), Some(input)) => {
                     running.written.push((id.clone(), input.received_counter()));
-                    running.tasks.spawn(async move { (id, sink.run(input, cx).await) });
+                    running
+                        .tasks
+                        .spawn(async move { (id, sink.run(input, cx).await) });
                 }
                 (_, None) => unreachable!("every processor and sink was given an input above"),
             }
@@ -167,7 +180,11 @@ impl Running {
         })
         .await;
         if drained.is_err() {
-            let accepted: u64 = self.accepted.iter().map(|(_, n)| n.load(Ordering::Relaxed)).sum();
+            let accepted: u64 = self
+                .accepted
+                .iter()
+                .map(|(_, n)| n.load(Ordering::Relaxed))
+                .sum();
             for (sink, received) in &self.written {
                 let received = received.load(Ordering::Relaxed);
                 tracing::error!(
@@ -179,6 +196,10 @@ impl Running {
             }
             return Ending::TimedOut;
         }
-        if failed { Ending::StageFailed } else { Ending::Clean }
+        if failed {
+            Ending::StageFailed
+        } else {
+            Ending::Clean
+        }
     }
 }

@@ -36,9 +36,9 @@ impl SinkConfig for JsonFileConfig {
     }
 
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Sink>, ConfigError> {
-        let file = self
-            .open()
-            .map_err(|err| ConfigError::new("path", format!("cannot open {}: {err}", self.target_name())))?;
+        let file = self.open().map_err(|err| {
+            ConfigError::new("path", format!("cannot open {}: {err}", self.target_name()))
+        })?;
         Ok(Box::new(JsonFile {
             config: Arc::new(self.clone()),
             file,
@@ -59,7 +59,10 @@ impl LineSinkConfig for JsonFileConfig {
         if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
-        OpenOptions::new().create(true).append(true).open(&self.path)
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
     }
 
     fn moves_target(&self, old: &Self) -> bool {

@@ -113,7 +113,11 @@ async fn write_until_done<T: Write + Send + 'static>(
 }
 
 /// Writes `bytes[from..]` and flushes; on failure says how far it got.
-fn write_from(target: &mut impl Write, bytes: &[u8], mut from: usize) -> Result<(), (usize, io::Error)> {
+fn write_from(
+    target: &mut impl Write,
+    bytes: &[u8],
+    mut from: usize,
+) -> Result<(), (usize, io::Error)> {
     while from < bytes.len() {
         match target.write(&bytes[from..]) {
             Ok(0) => return Err((from, io::ErrorKind::WriteZero.into())),

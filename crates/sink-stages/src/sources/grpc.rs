@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -63,7 +63,9 @@ pub struct RateLimit {
 }
 
 /// What a call does when the next stage has no room.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum WhenFull {
     /// Wait for room: backpressure reaches the client as a slower answer.
@@ -94,10 +96,16 @@ impl SourceConfig for GrpcConfig {
         }
         if let Some(limit) = &self.rate_limit {
             if limit.bytes_per_second == 0 {
-                return Err(ConfigError::new("rate_limit.bytes_per_second", "must be at least 1"));
+                return Err(ConfigError::new(
+                    "rate_limit.bytes_per_second",
+                    "must be at least 1",
+                ));
             }
             if limit.burst() == 0 {
-                return Err(ConfigError::new("rate_limit.burst_bytes", "must be at least 1"));
+                return Err(ConfigError::new(
+                    "rate_limit.burst_bytes",
+                    "must be at least 1",
+                ));
             }
         }
         Ok(())
@@ -106,7 +114,12 @@ impl SourceConfig for GrpcConfig {
     fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
         let listener = std::net::TcpListener::bind(&self.address)
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-            .map_err(|err| ConfigError::new("address", format!("cannot listen on {}: {err}", self.address)))?;
+            .map_err(|err| {
+                ConfigError::new(
+                    "address",
+                    format!("cannot listen on {}: {err}", self.address),
+                )
+            })?;
         let local = listener
             .local_addr()
             .map_err(|err| ConfigError::new("address", err.to_string()))?;
@@ -131,15 +144,18 @@ struct GrpcSource {
 impl Source for GrpcSource {
     async fn run(self: Box<Self>, output: Output, cx: Context) -> Result<(), StageError> {
         let listener = tokio::net::TcpListener::from_std(self.listener)?;
-        let limits = Arc::new(ArcSwap::from_pointee(Limits::new(&self.config, None)));
-        let service = SensorService {
-            limits: Arc::clone(&limits),
-            output,
-        };
+        let shared = Arc::new(Shared {
+            limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
+            output: ArcSwapOption::from_pointee(output),
+        });
+        let service = SensorService(Arc::clone(&shared));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
-            .set_service_status(sink_proto::SERVICE_NAME, tonic_health::ServingStatus::Serving)
+            .set_service_status(
+                sink_proto::SERVICE_NAME,
+                tonic_health::ServingStatus::Serving,
+            )
             .await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -149,41 +165,64 @@ impl Source for GrpcSource {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        // Limits change live: each call reads the current ones from `limits`.
-        let mut params = cx.params::<GrpcConfig>();
-        let stage = cx.id().to_string();
-        let reload_limits = async move {
-            loop {
-                let new = params.changed().await;
-                let old = limits.load();
-                limits.store(Arc::new(Limits::new(&new, Some(&old))));
-                tracing::debug!(stage, "limits updated");
-            }
-        };
-
         let shutdown = cx.shutdown().clone();
-        let stop = async move {
-            shutdown.wait().await;
-            health
-                .set_service_status(sink_proto::SERVICE_NAME, tonic_health::ServingStatus::NotServing)
-                .await;
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-        };
+        let mut server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { shutdown.wait().await },
+                ),
+        );
 
-        let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop);
-        tokio::select! {
-            served = server => served?,
-            never = reload_limits => match never {},
+        // Limits change live: each call reads the current ones.
+        let mut params = cx.params::<GrpcConfig>();
+        loop {
+            tokio::select! {
+                new = params.changed() => {
+                    let old = shared.limits.load();
+                    shared.limits.store(Arc::new(Limits::new(&new, Some(&old))));
+                }
+                served = &mut server => {
+                    served??;
+                    return Err("the gRPC server stopped on its own".into());
+                }
+                _ = cx.shutdown().wait() => break,
+            }
         }
-        tracing::info!(stage = cx.id(), "grpc source on {} stopped", self.local);
+
+        // Stop accepting: calls from now on answer UNAVAILABLE. Calls in flight
+        // hold their own reference to the output and finish; the downstream
+        // channel closes when the last of them does. Connections that clients
+        // keep open cannot hold shutdown up, as they no longer reach the output.
+        shared.output.store(None);
+        health
+            .set_service_status(
+                sink_proto::SERVICE_NAME,
+                tonic_health::ServingStatus::NotServing,
+            )
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        tracing::info!(
+            stage = cx.id(),
+            "grpc source on {} stopped accepting",
+            self.local
+        );
         Ok(())
     }
+}
+
+/// What every call of one source shares: its limits and its output, each
+/// swapped whole (on reload, and at shutdown) without a lock on the call path.
+struct Shared {
+    limits: ArcSwap<Limits>,
+    output: ArcSwapOption<Output>,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -222,10 +261,7 @@ fn quota(limit: RateLimit) -> Quota {
 
 /// The hand-written `sensor.v1.SensorService` server.
 #[derive(Clone)]
-struct SensorService {
-    limits: Arc<ArcSwap<Limits>>,
-    output: Output,
-}
+struct SensorService(Arc<Shared>);
 
 impl NamedService for SensorService {
     const NAME: &'static str = sink_proto::SERVICE_NAME;
@@ -240,7 +276,10 @@ where
     type Error = std::convert::Infallible;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -248,7 +287,7 @@ where
         if request.uri().path() != sink_proto::SEND_SENSOR_VALUES_PATH {
             return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
         }
-        let max_message_bytes = self.limits.load().max_message_bytes;
+        let max_message_bytes = self.0.limits.load().max_message_bytes;
         let handler = SendSensorValues(self.clone());
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
@@ -259,7 +298,10 @@ where
             // The handler itself never answers OUT_OF_RANGE.
             let headers = response.headers_mut();
             if headers.get("grpc-status").is_some_and(|code| code == "11") {
-                headers.insert("grpc-status", http::HeaderValue::from(Code::ResourceExhausted as i32));
+                headers.insert(
+                    "grpc-status",
+                    http::HeaderValue::from(Code::ResourceExhausted as i32),
+                );
             }
             Ok(response)
         })
@@ -281,18 +323,24 @@ impl UnaryService<SensorValuesRequest> for SendSensorValues {
 impl SensorService {
     /// Admits the request under the limits and hands its readings on; OK means
     /// they are in the pipeline.
-    async fn accept(&self, request: SensorValuesRequest) -> Result<Response<SensorValuesResponse>, Status> {
+    async fn accept(
+        &self,
+        request: SensorValuesRequest,
+    ) -> Result<Response<SensorValuesResponse>, Status> {
         if request.items.is_empty() {
             return Ok(Response::new(SensorValuesResponse {}));
         }
-        let limits = self.limits.load_full();
+        let Some(output) = self.0.output.load_full() else {
+            return Err(Status::unavailable("the sink is shutting down"));
+        };
+        let limits = self.0.limits.load_full();
         if let Some((limit, bucket)) = &limits.rate {
             admit(request.encoded_len(), *limit, bucket)?;
         }
         let batch = to_batch(request.items, Timestamp::now())?;
         let sent = match limits.when_full {
-            WhenFull::Wait => self.output.send(batch).await,
-            WhenFull::Reject => self.output.try_send(batch),
+            WhenFull::Wait => output.send(batch).await,
+            WhenFull::Reject => output.try_send(batch),
         };
         match sent {
             Ok(()) => Ok(Response::new(SensorValuesResponse {})),
@@ -314,7 +362,10 @@ fn admit(cost: usize, limit: RateLimit, bucket: &DefaultDirectRateLimiter) -> Re
             limit.burst()
         ))
     };
-    let cost = u32::try_from(cost).ok().and_then(NonZeroU32::new).ok_or_else(never)?;
+    let cost = u32::try_from(cost)
+        .ok()
+        .and_then(NonZeroU32::new)
+        .ok_or_else(never)?;
     match bucket.check_n(cost) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(not_until)) => {

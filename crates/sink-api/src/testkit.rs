@@ -1,0 +1,207 @@
+//! A test kit for stage authors: run one stage in a unit test with in-memory
+//! input and output, send it batches, hand it new parameters, shut it down, and
+//! collect what came out. [`check_processor`] and [`check_sink`] are the
+//! conformance checks every stage should pass.
+//!
+//! ```
+//! use sink_api::testkit::{Harness, readings};
+//! # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+//! # struct Pass;
+//! # #[typetag::serde(name = "testkit_doc_pass")]
+//! # impl sink_api::ProcessorConfig for Pass {
+//! #     fn build(&self, _: &sink_api::BuildContext) -> Result<Box<dyn sink_api::Processor>, sink_api::ConfigError> {
+//! #         Ok(Box::new(PassStage))
+//! #     }
+//! # }
+//! # struct PassStage;
+//! # #[async_trait::async_trait]
+//! # impl sink_api::Processor for PassStage {
+//! #     async fn run(self: Box<Self>, mut input: sink_api::Input, output: sink_api::Output, _: sink_api::Context) -> Result<(), sink_api::StageError> {
+//! #         while let Some(b) = input.recv().await { output.send(b).await?; }
+//! #         Ok(())
+//! #     }
+//! # }
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let mut stage = Harness::processor(Pass).unwrap();
+//! stage.send(readings("t", 0..3)).await;
+//! let out = stage.finish().await.unwrap();
+//! assert_eq!(out.len(), 3);
+//! # }
+//! ```
+
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::{
+    Batch, BatchSender, BuildContext, ConfigError, Context, Input, Output, ParamSender,
+    ProcessorConfig, Reading, ShutdownSignal, SinkConfig, SourceConfig, StageError, Timestamp,
+};
+
+/// Readings named `<prefix><i>` with value `i`, for `i` in `range`.
+pub fn readings(prefix: &str, range: Range<i64>) -> Batch {
+    let received_at = Timestamp::now();
+    range
+        .map(|i| Reading {
+            sensor_name: format!("{prefix}{i}"),
+            value: Some(i),
+            created_at: Timestamp::new(1_795_860_000 + i, 0),
+            received_at,
+        })
+        .collect()
+}
+
+/// One stage running on its own, fed and drained by the test.
+pub struct Harness {
+    input: Option<BatchSender>,
+    output: Input,
+    shutdown: ShutdownSignal,
+    params: ParamSender,
+    task: JoinHandle<Result<(), StageError>>,
+}
+
+impl Harness {
+    /// Builds and starts the source `config`; its output is collected.
+    pub fn source<C: SourceConfig + Clone>(config: C) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let source = config.build(&BuildContext::new("test"))?;
+        Ok(Self::spawn(config, false, |output, _input, cx| {
+            tokio::spawn(async move { source.run(output, cx).await })
+        }))
+    }
+
+    /// Builds and starts the processor `config`.
+    pub fn processor<C: ProcessorConfig + Clone>(config: C) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let processor = config.build(&BuildContext::new("test"))?;
+        Ok(Self::spawn(config, true, |output, input, cx| {
+            tokio::spawn(async move { processor.run(input, output, cx).await })
+        }))
+    }
+
+    /// Builds and starts the sink `config`; check what it wrote where it writes.
+    pub fn sink<C: SinkConfig + Clone>(config: C) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let sink = config.build(&BuildContext::new("test"))?;
+        Ok(Self::spawn(config, true, |_output, input, cx| {
+            tokio::spawn(async move { sink.run(input, cx).await })
+        }))
+    }
+
+    fn spawn<C: Any + Send + Sync>(
+        config: C,
+        has_input: bool,
+        start: impl FnOnce(Output, Input, Context) -> JoinHandle<Result<(), StageError>>,
+    ) -> Self {
+        let (stage_input_sender, stage_input) = crate::channel(16);
+        let (output_sender, output) = crate::channel(1024);
+        let shutdown = ShutdownSignal::new();
+        let (cx, params) = Context::new("test", shutdown.clone(), Arc::new(config));
+        let task = start(Output::new(vec![output_sender]), stage_input, cx);
+        Self {
+            input: has_input.then_some(stage_input_sender),
+            output,
+            shutdown,
+            params,
+            task,
+        }
+    }
+
+    /// Sends `batch` to the stage's input.
+    ///
+    /// # Panics
+    ///
+    /// For a source (it has no input), or when the stage has stopped.
+    pub async fn send(&self, batch: Batch) {
+        let input = self.input.as_ref().expect("a source has no input");
+        let target = Output::new(vec![input.clone()]);
+        target
+            .send(batch)
+            .await
+            .expect("the stage stopped reading its input");
+    }
+
+    /// Hands the stage a new config, as a reload would.
+    pub fn update<C: Any + Send + Sync>(&self, config: C) {
+        self.params.send(Arc::new(config));
+    }
+
+    /// Starts shutdown, as SIGTERM would.
+    pub fn shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// The next batch the stage sent, waiting at most `within`.
+    pub async fn next_batch(&mut self, within: Duration) -> Option<Batch> {
+        tokio::time::timeout(within, self.output.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Starts shutdown, closes the input (as the runtime does once the sources
+    /// have stopped), waits for the stage to end and returns every reading it
+    /// sent that was not taken with [`next_batch`](Self::next_batch).
+    pub async fn finish(mut self) -> Result<Vec<Reading>, StageError> {
+        self.shutdown.trigger();
+        drop(self.input.take());
+        let ended = self
+            .task
+            .await
+            .map_err(|err| format!("stage panicked: {err}"))?;
+        ended?;
+        let mut out = Vec::new();
+        while let Ok(batch) = self.output.try_recv() {
+            out.extend(batch);
+        }
+        Ok(out)
+    }
+}
+
+/// Conformance check for a processor: across batches, a reload with the same
+/// config and a shutdown, every reading that `keeps` selects comes out exactly
+/// once, none other does, and nothing is left behind.
+pub async fn check_processor<C: ProcessorConfig + Clone>(
+    config: C,
+    keeps: impl Fn(&Reading) -> bool,
+) {
+    let sent = readings("conformance-", 0..1000);
+    let expected: BTreeSet<String> = sent
+        .iter()
+        .filter(|r| keeps(r))
+        .map(|r| r.sensor_name.clone())
+        .collect();
+    let stage = Harness::processor(config.clone()).expect("config builds");
+    for chunk in sent.chunks(97) {
+        stage.send(chunk.to_vec()).await;
+    }
+    stage.update(config);
+    let out = stage.finish().await.expect("stage ends cleanly");
+    let names: Vec<String> = out.into_iter().map(|r| r.sensor_name).collect();
+    let unique: BTreeSet<String> = names.iter().cloned().collect();
+    assert_eq!(unique.len(), names.len(), "a reading came out twice");
+    assert_eq!(unique, expected, "readings lost or let through wrongly");
+}
+
+/// Conformance check for a sink: 1000 readings in batches, a reload with the
+/// same config, then shutdown; `written` must then list each reading's
+/// sensor name exactly once.
+pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> Vec<String>) {
+    let sent = readings("conformance-", 0..1000);
+    let stage = Harness::sink(config.clone()).expect("config builds");
+    for chunk in sent.chunks(97) {
+        stage.send(chunk.to_vec()).await;
+    }
+    stage.update(config);
+    stage.finish().await.expect("stage ends cleanly");
+    let mut names = written();
+    names.sort();
+    let mut expected: Vec<String> = sent.into_iter().map(|r| r.sensor_name).collect();
+    expected.sort();
+    assert_eq!(names, expected, "the sink lost or repeated readings");
+}

@@ -1,0 +1,79 @@
+//! The `sink` binary's informational commands. (Having an integration test
+//! here also makes `cargo test` build the binary that tests/ runs.)
+
+use std::process::Command;
+
+fn sink(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sink"))
+        .args(args)
+        .output()
+        .expect("run sink");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn version_and_help() {
+    let (ok, out, _) = sink(&["--version"]);
+    assert!(ok && out.starts_with("sink "), "{out}");
+    let (ok, out, _) = sink(&["--help"]);
+    assert!(
+        ok && out.contains("--pipeline") && out.contains("validate"),
+        "{out}"
+    );
+}
+
+#[test]
+fn list_shows_every_built_in_type_with_its_kind_and_crate() {
+    let (ok, out, _) = sink(&["list"]);
+    assert!(ok);
+    for (kind, name) in [
+        ("source", "grpc"),
+        ("processor", "buffered"),
+        ("sink", "json_file"),
+        ("sink", "stdout"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(kind) && l.contains(name) && l.contains("sink-stages")),
+            "{kind} {name} missing from:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn list_verbose_and_describe_show_keys_defaults_and_liveness() {
+    let (ok, out, _) = sink(&["list", "--verbose"]);
+    assert!(ok);
+    let address = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("address"))
+        .expect("address key");
+    assert!(address.contains("restart"), "{address}");
+    let max_events = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("max_events"))
+        .expect("max_events");
+    assert!(
+        max_events.contains("10") && max_events.contains("live"),
+        "{max_events}"
+    );
+
+    let (ok, out, _) = sink(&["describe", "buffered"]);
+    assert!(ok);
+    assert!(
+        out.contains("[processors.my_buffered]") && out.contains("flush_interval = \"1m\""),
+        "{out}"
+    );
+    let (ok, _, err) = sink(&["describe", "nope"]);
+    assert!(!ok && err.contains("json_file"), "{err}");
+}
+
+#[test]
+fn validate_accepts_the_built_in_default() {
+    let (ok, out, _) = sink(&["validate"]);
+    assert!(ok && out.contains("valid"), "{out}");
+}
