@@ -106,6 +106,36 @@ impl<C: Any + Send + Sync> Params<C> {
             }
         }
     }
+
+    /// The new config if one arrived since the last look, without waiting.
+    ///
+    /// For a stage that needs its parameters only when a batch comes (a
+    /// filter, a file writer): checking once per batch needs no `select!`, and
+    /// a config handed over before a batch is sent applies to that batch.
+    ///
+    /// ```
+    /// # async fn demo(mut input: sink_api::Input, cx: sink_api::Context) {
+    /// #[derive(Debug)]
+    /// struct MyConfig { threshold: i64 }
+    ///
+    /// let mut params = cx.params::<MyConfig>();
+    /// let mut threshold = 10;
+    /// while let Some(batch) = input.recv().await {
+    ///     if let Some(new) = params.try_changed() {
+    ///         threshold = new.threshold;
+    ///     }
+    ///     # let _ = (batch, threshold);
+    /// }
+    /// # }
+    /// ```
+    pub fn try_changed(&mut self) -> Option<Arc<C>> {
+        // `has_changed` errs only once the runtime is gone: nothing new then.
+        if !self.receiver.has_changed().unwrap_or(false) {
+            return None;
+        }
+        let latest = Arc::clone(&self.receiver.borrow_and_update());
+        latest.downcast::<C>().ok()
+    }
 }
 
 /// Fires once when shutdown starts. Cheap to clone; every stage holds one.
@@ -317,5 +347,22 @@ mod tests {
         let mut params = cx.params::<u32>();
         sender.send(Arc::new(2_u32));
         assert_eq!(*params.changed().await, 2);
+    }
+
+    #[test]
+    fn try_changed_yields_each_new_config_once() {
+        let (cx, sender) = Context::new("x", ShutdownSignal::new(), Arc::new(1_u32));
+        let mut params = cx.params::<u32>();
+        assert!(
+            params.try_changed().is_none(),
+            "the initial config is not a change"
+        );
+        sender.send(Arc::new(2_u32));
+        sender.send(Arc::new(3_u32));
+        assert_eq!(params.try_changed().as_deref(), Some(&3));
+        assert!(params.try_changed().is_none());
+        // A config of another type is not this stage's: ignored.
+        sender.send(Arc::new("other"));
+        assert!(params.try_changed().is_none());
     }
 }

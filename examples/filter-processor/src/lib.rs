@@ -1,0 +1,352 @@
+//! # sink-example-filter: a custom processor, `filter`
+//!
+//! Keeps the readings whose sensor name matches a glob and whose value lies in
+//! a range, and drops the rest. It shows what a stage crate outside the sink's
+//! own crates needs: a config type that `pipeline.toml` names with
+//! `type = "filter"` and that checks itself in `validate`; a running stage
+//! whose every key changes live through [`Context::params`]; registration for
+//! `sink list`; and unit tests on [`sink_api::testkit`]. The README's "Write
+//! your own stage" walks through this file.
+//!
+//! ```toml
+//! [processors.hot]
+//! type = "filter"
+//! inputs = ["sensors"]
+//! sensors = ["boiler-*", "pump-?"]
+//! min = 60
+//! ```
+
+use std::str::Chars;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sink_api::{
+    BuildContext, ConfigError, Context, Input, Output, Processor, ProcessorConfig, Reading,
+    StageError,
+};
+
+/// Keeps readings whose sensor name matches `sensors` but no `exclude` glob,
+/// and whose value lies between `min` and `max`; drops the rest.
+///
+/// ```
+/// use sink_api::{Reading, Timestamp};
+/// use sink_example_filter::FilterConfig;
+///
+/// let config = FilterConfig { sensors: vec!["boiler-*".into()], min: Some(60), ..FilterConfig::default() };
+/// let reading = |name: &str, value| Reading {
+///     sensor_name: name.into(),
+///     value: Some(value),
+///     created_at: None,
+///     received_at: Timestamp::now(),
+/// };
+/// assert!(config.keeps(&reading("boiler-1", 75)));
+/// assert!(!config.keeps(&reading("boiler-1", 20)));
+/// assert!(!config.keeps(&reading("pump-1", 75)));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Sensor-name globs to keep: `*` matches any run of characters, `?`
+    /// exactly one.
+    #[serde(default = "default_sensors")]
+    pub sensors: Vec<String>,
+    /// Sensor-name globs to drop, even when `sensors` keeps the name.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Smallest value kept; absent means no lower bound.
+    #[serde(default)]
+    pub min: Option<i64>,
+    /// Largest value kept; absent means no upper bound.
+    #[serde(default)]
+    pub max: Option<i64>,
+    /// What happens to a reading that carries no value: `"keep"` or `"drop"`.
+    #[serde(default)]
+    pub missing_value: MissingValue,
+}
+
+/// What `filter` does with a reading that carries no value.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingValue {
+    /// Keep it (when its name is kept): no value is not out of range.
+    #[default]
+    Keep,
+    /// Drop it.
+    Drop,
+}
+
+fn default_sensors() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self {
+            sensors: default_sensors(),
+            exclude: Vec::new(),
+            min: None,
+            max: None,
+            missing_value: MissingValue::default(),
+        }
+    }
+}
+
+impl FilterConfig {
+    /// Whether `reading` passes this filter.
+    pub fn keeps(&self, reading: &Reading) -> bool {
+        let name = &reading.sensor_name;
+        let named = self.sensors.iter().any(|glob| glob_matches(glob, name))
+            && !self.exclude.iter().any(|glob| glob_matches(glob, name));
+        named
+            && match reading.value {
+                None => self.missing_value == MissingValue::Keep,
+                Some(value) => {
+                    self.min.is_none_or(|min| value >= min)
+                        && self.max.is_none_or(|max| value <= max)
+                }
+            }
+    }
+}
+
+#[typetag::serde(name = "filter")]
+impl ProcessorConfig for FilterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.sensors.is_empty() {
+            return Err(ConfigError::new(
+                "sensors",
+                "would drop every reading; [\"*\"] keeps every name",
+            ));
+        }
+        if let (Some(min), Some(max)) = (self.min, self.max)
+            && min > max
+        {
+            return Err(ConfigError::new(
+                "min",
+                format!("{min} is above max ({max}): nothing would pass"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+        Ok(Box::new(Filter {
+            config: Arc::new(self.clone()),
+        }))
+    }
+}
+
+sink_api::register_stage!(processor "filter" => FilterConfig);
+
+/// The running `filter`: its state is only the config in force.
+struct Filter {
+    config: Arc<FilterConfig>,
+}
+
+#[async_trait]
+impl Processor for Filter {
+    async fn run(
+        self: Box<Self>,
+        mut input: Input,
+        output: Output,
+        cx: Context,
+    ) -> Result<(), StageError> {
+        let mut config = self.config;
+        let mut params = cx.params::<FilterConfig>();
+        while let Some(mut batch) = input.recv().await {
+            // A reload applies from the next batch on: filtering does nothing
+            // between batches, so there is nothing to wake up for.
+            if let Some(new) = params.try_changed() {
+                config = new;
+            }
+            batch.retain(|reading| config.keeps(reading));
+            // An empty batch would only wake the stages downstream for nothing.
+            if !batch.is_empty() {
+                output.send(batch).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` matches `glob`, where `*` matches any run of characters
+/// (the empty one too), `?` exactly one, and any other character itself.
+///
+/// ```
+/// use sink_example_filter::glob_matches;
+/// assert!(glob_matches("boiler-*", "boiler-12"));
+/// assert!(glob_matches("pump-?", "pump-3"));
+/// assert!(!glob_matches("pump-?", "pump-12"));
+/// ```
+pub fn glob_matches(glob: &str, name: &str) -> bool {
+    let (mut glob_rest, mut name_rest) = (glob.chars(), name.chars());
+    // After a `*`: the glob just past it, and the name from the first
+    // character that star has not swallowed. A mismatch later lets the star
+    // swallow one more character and retries from there, which keeps the work
+    // at most len(glob) * len(name), however many stars there are.
+    let mut retry: Option<(Chars<'_>, Chars<'_>)> = None;
+    loop {
+        let mut glob_next = glob_rest.clone();
+        match (glob_next.next(), name_rest.clone().next()) {
+            (Some('*'), _) => {
+                glob_rest = glob_next;
+                retry = Some((glob_rest.clone(), name_rest.clone()));
+            }
+            (Some(wanted), Some(got)) if wanted == '?' || wanted == got => {
+                glob_rest = glob_next;
+                name_rest.next();
+            }
+            (None, None) => return true,
+            _ => {
+                let Some((after_star, unswallowed)) = &mut retry else {
+                    return false;
+                };
+                if unswallowed.next().is_none() {
+                    return false;
+                }
+                glob_rest = after_star.clone();
+                name_rest = unswallowed.clone();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sink_api::testkit::{Harness, check_processor, readings};
+
+    use super::*;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        let cases = [
+            ("*", "", true),
+            ("*", "anything", true),
+            ("", "", true),
+            ("", "a", false),
+            ("t?", "t1", true),
+            ("t?", "t", false),
+            ("t?", "t12", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abcbc", true),
+            ("a*b*c", "acb", false),
+            ("*-x", "a-x-x", true),
+            ("*a", "b", false),
+            ("**", "x", true),
+            ("ü?", "üß", true),
+            ("exact", "exact", true),
+            ("exact", "exact2", false),
+        ];
+        for (glob, name, expected) in cases {
+            assert_eq!(glob_matches(glob, name), expected, "{glob:?} on {name:?}");
+        }
+    }
+
+    #[test]
+    fn glob_with_many_stars_stays_fast() {
+        let name = "a".repeat(10_000);
+        assert!(!glob_matches("*a*a*a*a*a*a*b", &name));
+    }
+
+    #[test]
+    fn defaults_keep_everything() {
+        let config: FilterConfig = serde_json::from_str("{}").expect("all keys have defaults");
+        assert_eq!(config, FilterConfig::default());
+        let mut batch = readings("any-", 0..5);
+        batch[0].value = None;
+        assert!(batch.iter().all(|r| config.keeps(r)));
+    }
+
+    #[test]
+    fn validate_names_the_key_at_fault() {
+        let empty = FilterConfig {
+            sensors: vec![],
+            ..FilterConfig::default()
+        };
+        assert_eq!(empty.validate().map_err(|e| e.key), Err("sensors".into()));
+        let inverted = FilterConfig {
+            min: Some(10),
+            max: Some(5),
+            ..FilterConfig::default()
+        };
+        assert_eq!(inverted.validate().map_err(|e| e.key), Err("min".into()));
+        let point = FilterConfig {
+            min: Some(5),
+            max: Some(5),
+            ..FilterConfig::default()
+        };
+        assert_eq!(point.validate(), Ok(()));
+    }
+
+    #[test]
+    fn missing_value_policy_applies_only_to_kept_names() {
+        let mut reading = readings("t", 0..1).remove(0);
+        reading.value = None;
+        let keep = FilterConfig {
+            min: Some(100),
+            ..FilterConfig::default()
+        };
+        assert!(keep.keeps(&reading), "no value is not out of range");
+        let drop = FilterConfig {
+            missing_value: MissingValue::Drop,
+            ..keep.clone()
+        };
+        assert!(!drop.keeps(&reading));
+        let other_names = FilterConfig {
+            sensors: vec!["x*".into()],
+            ..keep
+        };
+        assert!(!other_names.keeps(&reading));
+    }
+
+    #[tokio::test]
+    async fn conforms_to_the_stage_contract() {
+        let config = FilterConfig {
+            sensors: vec!["conformance-1*".into(), "conformance-?".into()],
+            exclude: vec!["*7".into()],
+            min: Some(3),
+            max: Some(150),
+            missing_value: MissingValue::Drop,
+        };
+        let keeps = config.clone();
+        check_processor(config, move |reading| keeps.keeps(reading)).await;
+    }
+
+    #[tokio::test]
+    async fn applies_new_params_from_the_next_batch() {
+        const WAIT: Duration = Duration::from_secs(5);
+        let names = |batch: Option<Vec<Reading>>| -> Vec<String> {
+            batch
+                .expect("a batch came out")
+                .into_iter()
+                .map(|r| r.sensor_name)
+                .collect()
+        };
+        let mut stage = Harness::processor(FilterConfig::default()).expect("builds");
+        stage.send(readings("a", 0..3)).await;
+        assert_eq!(names(stage.next_batch(WAIT).await), ["a0", "a1", "a2"]);
+
+        stage.update(FilterConfig {
+            sensors: vec!["b*".into()],
+            min: Some(1),
+            ..FilterConfig::default()
+        });
+        // The `a` batch is dropped whole, so the next batch out is from `b`.
+        stage.send(readings("a", 0..3)).await;
+        stage.send(readings("b", 0..3)).await;
+        assert_eq!(names(stage.next_batch(WAIT).await), ["b1", "b2"]);
+
+        stage.update(FilterConfig {
+            max: Some(0),
+            ..FilterConfig::default()
+        });
+        stage.send(readings("c", 0..3)).await;
+        let rest = stage.finish().await.expect("ends cleanly");
+        let rest: Vec<String> = rest.into_iter().map(|r| r.sensor_name).collect();
+        assert_eq!(rest, ["c0"]);
+    }
+}
