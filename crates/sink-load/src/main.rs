@@ -1,0 +1,370 @@
+//! `sink-load`: plays the original service's sensor nodes against a sink and
+//! measures it. It sends `sensor.v1.SensorService/SendSensorValues` calls,
+//! encoded once before the run, from a number of concurrent workers over a
+//! number of HTTP/2 connections, optionally at a fixed call rate, for a
+//! duration or a total count of readings; it retries what the server asks to
+//! be retried, prints a progress line each second on stderr and a report at
+//! the end on stdout.
+//!
+//! `sink-load --count 10` sends ten readings to a sink on the default address.
+
+mod codec;
+mod requests;
+mod stats;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+use tonic::client::Grpc;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+use crate::codec::PreEncoded;
+use crate::requests::{Encoded, Plan};
+use crate::stats::{Counters, Report, latency_histogram};
+
+/// Load generator for telemetry-sink: sends sensor readings over gRPC
+/// (`sensor.v1.SensorService/SendSensorValues`) and reports throughput,
+/// latency and errors. Exit status 0 when every call was acknowledged.
+#[derive(Debug, Parser)]
+#[command(name = "sink-load", version, about)]
+struct Args {
+    /// The sink's gRPC address, `host:port` (or a full `http://` URI).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    address: String,
+
+    /// Readings in each call.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    readings_per_call: u64,
+
+    /// Distinct sensor names the readings cycle through.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    sensors: u64,
+
+    /// Calls in flight at once (one worker each).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+
+    /// HTTP/2 connections the calls are spread over.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    connections: u64,
+
+    /// Target rate in calls per second over all workers; as fast as the sink
+    /// answers when absent.
+    #[arg(long)]
+    rate: Option<f64>,
+
+    /// How long to send, e.g. `10s` or `1m` (default 10s, unless --count).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    duration: Option<Duration>,
+
+    /// Total readings to send, then stop.
+    #[arg(long)]
+    count: Option<u64>,
+
+    /// Times one call is retried after UNAVAILABLE or RESOURCE_EXHAUSTED; 0
+    /// gives up at once.
+    #[arg(long, default_value_t = 10)]
+    max_retries: u32,
+
+    /// Wait before a retry when the server's status carries no
+    /// google.rpc.RetryInfo; with one, its delay is used.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+    retry_delay: Duration,
+
+    /// Longest wait before a retry, whatever RetryInfo says.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    max_retry_delay: Duration,
+
+    /// Worker threads of the load generator; keep it low so that it leaves
+    /// the CPU to the sink it measures.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
+
+    /// Print the final report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Default length of a run given neither --duration nor --count.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads as usize)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&args)) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                println!("{report}");
+            }
+            if report.calls_failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What every worker shares.
+struct Shared {
+    plan: Plan,
+    /// The next call to send; workers take numbers from it.
+    next_call: AtomicU64,
+    start: Instant,
+    deadline: Option<Instant>,
+    /// Time between two calls' scheduled starts, with --rate.
+    interval: Option<Duration>,
+    retry: RetryPolicy,
+    counters: Counters,
+}
+
+/// How a call is retried.
+#[derive(Debug, Clone, Copy)]
+struct RetryPolicy {
+    max_retries: u32,
+    default_delay: Duration,
+    max_delay: Duration,
+}
+
+async fn run(args: &Args) -> anyhow::Result<Report> {
+    let interval = match args.rate {
+        Some(rate) if rate.is_finite() && rate > 0.0 => Some(Duration::from_secs_f64(1.0 / rate)),
+        Some(rate) => {
+            anyhow::bail!("--rate must be a positive number of calls per second, not {rate}")
+        }
+        None => None,
+    };
+    let channels = connect_all(&args.address, args.connections).await?;
+
+    let created_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let created_at = prost_types::Timestamp {
+        seconds: created_at.as_secs() as i64,
+        nanos: created_at.subsec_nanos() as i32,
+    };
+    let plan = Plan::new(args.readings_per_call, args.sensors, args.count, created_at);
+    let start = Instant::now();
+    let deadline = match args.count {
+        Some(_) => args.duration.map(|d| start + d),
+        None => Some(start + args.duration.unwrap_or(DEFAULT_DURATION)),
+    };
+    let shared = Arc::new(Shared {
+        plan,
+        next_call: AtomicU64::new(0),
+        start,
+        deadline,
+        interval,
+        retry: RetryPolicy {
+            max_retries: args.max_retries,
+            default_delay: args.retry_delay,
+            max_delay: args.max_retry_delay,
+        },
+        counters: Counters::default(),
+    });
+
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|worker| {
+            let channel = channels[(worker % args.connections) as usize].clone();
+            tokio::spawn(run_worker(Grpc::new(channel), Arc::clone(&shared)))
+        })
+        .collect();
+    let progress = (!args.quiet).then(|| tokio::spawn(report_progress(Arc::clone(&shared))));
+
+    let mut latency = latency_histogram();
+    for worker in workers {
+        let histogram = worker.await.context("a worker panicked")?;
+        latency
+            .add(&histogram)
+            .context("merging latency histograms")?;
+    }
+    let elapsed = shared.start.elapsed();
+    if let Some(progress) = progress {
+        progress.abort();
+    }
+    let counters = &shared.counters;
+    Ok(Report {
+        elapsed,
+        calls_ok: counters.calls_ok.load(Ordering::Relaxed),
+        readings_acked: counters.readings_acked.load(Ordering::Relaxed),
+        calls_failed: counters.calls_failed.load(Ordering::Relaxed),
+        retries: counters.retries.load(Ordering::Relaxed),
+        errors: counters.errors_by_code(),
+        latency,
+    })
+}
+
+/// Opens `connections` HTTP/2 connections to `address`.
+async fn connect_all(address: &str, connections: u64) -> anyhow::Result<Vec<Channel>> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("bad address {address}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        // Room for many 100-reading requests in flight without waiting on
+        // window updates.
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20);
+    let mut channels = Vec::with_capacity(connections as usize);
+    for _ in 0..connections {
+        // Each `connect` opens its own connection; clones of one Channel share it.
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {uri}"))?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+/// One worker: sends one call at a time until the plan or the time runs out,
+/// and returns the latencies it measured.
+async fn run_worker(mut client: Grpc<Channel>, shared: Arc<Shared>) -> Histogram<u64> {
+    let mut latency = latency_histogram();
+    let path = PathAndQuery::from_static(sink_proto::SEND_SENSOR_VALUES_PATH);
+    loop {
+        let call = shared.next_call.fetch_add(1, Ordering::Relaxed);
+        let Some(request) = shared.plan.request(call) else {
+            break;
+        };
+        if let Some(interval) = shared.interval {
+            // Calls keep to a schedule fixed at the start, so a slow answer
+            // makes the next calls start at once rather than shifting them all.
+            let due =
+                shared.start + interval.saturating_mul(u32::try_from(call).unwrap_or(u32::MAX));
+            tokio::time::sleep_until(due).await;
+        }
+        if shared
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            break;
+        }
+        let started = Instant::now();
+        let acknowledged = send_with_retries(&mut client, &path, request, &shared).await;
+        latency.saturating_record(started.elapsed().as_micros() as u64);
+        let counters = &shared.counters;
+        if acknowledged {
+            counters.calls_ok.fetch_add(1, Ordering::Relaxed);
+            counters
+                .readings_acked
+                .fetch_add(request.readings, Ordering::Relaxed);
+        } else {
+            counters.calls_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    latency
+}
+
+/// Sends one call, retrying UNAVAILABLE and RESOURCE_EXHAUSTED as the
+/// server's RetryInfo says; true when the server acknowledged it.
+async fn send_with_retries(
+    client: &mut Grpc<Channel>,
+    path: &PathAndQuery,
+    request: &Encoded,
+    shared: &Shared,
+) -> bool {
+    let mut attempt = 0;
+    loop {
+        let status = match send(client, path, request).await {
+            Ok(()) => return true,
+            Err(status) => status,
+        };
+        shared.counters.error(status.code());
+        let retryable = matches!(status.code(), Code::Unavailable | Code::ResourceExhausted);
+        if !retryable || attempt >= shared.retry.max_retries {
+            return false;
+        }
+        attempt += 1;
+        shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+        let delay = status
+            .get_details_retry_info()
+            .and_then(|info| info.retry_delay)
+            .unwrap_or(shared.retry.default_delay)
+            .min(shared.retry.max_delay);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn send(
+    client: &mut Grpc<Channel>,
+    path: &PathAndQuery,
+    request: &Encoded,
+) -> Result<(), Status> {
+    client
+        .ready()
+        .await
+        .map_err(|err| Status::unavailable(format!("connection not ready: {err}")))?;
+    client
+        .unary(
+            Request::new(request.bytes.clone()),
+            path.clone(),
+            PreEncoded,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Prints each second the rates of the last second and the errors so far.
+async fn report_progress(shared: Arc<Shared>) {
+    let counters = &shared.counters;
+    let mut ticker = tokio::time::interval_at(
+        shared.start + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    let (mut calls, mut readings) = (0, 0);
+    loop {
+        ticker.tick().await;
+        let now_calls = counters.calls_ok.load(Ordering::Relaxed);
+        let now_readings = counters.readings_acked.load(Ordering::Relaxed);
+        eprintln!(
+            "[{:>4.0}s] {:>8} calls/s {:>10} readings/s  errors {}  retries {}  failed calls {}",
+            shared.start.elapsed().as_secs_f64(),
+            now_calls - calls,
+            now_readings - readings,
+            counters.total_errors(),
+            counters.retries.load(Ordering::Relaxed),
+            counters.calls_failed.load(Ordering::Relaxed),
+        );
+        (calls, readings) = (now_calls, now_readings);
+    }
+}

@@ -1,0 +1,161 @@
+//! The requests of a run, encoded once before it starts.
+
+use bytes::Bytes;
+use prost::Message;
+use sink_proto::sensor_value::Measurement;
+use sink_proto::{SensorValue, SensorValuesRequest};
+
+/// At most this many distinct full requests are encoded; calls cycle through
+/// them. Enough to vary names and values, few enough to stay in cache.
+const MAX_VARIANTS: u64 = 256;
+
+/// One encoded request and how many readings it carries.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The `SensorValuesRequest`, protobuf-encoded.
+    pub bytes: Bytes,
+    /// Its number of readings.
+    pub readings: u64,
+}
+
+/// What every call of a run sends. Reading `i` of the run is named
+/// `sensor-<i mod sensors>`; call `k` carries readings `k * per_call ..`, and
+/// with a total count the last call carries what is left. Calls cycle through
+/// at most [`MAX_VARIANTS`] distinct encoded requests, so values (`i` within
+/// the cycle) repeat across cycles.
+#[derive(Debug)]
+pub struct Plan {
+    variants: Vec<Encoded>,
+    /// The shorter last call of a counted run, and its index.
+    last: Option<(u64, Encoded)>,
+    /// Number of calls, when the run is counted.
+    calls: Option<u64>,
+}
+
+impl Plan {
+    /// Encodes the requests for `per_call` readings per call over `sensors`
+    /// sensor names, `count` readings in all (or unbounded), all stamped
+    /// `created_at`.
+    pub fn new(
+        per_call: u64,
+        sensors: u64,
+        count: Option<u64>,
+        created_at: prost_types::Timestamp,
+    ) -> Self {
+        let per_call = per_call.max(1);
+        let sensors = sensors.max(1);
+        let cycle = sensors / gcd(sensors, per_call);
+        let encode = |call: u64, readings: u64| Encoded {
+            bytes: encode_call(call * per_call, readings, sensors, created_at).into(),
+            readings,
+        };
+        let variants = (0..cycle.min(MAX_VARIANTS))
+            .map(|call| encode(call, per_call))
+            .collect();
+        let calls = count.map(|count| count.div_ceil(per_call));
+        let last = count
+            .filter(|count| count % per_call != 0)
+            .map(|count| (count / per_call, encode(count / per_call, count % per_call)));
+        Self {
+            variants,
+            last,
+            calls,
+        }
+    }
+
+    /// The request of call `call`, or `None` past the last call of a counted run.
+    pub fn request(&self, call: u64) -> Option<&Encoded> {
+        if self.calls.is_some_and(|calls| call >= calls) {
+            return None;
+        }
+        match &self.last {
+            Some((last, encoded)) if *last == call => Some(encoded),
+            _ => Some(&self.variants[(call % self.variants.len() as u64) as usize]),
+        }
+    }
+}
+
+fn encode_call(
+    first: u64,
+    readings: u64,
+    sensors: u64,
+    created_at: prost_types::Timestamp,
+) -> Vec<u8> {
+    let request = SensorValuesRequest {
+        items: (first..first + readings)
+            .map(|i| SensorValue {
+                sensor_name: format!("sensor-{}", i % sensors),
+                measurement: Some(Measurement {
+                    sensor_value: Some(i as i64),
+                    created_at: Some(created_at),
+                }),
+            })
+            .collect(),
+    };
+    request.encode_to_vec()
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(encoded: &Encoded) -> SensorValuesRequest {
+        SensorValuesRequest::decode(encoded.bytes.clone()).unwrap()
+    }
+
+    fn names(encoded: &Encoded) -> Vec<String> {
+        decode(encoded)
+            .items
+            .into_iter()
+            .map(|item| item.sensor_name)
+            .collect()
+    }
+
+    const T: prost_types::Timestamp = prost_types::Timestamp {
+        seconds: 1_795_860_000,
+        nanos: 0,
+    };
+
+    #[test]
+    fn counted_run_sends_exactly_count_readings() {
+        let plan = Plan::new(4, 3, Some(10), T);
+        let sizes: Vec<u64> = (0..)
+            .map_while(|call| plan.request(call))
+            .map(|encoded| encoded.readings)
+            .collect();
+        assert_eq!(sizes, [4, 4, 2]);
+        let last = plan.request(2).unwrap();
+        assert_eq!(decode(last).items.len(), 2);
+        assert_eq!(names(last), ["sensor-2", "sensor-0"]);
+    }
+
+    #[test]
+    fn calls_rotate_through_every_sensor() {
+        let plan = Plan::new(2, 3, None, T);
+        let all: Vec<String> = (0..3)
+            .flat_map(|call| names(plan.request(call).unwrap()))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "sensor-0", "sensor-1", "sensor-2", "sensor-0", "sensor-1", "sensor-2"
+            ]
+        );
+        // An unbounded run never runs out.
+        assert!(plan.request(u64::MAX).is_some());
+    }
+
+    #[test]
+    fn requests_carry_value_and_timestamp() {
+        let plan = Plan::new(1, 1, Some(1), T);
+        let item = &decode(plan.request(0).unwrap()).items[0];
+        let measurement = item.measurement.as_ref().unwrap();
+        assert_eq!(measurement.sensor_value, Some(0));
+        assert_eq!(measurement.created_at, Some(T));
+        assert!(plan.request(1).is_none());
+    }
+}

@@ -1,0 +1,107 @@
+//! `sink-load` against the real `sink` binary on an ephemeral port: what it
+//! reports acknowledged is exactly what the sink wrote.
+
+use std::process::{Command, Output};
+
+use sink_e2e::{SinkProcess, basic_pipeline, json_lines, wait_for_lines};
+
+/// Runs `sink-load` with `args` and returns its exit status and JSON report.
+fn sink_load(args: &[&str]) -> (Output, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sink-load"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run sink-load");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+        panic!(
+            "no JSON report ({err}); stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, report)
+}
+
+#[test]
+fn acknowledged_readings_are_the_lines_written() {
+    let mut sink = SinkProcess::start(&basic_pipeline("max_events = 10"));
+    let address = sink.address("sensors").to_string();
+    let (out, report) = sink_load(&[
+        "--address",
+        &address,
+        "--count",
+        "2345",
+        "--readings-per-call",
+        "100",
+        "--concurrency",
+        "4",
+        "--connections",
+        "2",
+    ]);
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["readings_acknowledged"], 2345);
+    // 23 full calls and one of 45.
+    assert_eq!(report["calls_ok"], 24);
+    assert_eq!(report["errors"], serde_json::json!({}));
+
+    assert!(wait_for_lines(&sink.path("out.json"), 2345));
+    sink.stop();
+    let lines = json_lines(&sink.path("out.json"));
+    assert_eq!(lines.len(), 2345);
+    assert!(
+        lines.iter().all(|line| line["sensor_name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("sensor-"))),
+        "a line that sink-load did not send"
+    );
+}
+
+#[test]
+fn rate_limited_calls_are_retried_as_retry_info_says() {
+    // 10 readings of ~45 bytes each per call against 20 kB/s: the first
+    // ~40 calls pass on the burst, the rest wait for RetryInfo's delay.
+    let pipeline = basic_pipeline("max_events = 10").replacen(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\nrate_limit = { bytes_per_second = 20000 }",
+        1,
+    );
+    let mut sink = SinkProcess::start(&pipeline);
+    let address = sink.address("sensors").to_string();
+    let (out, report) = sink_load(&[
+        "--address",
+        &address,
+        "--count",
+        "1000",
+        "--concurrency",
+        "8",
+        "--max-retries",
+        "100",
+    ]);
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["readings_acknowledged"], 1000);
+    assert_eq!(report["calls_failed"], 0);
+    assert!(report["retries"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert!(
+        report["errors"]["RESOURCE_EXHAUSTED"].as_u64().unwrap_or(0) > 0,
+        "{report}"
+    );
+    assert!(wait_for_lines(&sink.path("out.json"), 1000));
+    sink.stop();
+    assert_eq!(json_lines(&sink.path("out.json")).len(), 1000);
+}
+
+#[test]
+fn no_sink_listening_is_a_clear_error() {
+    // A port that was free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_sink-load"))
+        .args(["--address", &format!("127.0.0.1:{port}"), "--count", "10"])
+        .output()
+        .expect("run sink-load");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+}
