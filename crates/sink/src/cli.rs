@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::DEFAULT_PIPELINE;
 use crate::logging::LogControl;
 use crate::pipeline::{LogLevel, Pipeline, PipelineErrors};
+use crate::reload::{FileWatcher, Plan, Snapshot, configs_to_apply};
 use crate::runtime::{Ending, Running};
 
 /// Exit code for a pipeline file with mistakes.
@@ -39,7 +40,12 @@ enum Command {
     /// Run the pipeline (the default command).
     Run,
     /// Check the pipeline file and exit: 0 if it is good, 2 with every mistake if not.
-    Validate,
+    Validate {
+        /// Also show what reloading from this older file to the new one would
+        /// do: keys that change live, and changes that need a restart (exit 3).
+        #[arg(long, value_name = "OLD")]
+        against: Option<PathBuf>,
+    },
     /// List the stage types this binary knows.
     List {
         /// Also show each type's keys.
@@ -68,17 +74,7 @@ pub fn run_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(cli.pipeline.as_deref(), cli.log_level),
-        Command::Validate => match load(cli.pipeline.as_deref()) {
-            Ok(pipeline) => {
-                println!(
-                    "{}: valid, {} stages",
-                    pipeline.file.display(),
-                    pipeline.stages.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(errors) => config_failure(&errors),
-        },
+        Command::Validate { against } => validate(cli.pipeline.as_deref(), against.as_deref()),
         Command::List { verbose } => {
             list(verbose);
             ExitCode::SUCCESS
@@ -96,6 +92,47 @@ fn load(path: Option<&Path>) -> Result<Pipeline, PipelineErrors> {
             |name| std::env::var(name).ok(),
         ),
     }
+}
+
+/// Exit code of `validate --against` when the change needs a restart.
+const EXIT_NEEDS_RESTART: u8 = 3;
+
+fn validate(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
+    let pipeline = match load(path) {
+        Ok(pipeline) => pipeline,
+        Err(errors) => return config_failure(&errors),
+    };
+    println!(
+        "{}: valid, {} stages",
+        pipeline.file.display(),
+        pipeline.stages.len()
+    );
+    let Some(against) = against else {
+        return ExitCode::SUCCESS;
+    };
+    let old = match Pipeline::load(against) {
+        Ok(old) => old,
+        Err(errors) => return config_failure(&errors),
+    };
+    let plan = Plan::between(&Snapshot::of(&old), &Snapshot::of(&pipeline));
+    if plan.is_empty() {
+        println!("against {}: nothing would change", against.display());
+        return ExitCode::SUCCESS;
+    }
+    if !plan.settings.is_empty() || !plan.stages.is_empty() {
+        println!(
+            "against {}: would change live: {}",
+            against.display(),
+            plan.describe_live()
+        );
+    }
+    if plan.needs_restart.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for change in &plan.needs_restart {
+        println!("against {}: needs a restart: {change}", against.display());
+    }
+    ExitCode::from(EXIT_NEEDS_RESTART)
 }
 
 fn config_failure(errors: &PipelineErrors) -> ExitCode {
@@ -158,10 +195,25 @@ fn describe(name: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `sink run`: loads, starts, serves until a signal, then drains.
+/// `sink run`: loads, starts, serves (reloading on file change or SIGHUP)
+/// until SIGINT or SIGTERM, then drains.
 fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     let logs = LogControl::init(log_level);
-    let pipeline = match load(path) {
+    let text = match path {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) => {
+                eprintln!("error: {}: cannot read: {err}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => DEFAULT_PIPELINE.to_string(),
+    };
+    let file = path.map_or_else(
+        || PathBuf::from("(built-in default pipeline)"),
+        Path::to_path_buf,
+    );
+    let pipeline = match Pipeline::parse(&file, &text, env_var) {
         Ok(pipeline) => pipeline,
         Err(errors) => return config_failure(&errors),
     };
@@ -177,40 +229,159 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     };
     runtime.block_on(async move {
         logs.apply(pipeline.settings.log_level);
-        let settings = pipeline.settings.clone();
-        let file = pipeline.file.clone();
+        let reloader = Reloader {
+            watched: path.is_some(),
+            file,
+            current: Snapshot::of(&pipeline),
+            last_text: text,
+            logs,
+        };
         let running = match Running::start(pipeline) {
             Ok(running) => running,
             Err(errors) => return config_failure(&errors),
         };
-        tracing::info!(pipeline = %file.display(), "pipeline running");
-        match run_until_signal(running, settings.shutdown_timeout).await {
+        tracing::info!(pipeline = %reloader.file.display(), "pipeline running");
+        match run_until_signal(running, reloader).await {
             Ok(Ending::Clean) => {
                 tracing::info!("shut down cleanly: everything accepted was written");
                 ExitCode::SUCCESS
             }
-            Ok(_) | Err(_) => ExitCode::FAILURE,
+            Ok(_) => ExitCode::FAILURE,
+            Err(err) => {
+                tracing::error!("cannot install signal handlers: {err}");
+                ExitCode::FAILURE
+            }
         }
     })
 }
 
-async fn run_until_signal(
-    mut running: Running,
-    shutdown_timeout: std::time::Duration,
-) -> std::io::Result<Ending> {
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// What a running pipeline needs to take a new version of its file.
+struct Reloader {
+    file: PathBuf,
+    /// Whether there is a file at all (not the built-in default).
+    watched: bool,
+    /// The shape of what runs now.
+    current: Snapshot,
+    /// The text last read, so that events that change nothing are ignored.
+    last_text: String,
+    logs: LogControl,
+}
+
+impl Reloader {
+    /// Reads, validates and applies the file, all or nothing, logging one
+    /// line with the outcome. `forced` (SIGHUP) reloads even unchanged text.
+    fn reload(&mut self, running: &Running, trigger: &str, forced: bool) {
+        if !self.watched {
+            tracing::warn!("{trigger}: the built-in default pipeline has no file to reload");
+            return;
+        }
+        let file = self.file.display();
+        let text = match std::fs::read_to_string(&self.file) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(
+                    "{file} is absent for now ({trigger}); the running pipeline is unchanged until it returns"
+                );
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(
+                    "reload failed ({trigger}): {file}: cannot read: {err}; the running pipeline is unchanged"
+                );
+                return;
+            }
+        };
+        if !forced && text == self.last_text {
+            tracing::debug!("{file} changed on disk but its text did not ({trigger})");
+            return;
+        }
+        self.last_text.clone_from(&text);
+        let new = match Pipeline::parse(&self.file, &text, env_var) {
+            Ok(new) => new,
+            Err(errors) => {
+                let errors: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+                tracing::warn!(
+                    "reload failed ({trigger}): {}; the running pipeline is unchanged",
+                    errors.join("; ")
+                );
+                return;
+            }
+        };
+        let snapshot = Snapshot::of(&new);
+        let plan = Plan::between(&self.current, &snapshot);
+        if !plan.needs_restart.is_empty() {
+            tracing::warn!(
+                "reload refused ({trigger}): needs a restart: {}; the running pipeline is unchanged",
+                plan.needs_restart.join("; ")
+            );
+            return;
+        }
+        if plan.is_empty() {
+            tracing::info!("reload ({trigger}): nothing changed");
+            return;
+        }
+        self.logs.apply(new.settings.log_level);
+        let described = plan.describe_live();
+        for (id, config) in configs_to_apply(&plan, new) {
+            running.update(&id, config);
+        }
+        self.current = snapshot;
+        tracing::info!("reload applied ({trigger}): {described}");
+    }
+}
+
+/// What woke the main loop.
+enum Wake {
+    Stop,
+    Reload(&'static str, bool),
+    Failed,
+    AllDone,
+}
+
+async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::io::Result<Ending> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let failed = tokio::select! {
-        _ = interrupt.recv() => false,
-        _ = terminate.recv() => false,
-        failure = running.next_failure() => match failure {
-            Some(_) => true,
-            None => return Ok(Ending::Clean),
-        },
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut watcher = if reloader.watched {
+        match FileWatcher::start(&reloader.file) {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                tracing::warn!(
+                    "cannot watch {}: {err}; reload with SIGHUP",
+                    reloader.file.display()
+                );
+                None
+            }
+        }
+    } else {
+        None
     };
+    let failed = loop {
+        let wake = tokio::select! {
+            _ = interrupt.recv() => Wake::Stop,
+            _ = terminate.recv() => Wake::Stop,
+            _ = hangup.recv() => Wake::Reload("SIGHUP", true),
+            Some(()) = async { watcher.as_mut()?.changed().await } => Wake::Reload("file changed", false),
+            failure = running.next_failure() => match failure {
+                Some(_) => Wake::Failed,
+                None => Wake::AllDone,
+            },
+        };
+        match wake {
+            Wake::Stop => break false,
+            Wake::Failed => break true,
+            Wake::AllDone => return Ok(Ending::Clean),
+            Wake::Reload(trigger, forced) => reloader.reload(&running, trigger, forced),
+        }
+    };
+    let timeout = reloader.current.settings().shutdown_timeout;
     tracing::info!("shutting down: sources stop accepting, then every stage drains");
     tokio::select! {
-        ending = running.shut_down(shutdown_timeout, failed) => Ok(ending),
+        ending = running.shut_down(timeout, failed) => Ok(ending),
         _ = interrupt.recv() => {
             tracing::error!("second signal: exiting without draining");
             Ok(Ending::TimedOut)

@@ -19,6 +19,7 @@ mod cli;
 pub mod env;
 mod logging;
 pub mod pipeline;
+pub mod reload;
 pub mod runtime;
 
 use std::process::ExitCode;

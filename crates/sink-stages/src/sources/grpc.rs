@@ -183,6 +183,9 @@ impl Source for GrpcSource {
         let mut params = cx.params::<GrpcConfig>();
         loop {
             tokio::select! {
+                // Shutdown first: the server also ends when shutdown starts.
+                biased;
+                _ = cx.shutdown().wait() => break,
                 new = params.changed() => {
                     let old = shared.limits.load();
                     shared.limits.store(Arc::new(Limits::new(&new, Some(&old))));
@@ -191,7 +194,6 @@ impl Source for GrpcSource {
                     served??;
                     return Err("the gRPC server stopped on its own".into());
                 }
-                _ = cx.shutdown().wait() => break,
             }
         }
 

@@ -1,0 +1,347 @@
+//! Hot reload: watching the pipeline file, telling what an edit changes, and
+//! applying it to the running pipeline all or nothing.
+//!
+//! A reload parses and validates the whole file first. If the topology is the
+//! same, each stage whose keys changed gets its new config through its
+//! `Context::params` channel and applies it in place, between two batches, so
+//! nothing is dropped or written twice. A topology change (a stage added,
+//! removed or rewired, a `type`, a channel capacity, or a key the stage marks
+//! `x-restart`) is refused with one line naming it; the pipeline runs on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use sink_api::{AnyConfig, StageKind, registered_stages};
+use tokio::sync::mpsc;
+use toml::Table;
+
+use crate::pipeline::{Pipeline, Settings, StageConfig};
+
+/// How long the file must be quiet before a burst of events becomes one reload.
+const QUIET: Duration = Duration::from_millis(200);
+/// The longest a burst may defer a reload.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// What a pipeline looks like, without its configs: enough to tell what a
+/// new version of the file changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    settings: Settings,
+    stages: BTreeMap<String, StageShape>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct StageShape {
+    kind: StageKind,
+    type_name: String,
+    inputs: BTreeSet<String>,
+    capacity: usize,
+    params: Table,
+}
+
+impl Snapshot {
+    /// The shape of `pipeline`.
+    pub fn of(pipeline: &Pipeline) -> Self {
+        Self {
+            settings: pipeline.settings.clone(),
+            stages: pipeline
+                .stages
+                .iter()
+                .map(|stage| {
+                    let shape = StageShape {
+                        kind: stage.kind,
+                        type_name: stage.type_name.clone(),
+                        inputs: stage.inputs.iter().cloned().collect(),
+                        capacity: stage.capacity,
+                        params: stage.params.clone(),
+                    };
+                    (stage.id.clone(), shape)
+                })
+                .collect(),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+/// What going from one version of the file to another would do.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Changes that need a restart; if any, nothing is applied.
+    pub needs_restart: Vec<String>,
+    /// Settings keys that change live.
+    pub settings: Vec<&'static str>,
+    /// Stages whose keys change live, with those keys.
+    pub stages: BTreeMap<String, Vec<String>>,
+}
+
+impl Plan {
+    /// Compares the running shape `old` with `new`.
+    pub fn between(old: &Snapshot, new: &Snapshot) -> Self {
+        let mut plan = Plan::default();
+        if old.settings.channel_capacity != new.settings.channel_capacity {
+            plan.needs_restart.push(format!(
+                "settings.channel_capacity changed from {} to {}",
+                old.settings.channel_capacity, new.settings.channel_capacity
+            ));
+        }
+        if old.settings.log_level != new.settings.log_level {
+            plan.settings.push("log_level");
+        }
+        if old.settings.shutdown_timeout != new.settings.shutdown_timeout {
+            plan.settings.push("shutdown_timeout");
+        }
+        for id in old.stages.keys().filter(|id| !new.stages.contains_key(*id)) {
+            let kind = old.stages[id].kind;
+            plan.needs_restart
+                .push(format!("{}.{id} was removed", kind.section()));
+        }
+        for (id, new_stage) in &new.stages {
+            let name = format!("{}.{id}", new_stage.kind.section());
+            let Some(old_stage) = old.stages.get(id) else {
+                plan.needs_restart.push(format!("{name} was added"));
+                continue;
+            };
+            if old_stage.kind != new_stage.kind || old_stage.type_name != new_stage.type_name {
+                plan.needs_restart.push(format!(
+                    "{name}: type changed from {} `{}` to {} `{}`",
+                    old_stage.kind, old_stage.type_name, new_stage.kind, new_stage.type_name
+                ));
+                continue;
+            }
+            if old_stage.inputs != new_stage.inputs {
+                plan.needs_restart.push(format!(
+                    "{name}: inputs changed from {:?} to {:?}",
+                    old_stage.inputs, new_stage.inputs
+                ));
+            }
+            if old_stage.capacity != new_stage.capacity {
+                plan.needs_restart.push(format!(
+                    "{name}: input channel capacity changed from {} to {}",
+                    old_stage.capacity, new_stage.capacity
+                ));
+            }
+            let changed = changed_keys(&old_stage.params, &new_stage.params);
+            let fixed = restart_keys(new_stage.kind, &new_stage.type_name);
+            let (restart, live): (Vec<String>, Vec<String>) =
+                changed.into_iter().partition(|key| fixed.contains(key));
+            for key in restart {
+                plan.needs_restart
+                    .push(format!("{name}: key `{key}` cannot change while running"));
+            }
+            if !live.is_empty() {
+                plan.stages.insert(id.clone(), live);
+            }
+        }
+        plan
+    }
+
+    /// Whether the new file changes nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.needs_restart.is_empty() && self.settings.is_empty() && self.stages.is_empty()
+    }
+
+    /// The live changes in words: `settings.log_level; stage `batch`: max_events`.
+    pub fn describe_live(&self) -> String {
+        let settings = self.settings.iter().map(|key| format!("settings.{key}"));
+        let stages = self
+            .stages
+            .iter()
+            .map(|(id, keys)| format!("stage `{id}`: {}", keys.join(", ")));
+        settings.chain(stages).collect::<Vec<_>>().join("; ")
+    }
+}
+
+/// Top-level keys whose values differ between `old` and `new`, added and removed ones included.
+fn changed_keys(old: &Table, new: &Table) -> Vec<String> {
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|key| old.get(*key) != new.get(*key))
+        .cloned()
+        .collect()
+}
+
+/// The keys that type `type_name` of `kind` marks as needing a restart.
+fn restart_keys(kind: StageKind, type_name: &str) -> Vec<String> {
+    registered_stages()
+        .find(|info| info.kind == kind && info.name == type_name)
+        .map(|info| info.restart_keys())
+        .unwrap_or_default()
+}
+
+/// The new configs of the stages `plan` changes, ready to hand over.
+pub fn configs_to_apply(plan: &Plan, pipeline: Pipeline) -> Vec<(String, AnyConfig)> {
+    pipeline
+        .stages
+        .into_iter()
+        .filter(|stage| plan.stages.contains_key(&stage.id))
+        .map(|stage| {
+            let config: AnyConfig = match stage.config {
+                StageConfig::Source(config) => Arc::from(config.into_any()),
+                StageConfig::Processor(config) => Arc::from(config.into_any()),
+                StageConfig::Sink(config) => Arc::from(config.into_any()),
+            };
+            (stage.id, config)
+        })
+        .collect()
+}
+
+/// Watches `file` through its parent directory, so that every way of replacing
+/// it is seen: written in place, renamed over by an editor, deleted and
+/// recreated, or swapped as a Kubernetes ConfigMap mount (where the file is a
+/// symlink into `..data`, itself a symlink replaced atomically). Each burst of
+/// events arrives as one message once the directory has been quiet for a moment.
+pub struct FileWatcher {
+    _watcher: notify::RecommendedWatcher,
+    changes: mpsc::Receiver<()>,
+}
+
+impl FileWatcher {
+    /// Starts watching `file`.
+    pub fn start(file: &Path) -> notify::Result<Self> {
+        let directory = match file.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = file.file_name().map(|name| name.to_os_string());
+        let (events, mut raw) = mpsc::channel::<()>(1);
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                // Reading the file (ours included) is no change.
+                if matches!(event.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+                let relevant = event.paths.iter().any(|path| {
+                    let file_name = path.file_name();
+                    file_name == name.as_deref()
+                        || file_name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                });
+                if relevant {
+                    // A full channel already holds a pending change: nothing is lost.
+                    let _ = events.try_send(());
+                }
+            })?;
+        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+
+        let (debounced, changes) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while raw.recv().await.is_some() {
+                let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+                loop {
+                    let quiet_until = (tokio::time::Instant::now() + QUIET).min(deadline);
+                    match tokio::time::timeout_at(quiet_until, raw.recv()).await {
+                        Ok(Some(())) if tokio::time::Instant::now() < deadline => continue,
+                        Ok(None) => return,
+                        _ => break,
+                    }
+                }
+                if debounced.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            _watcher: watcher,
+            changes,
+        })
+    }
+
+    /// The next debounced change.
+    pub async fn changed(&mut self) -> Option<()> {
+        self.changes.recv().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(text: &str) -> Snapshot {
+        let pipeline = Pipeline::parse(Path::new("p.toml"), text, |_| None).expect("valid");
+        Snapshot::of(&pipeline)
+    }
+
+    const BASE: &str = r#"
+[sources.in]
+type = "grpc"
+address = "127.0.0.1:0"
+[processors.batch]
+type = "buffered"
+inputs = ["in"]
+max_events = 10
+[sinks.out]
+type = "json_file"
+inputs = ["batch"]
+path = "a.json"
+"#;
+
+    #[test]
+    fn same_file_changes_nothing() {
+        assert!(Plan::between(&snapshot(BASE), &snapshot(BASE)).is_empty());
+    }
+
+    #[test]
+    fn live_keys_are_listed_per_stage() {
+        let new = BASE
+            .replace("max_events = 10", "max_events = 5")
+            .replace("a.json", "b.json");
+        let plan = Plan::between(&snapshot(BASE), &snapshot(&new));
+        assert!(plan.needs_restart.is_empty(), "{plan:?}");
+        assert_eq!(plan.stages["batch"], ["max_events"]);
+        assert_eq!(plan.stages["out"], ["path"]);
+        assert_eq!(
+            plan.describe_live(),
+            "stage `batch`: max_events; stage `out`: path"
+        );
+    }
+
+    #[test]
+    fn removed_key_counts_as_a_change() {
+        let new = BASE.replace("max_events = 10\n", "");
+        assert_eq!(
+            Plan::between(&snapshot(BASE), &snapshot(&new)).stages["batch"],
+            ["max_events"]
+        );
+    }
+
+    #[test]
+    fn address_and_rewiring_need_a_restart() {
+        let new = BASE
+            .replace("127.0.0.1:0", "127.0.0.1:1")
+            .replace("inputs = [\"batch\"]", "inputs = [\"in\"]");
+        let new = new.replace("[processors.batch]", "[processors.batch]\ncapacity = 3");
+        let plan = Plan::between(
+            &snapshot(BASE),
+            &snapshot(&format!(
+                "{new}\n[sinks.more]\ntype = \"stdout\"\ninputs = [\"batch\"]\n"
+            )),
+        );
+        let text = plan.needs_restart.join("\n");
+        assert!(text.contains("sources.in: key `address`"), "{text}");
+        assert!(text.contains("sinks.out: inputs changed"), "{text}");
+        assert!(
+            text.contains("processors.batch: input channel capacity changed from 1024 to 3"),
+            "{text}"
+        );
+        assert!(text.contains("sinks.more was added"), "{text}");
+    }
+
+    #[test]
+    fn settings_split_into_live_and_topology() {
+        let new = format!("[settings]\nlog_level = \"debug\"\nchannel_capacity = 8\n{BASE}");
+        let plan = Plan::between(&snapshot(BASE), &snapshot(&new));
+        assert_eq!(plan.settings, ["log_level"]);
+        assert!(
+            plan.needs_restart
+                .iter()
+                .any(|c| c.contains("channel_capacity"))
+        );
+    }
+}
