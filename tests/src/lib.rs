@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,8 @@ pub struct SinkProcess {
     dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
     stdout: Arc<Mutex<Vec<String>>>,
+    /// Standard output not read yet (see [`SinkProcess::start_holding_stdout`]).
+    held_stdout: Option<ChildStdout>,
 }
 
 impl SinkProcess {
@@ -70,8 +72,42 @@ impl SinkProcess {
         process
     }
 
+    /// Starts `sink` on `pipeline` with extra environment variables.
+    pub fn start_env(pipeline: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(&sink_binary(), pipeline, &[], env)
+    }
+
+    /// Starts `sink` on `pipeline` but reads nothing from its standard output
+    /// until [`release_stdout`](Self::release_stdout): once the pipe's buffer
+    /// is full, a `stdout` sink blocks, and the pipeline upstream of it fills.
+    pub fn start_holding_stdout(pipeline: &str) -> Self {
+        let process = Self::spawn_inner(&sink_binary(), pipeline, &[], &[], true);
+        assert!(
+            process.wait_log("pipeline running"),
+            "sink did not start; its log:\n{}",
+            process.log_text()
+        );
+        process
+    }
+
+    /// Starts reading the standard output held since start.
+    pub fn release_stdout(&mut self) {
+        let pipe = self.held_stdout.take().expect("stdout was not held");
+        collect_into(pipe, Arc::clone(&self.stdout));
+    }
+
     /// Starts `binary` without waiting for anything.
     pub fn spawn(binary: &Path, pipeline: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_inner(binary, pipeline, args, env, false)
+    }
+
+    fn spawn_inner(
+        binary: &Path,
+        pipeline: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        hold_stdout: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("pipeline.toml"), pipeline).expect("write pipeline");
         let mut command = Command::new(binary);
@@ -88,12 +124,18 @@ impl SinkProcess {
         }
         let mut child = command.spawn().expect("start sink");
         let log = collect_lines(child.stderr.take().expect("stderr"));
-        let stdout = collect_lines(child.stdout.take().expect("stdout"));
+        let pipe = child.stdout.take().expect("stdout");
+        let (stdout, held_stdout) = if hold_stdout {
+            (Arc::default(), Some(pipe))
+        } else {
+            (collect_lines(pipe), None)
+        };
         Self {
             child,
             dir,
             log,
             stdout,
+            held_stdout,
         }
     }
 
@@ -206,13 +248,16 @@ impl Drop for SinkProcess {
 
 fn collect_lines(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&lines);
+    collect_into(stream, Arc::clone(&lines));
+    lines
+}
+
+fn collect_into(stream: impl std::io::Read + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            sink.lock().expect("lines lock").push(line);
+            lines.lock().expect("lines lock").push(line);
         }
     });
-    lines
 }
 
 /// Polls `condition` every 10 ms until it holds or [`DEADLINE`] passes.
@@ -296,21 +341,368 @@ pub fn wait_for_lines(path: &Path, count: usize) -> bool {
 
 /// A pipeline: grpc on an ephemeral port -> buffered(`buffer`) -> json_file `out.json`.
 pub fn basic_pipeline(buffer: &str) -> String {
-    format!(
-        r#"
-[sources.sensors]
-type = "grpc"
-address = "127.0.0.1:0"
+    [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], buffer),
+        json_file("file", &["batch"], "out.json", ""),
+    ]
+    .concat()
+}
 
-[processors.batch]
-type = "buffered"
-inputs = ["sensors"]
-{buffer}
+/// A `[<section>.<id>]` table of type `type_name` reading from `inputs`,
+/// followed by the `extra` lines.
+pub fn stage(section: &str, id: &str, type_name: &str, inputs: &[&str], extra: &str) -> String {
+    let mut table = format!("\n[{section}.{id}]\ntype = \"{type_name}\"\n");
+    if !inputs.is_empty() {
+        let quoted: Vec<String> = inputs.iter().map(|input| format!("\"{input}\"")).collect();
+        table.push_str(&format!("inputs = [{}]\n", quoted.join(", ")));
+    }
+    table.push_str(extra);
+    table.push('\n');
+    table
+}
 
-[sinks.file]
-type = "json_file"
-inputs = ["batch"]
-path = "out.json"
-"#
+/// A grpc source `id` on an ephemeral port of 127.0.0.1, plus `extra` keys.
+pub fn grpc(id: &str, extra: &str) -> String {
+    stage(
+        "sources",
+        id,
+        "grpc",
+        &[],
+        &format!("address = \"127.0.0.1:0\"\n{extra}"),
     )
+}
+
+/// A buffered processor `id` reading `inputs`, plus `extra` keys.
+pub fn buffered(id: &str, inputs: &[&str], extra: &str) -> String {
+    stage("processors", id, "buffered", inputs, extra)
+}
+
+/// A json_file sink `id` writing `path`, plus `extra` keys.
+pub fn json_file(id: &str, inputs: &[&str], path: &str, extra: &str) -> String {
+    stage(
+        "sinks",
+        id,
+        "json_file",
+        inputs,
+        &format!("path = \"{path}\"\n{extra}"),
+    )
+}
+
+/// A stdout sink `id`, plus `extra` keys.
+pub fn stdout_sink(id: &str, inputs: &[&str], extra: &str) -> String {
+    stage("sinks", id, "stdout", inputs, extra)
+}
+
+/// Sends `calls` requests of `per_call` readings each, named
+/// `<prefix><i>` with `i` counting on across calls; every call must succeed.
+/// Returns the names sent.
+pub async fn send_all(
+    client: &mut SensorServiceClient<Channel>,
+    prefix: &str,
+    calls: usize,
+    per_call: usize,
+) -> Vec<String> {
+    let mut names = Vec::with_capacity(calls * per_call);
+    for call in 0..calls {
+        let request = request_range(prefix, call * per_call..(call + 1) * per_call);
+        names.extend(request.items.iter().map(|item| item.sensor_name.clone()));
+        client
+            .send_sensor_values(request)
+            .await
+            .unwrap_or_else(|status| panic!("call {call} failed: {status:?}"));
+    }
+    names
+}
+
+/// Asserts that `written` holds each of `expected` exactly once and nothing else.
+#[track_caller]
+pub fn assert_each_once(written: &[String], expected: &[String]) {
+    let mut seen = std::collections::BTreeSet::new();
+    let twice: Vec<&String> = written
+        .iter()
+        .filter(|name| !seen.insert(name.as_str()))
+        .collect();
+    assert!(twice.is_empty(), "written more than once: {twice:?}");
+    let wanted: std::collections::BTreeSet<&str> = expected.iter().map(String::as_str).collect();
+    let missing: Vec<&&str> = wanted.difference(&seen).collect();
+    let extra: Vec<&&str> = seen.difference(&wanted).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} readings missing (first: {:?}), {} not expected (first: {:?})",
+        missing.len(),
+        missing.first(),
+        extra.len(),
+        extra.first()
+    );
+}
+
+/// The sensor names in JSON lines of the `value` layout, in order.
+pub fn names_in(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|err| panic!("invalid JSON line {line:?}: {err}"));
+            value["sensor_name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no sensor_name in {line}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The delay of the `google.rpc.RetryInfo` detail of `status`, if it has one.
+pub fn retry_delay(status: &tonic::Status) -> Option<Duration> {
+    use tonic_types::StatusExt;
+    status.get_details_retry_info()?.retry_delay
+}
+
+/// The encoded protobuf size of `request`: what the rate limit charges.
+pub fn encoded_len(request: &SensorValuesRequest) -> usize {
+    prost::Message::encoded_len(request)
+}
+
+/// The repository's `pipelines/` directory.
+pub fn pipelines_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("pipelines")
+}
+
+/// A `sink` command that ran to its end.
+pub struct Finished {
+    /// How it exited.
+    pub status: ExitStatus,
+    /// Everything it printed on standard output.
+    pub stdout: String,
+    /// Everything it printed on standard error.
+    pub stderr: String,
+    /// The directory it ran in (kept until this is dropped).
+    pub dir: tempfile::TempDir,
+}
+
+/// Runs `sink <args> --pipeline pipeline.toml` with `pipeline` as the file, in
+/// a fresh directory, until it exits (at most [`DEADLINE`]).
+pub fn run_sink(pipeline: &str, args: &[&str], env: &[(&str, &str)]) -> Finished {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pipeline.toml"), pipeline).expect("write pipeline");
+    run_in(dir, args, env)
+}
+
+/// Runs `sink <args> --pipeline pipeline.toml` in `dir` until it exits.
+pub fn run_in(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Finished {
+    let mut command = Command::new(sink_binary());
+    command
+        .args(args)
+        .arg("--pipeline")
+        .arg("pipeline.toml")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("start sink");
+    let stdout = collect_lines(child.stdout.take().expect("stdout"));
+    let stderr = collect_lines(child.stderr.take().expect("stderr"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "sink {args:?} did not exit; stderr:\n{}",
+                stderr.lock().expect("lock").join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The pipes close at exit; let the reader threads take the last lines.
+    let drained = |lines: &Arc<Mutex<Vec<String>>>| {
+        std::thread::sleep(Duration::from_millis(50));
+        lines.lock().expect("lock").join("\n")
+    };
+    Finished {
+        status,
+        stdout: drained(&stdout),
+        stderr: drained(&stderr),
+        dir,
+    }
+}
+
+/// Asserts that `sink` refuses `pipeline` before starting anything, both as
+/// `sink validate` and as a run: exit code 2, no panic or backtrace, and an
+/// error on stderr that names the file and holds every one of `needles`.
+/// Returns the error text.
+#[track_caller]
+pub fn assert_refused(pipeline: &str, env: &[(&str, &str)], needles: &[&str]) -> String {
+    let mut text = String::new();
+    for args in [&["validate"][..], &[][..]] {
+        let run = run_sink(pipeline, args, env);
+        let stderr = &run.stderr;
+        assert_eq!(
+            run.status.code(),
+            Some(2),
+            "sink {args:?} should exit 2; stderr:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.to_lowercase().contains("backtrace"),
+            "sink {args:?} panicked:\n{stderr}"
+        );
+        assert!(
+            !run.dir.path().join("out.json").exists(),
+            "sink {args:?} started writing despite the mistake"
+        );
+        let error = stderr
+            .lines()
+            .find(|line| line.starts_with("error: pipeline.toml") && needles.iter().all(|n| line.contains(n)))
+            .unwrap_or_else(|| {
+                panic!("sink {args:?}: no error line naming pipeline.toml with all of {needles:?}; stderr:\n{stderr}")
+            });
+        text = error.to_string();
+    }
+    text
+}
+
+/// Calls `path` on `address` with `body` as the raw bytes of the request
+/// message, whatever they are, and returns the raw response message.
+pub async fn call_raw(
+    address: SocketAddr,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    grpc.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// A codec that sends and receives message bytes untouched.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+/// What the standard gRPC health service at `address` says of `service`
+/// (`""` for the whole server).
+pub async fn health_of(
+    address: SocketAddr,
+    service: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, tonic::Status> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let response = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await?;
+    Ok(ServingStatus::try_from(response.into_inner().status).unwrap_or(ServingStatus::Unknown))
+}
+
+/// The services that gRPC server reflection (v1) at `address` lists.
+pub async fn reflected_services(address: SocketAddr) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one answer");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("reflection answered {other:?}"),
+    }
+}
+
+/// Polls `condition` every 10 ms without blocking the async runtime, until it
+/// holds or [`DEADLINE`] passes.
+pub async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    condition()
 }

@@ -43,3 +43,65 @@ async fn ten_thousand_readings_in_are_ten_thousand_lines_out() {
     names.dedup();
     assert_eq!(names.len(), 10_000, "a reading was written twice");
 }
+
+#[tokio::test]
+async fn fan_out_writes_every_reading_to_every_sink() {
+    let pipeline = [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 50"),
+        json_file("first", &["batch"], "first.json", ""),
+        json_file("second", &["batch"], "second.json", ""),
+        stdout_sink("console", &["batch"], ""),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start(&pipeline);
+    let mut client = sink.client("sensors").await;
+    let sent = send_all(&mut client, "f", 20, 25).await;
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("first.json")), &sent);
+    assert_each_once(&sensor_names(&sink.path("second.json")), &sent);
+    assert_each_once(&names_in(&sink.stdout_lines()), &sent);
+}
+
+#[tokio::test]
+async fn fan_in_merges_two_sources_into_one_file() {
+    let pipeline = [
+        grpc("north", ""),
+        grpc("south", ""),
+        buffered("batch", &["north", "south"], "max_events = 7"),
+        json_file("file", &["batch"], "out.json", ""),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start(&pipeline);
+    let mut north = sink.client("north").await;
+    let mut south = sink.client("south").await;
+    let (mut sent, from_south) = tokio::join!(
+        send_all(&mut north, "n", 10, 10),
+        send_all(&mut south, "s", 10, 10)
+    );
+    sent.extend(from_south);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &sent);
+}
+
+#[tokio::test]
+async fn a_reading_without_value_or_timestamp_is_written_with_nulls() {
+    let mut sink = SinkProcess::start(&basic_pipeline("max_events = 1"));
+    let mut client = sink.client("sensors").await;
+    let mut empty = request("e", 1);
+    empty.items[0].measurement = None;
+    let mut zero = request("z", 1);
+    if let Some(measurement) = zero.items[0].measurement.as_mut() {
+        measurement.sensor_value = Some(0);
+        measurement.created_at = None;
+    }
+    client.send_sensor_values(empty).await.expect("send");
+    client.send_sensor_values(zero).await.expect("send");
+    sink.stop();
+    let lines = json_lines(&sink.path("out.json"));
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["sensor_value"].is_null(), "{}", lines[0]);
+    assert!(lines[0]["created_at"].is_null(), "{}", lines[0]);
+    assert_eq!(lines[1]["sensor_value"], 0, "0 is a value, not null");
+    assert!(lines[1]["created_at"].is_null(), "{}", lines[1]);
+}
