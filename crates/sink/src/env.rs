@@ -1,19 +1,34 @@
 //! `${VAR}` and `${VAR:-default}` substitution in the text of a pipeline file,
 //! so that the original's env-file and ConfigMap workflow keeps working.
 
+/// A reference that could not be substituted: which line, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct SubstituteError {
+    /// The line of the reference, counting from 1.
+    pub line: usize,
+    /// What is wrong, naming the variable.
+    pub message: String,
+}
+
 /// Replaces every `${VAR}` and `${VAR:-default}` in `text` with the value that
 /// `lookup` gives. `$${` stands for a literal `${`. Comment lines (first
 /// non-blank character `#`) are left as they are, so a commented-out key never
 /// needs its variable. Fails with a message naming the variable and the line.
-pub fn substitute(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn substitute(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, SubstituteError> {
     let mut out = String::with_capacity(text.len());
     for (number, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') {
             out.push_str(line);
             continue;
         }
-        substitute_line(line, &lookup, &mut out)
-            .map_err(|err| format!("line {}: {err}", number + 1))?;
+        substitute_line(line, &lookup, &mut out).map_err(|message| SubstituteError {
+            line: number + 1,
+            message,
+        })?;
     }
     Ok(out)
 }
@@ -83,7 +98,9 @@ mod tests {
     #[test]
     fn names_an_unset_variable_and_its_line() {
         let err = substitute("a = 1\nb = \"${NOPE}\"\n", env).unwrap_err();
-        assert!(err.contains("line 2") && err.contains("`NOPE`"), "{err}");
+        assert_eq!(err.line, 2);
+        let text = err.to_string();
+        assert!(text.contains("line 2") && text.contains("`NOPE`"), "{text}");
     }
 
     #[test]
@@ -96,6 +113,7 @@ mod tests {
         assert!(
             substitute("a = \"${PORT\"\n", env)
                 .unwrap_err()
+                .message
                 .contains("closing")
         );
     }

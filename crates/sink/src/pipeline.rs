@@ -184,8 +184,10 @@ impl Pipeline {
             file: file.to_path_buf(),
             found: Vec::new(),
         };
-        let text = crate::env::substitute(text, env)
-            .map_err(|message| errors.single(None, None, message))?;
+        let text = crate::env::substitute(text, env).map_err(|err| {
+            let (stage, key) = locate(text, err.line);
+            errors.single(stage, key, err.to_string())
+        })?;
         let document: Document = toml::from_str(&text)
             .map_err(|err| errors.single(None, None, err.to_string().trim_end().to_string()))?;
 
@@ -205,20 +207,25 @@ impl Pipeline {
         }
 
         let mut stages = Vec::new();
+        // Every declared stage takes part in the graph checks, even one whose
+        // own keys are wrong, so that one mistake is not also reported as
+        // "names no stage" or "nobody reads" elsewhere.
+        let mut nodes = Vec::new();
         for (kind, section) in [
             (StageKind::Source, document.sources),
             (StageKind::Processor, document.processors),
             (StageKind::Sink, document.sinks),
         ] {
             for (id, table) in section {
-                if let Some(stage) =
+                if let Some((node, stage)) =
                     parse_stage(kind, id, table, settings.channel_capacity, &mut errors)
                 {
-                    stages.push(stage);
+                    nodes.push(node);
+                    stages.extend(stage);
                 }
             }
         }
-        check_graph(&stages, &mut errors);
+        check_graph(&nodes, &mut errors);
         if errors.found.is_empty() {
             Ok(Self {
                 file: file.to_path_buf(),
@@ -277,20 +284,61 @@ impl Errors {
     }
 }
 
+/// A stage as the graph checks see it: declared, whether or not its own keys
+/// are right.
+struct Node {
+    id: String,
+    kind: StageKind,
+    inputs: Vec<String>,
+    /// False when `inputs` was malformed (and reported): its emptiness then
+    /// says nothing.
+    inputs_known: bool,
+}
+
+/// The keys of a stage's table that the runtime reads, whatever its type.
+const RUNTIME_KEYS: [&str; 3] = ["type", "inputs", "capacity"];
+
 /// Reads one `[<section>.<id>]` table: the runtime's keys (`type`, `inputs`,
-/// `capacity`) here, the rest by the stage's type.
+/// `capacity`) here, the rest by the stage's type. Gives the stage's place in
+/// the graph whenever it is a table, and the stage itself when all is right.
 fn parse_stage(
     kind: StageKind,
     id: String,
     table: Value,
     default_capacity: usize,
     errors: &mut Errors,
-) -> Option<StageSpec> {
+) -> Option<(Node, Option<StageSpec>)> {
     let stage = format!("{}.{id}", kind.section());
     let Value::Table(mut params) = table else {
         errors.push(Some(stage), None, "must be a table".into());
         return None;
     };
+    let mut node = Node {
+        id: id.clone(),
+        kind,
+        inputs: Vec::new(),
+        inputs_known: true,
+    };
+    if let Some(value) = params.remove("inputs") {
+        let inputs = value.as_array().and_then(|items| {
+            items
+                .iter()
+                .map(|item| item.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        });
+        match inputs {
+            Some(inputs) => node.inputs = inputs,
+            None => {
+                node.inputs_known = false;
+                errors.push(
+                    Some(stage.clone()),
+                    Some("inputs".into()),
+                    "must be an array of stage ids".into(),
+                );
+            }
+        }
+    }
+    let inputs = node.inputs.clone();
     let type_name = match params.remove("type") {
         Some(Value::String(name)) => name,
         Some(other) => {
@@ -299,7 +347,7 @@ fn parse_stage(
                 Some("type".into()),
                 format!("must be a string, not {}", other.type_str()),
             );
-            return None;
+            return Some((node, None));
         }
         None => {
             let known = known_types(kind);
@@ -308,29 +356,7 @@ fn parse_stage(
                 Some("type".into()),
                 format!("is missing; {known}"),
             );
-            return None;
-        }
-    };
-    let inputs = match params.remove("inputs") {
-        None => Vec::new(),
-        Some(value) => {
-            let inputs = value.as_array().and_then(|items| {
-                items
-                    .iter()
-                    .map(|item| item.as_str().map(str::to_string))
-                    .collect::<Option<Vec<_>>>()
-            });
-            match inputs {
-                Some(inputs) => inputs,
-                None => {
-                    errors.push(
-                        Some(stage.clone()),
-                        Some("inputs".into()),
-                        "must be an array of stage ids".into(),
-                    );
-                    Vec::new()
-                }
-            }
+            return Some((node, None));
         }
     };
     let capacity = match (kind, params.remove("capacity")) {
@@ -370,12 +396,15 @@ fn parse_stage(
             deserialize_stage::<Box<dyn SinkConfig>>(tagged, kind, &type_name, &stage, errors)
                 .map(StageConfig::Sink)
         }
-    }?;
+    };
+    let Some(config) = config else {
+        return Some((node, None));
+    };
     if let Err(err) = config.validate() {
         errors.push(Some(stage), Some(err.key), err.message);
-        return None;
+        return Some((node, None));
     }
-    Some(StageSpec {
+    let spec = StageSpec {
         id,
         kind,
         type_name,
@@ -383,7 +412,8 @@ fn parse_stage(
         capacity,
         params,
         config,
-    })
+    };
+    Some((node, Some(spec)))
 }
 
 /// Deserializes a stage config through typetag, turning serde's messages
@@ -398,11 +428,13 @@ fn deserialize_stage<T: DeserializeOwned>(
     match serde_path_to_error::deserialize::<_, T>(tagged) {
         Ok(config) => Some(config),
         Err(err) => {
-            let message = err.inner().to_string();
+            let message = first_line(&err.inner().to_string());
             // The first path segment is the type name the value was tagged with.
             let path = err.path().to_string();
             let key = path.split_once('.').map(|(_, key)| key.to_string());
-            if message.starts_with("unknown variant") {
+            // An unknown variant inside the table (`layout = "lines"`) is a
+            // bad value, not an unknown type: only the tag itself has no key.
+            if message.starts_with("unknown variant") && key.is_none() {
                 let known = known_types(kind);
                 let hint = did_you_mean(type_name, &backticked(&message)[1..]);
                 errors.push(
@@ -413,9 +445,18 @@ fn deserialize_stage<T: DeserializeOwned>(
             } else if message.starts_with("unknown field") {
                 let words = backticked(&message);
                 let field = words.first().cloned().unwrap_or_default();
-                let hint = did_you_mean(&field, &words[1..]);
-                let full_key = match key.as_deref().and_then(|k| k.rsplit_once('.')) {
-                    Some((parent, _)) => format!("{parent}.{field}"),
+                let parent = key
+                    .as_deref()
+                    .and_then(|k| k.rsplit_once('.'))
+                    .map(|(parent, _)| parent);
+                let mut known = words[1..].to_vec();
+                if parent.is_none() {
+                    // `input` for `inputs`: the runtime's keys are near misses too.
+                    known.extend(RUNTIME_KEYS.map(String::from));
+                }
+                let hint = did_you_mean(&field, &known);
+                let full_key = match parent {
+                    Some(parent) => format!("{parent}.{field}"),
                     None => field,
                 };
                 errors.push(
@@ -452,7 +493,7 @@ fn deserialize_key<T: DeserializeOwned>(
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(value) => Some(value),
         Err(err) => {
-            let message = err.inner().to_string();
+            let message = first_line(&err.inner().to_string());
             let path = err.path().to_string();
             let key =
                 if message.starts_with("unknown field") || message.starts_with("missing field") {
@@ -474,6 +515,54 @@ fn deserialize_key<T: DeserializeOwned>(
             None
         }
     }
+}
+
+/// The first line of a deserializer's message: the toml crate appends `in
+/// `key`` lines (once per nesting level) that the key named in our message
+/// already says.
+fn first_line(message: &str) -> String {
+    message
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_string()
+}
+
+/// The stage (`sinks.file`) and key (`path`, or `settings.log_level`) of line
+/// `line` (from 1) of a pipeline file, as far as its text tells: the nearest
+/// table header above it and the key before its `=`.
+fn locate(text: &str, line: usize) -> (Option<String>, Option<String>) {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(target) = line.checked_sub(1).and_then(|index| lines.get(index)) else {
+        return (None, None);
+    };
+    let header = lines[..line - 1].iter().rev().find_map(|text| {
+        let text = text.trim();
+        let inner = text.strip_prefix('[')?.split(']').next()?;
+        (!text.starts_with("[[")).then(|| inner.split('.').map(str::trim).collect::<Vec<_>>())
+    });
+    let (stage, prefix) = match header.as_deref() {
+        Some([section, id, rest @ ..]) if ["sources", "processors", "sinks"].contains(section) => (
+            Some(format!("{section}.{id}")),
+            rest.iter()
+                .map(|part| format!("{part}."))
+                .collect::<String>(),
+        ),
+        Some(parts) => (None, parts.iter().map(|part| format!("{part}.")).collect()),
+        None => (None, String::new()),
+    };
+    let key = target
+        .split_once('=')
+        .map(|(key, _)| key.trim().replace(['"', '\''], ""))
+        .filter(|key| {
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        })
+        .map(|key| format!("{prefix}{key}"));
+    (stage, key)
 }
 
 /// The words between backticks in a serde message.
@@ -508,8 +597,8 @@ fn known_types(kind: StageKind) -> String {
 
 /// The checks across stages: ids unique, inputs that exist and carry data,
 /// no cycles, every processor and sink fed, every source and processor read.
-fn check_graph(stages: &[StageSpec], errors: &mut Errors) {
-    let mut by_id: HashMap<&str, &StageSpec> = HashMap::new();
+fn check_graph(stages: &[Node], errors: &mut Errors) {
+    let mut by_id: HashMap<&str, &Node> = HashMap::new();
     for stage in stages {
         if let Some(first) = by_id.insert(&stage.id, stage) {
             errors.push(
@@ -549,7 +638,9 @@ fn check_graph(stages: &[StageSpec], errors: &mut Errors) {
                     "a source takes no inputs".into(),
                 );
             }
-            StageKind::Processor | StageKind::Sink if stage.inputs.is_empty() => {
+            StageKind::Processor | StageKind::Sink
+                if stage.inputs.is_empty() && stage.inputs_known =>
+            {
                 errors.push(
                     Some(name.clone()),
                     Some("inputs".into()),
@@ -583,7 +674,9 @@ fn check_graph(stages: &[StageSpec], errors: &mut Errors) {
             }
         }
     }
-    for stage in stages {
+    // A stage whose `inputs` could not be read may be the reader.
+    let readers_known = stages.iter().all(|stage| stage.inputs_known);
+    for stage in stages.iter().filter(|_| readers_known) {
         if stage.kind != StageKind::Sink && !readers.contains_key(stage.id.as_str()) {
             errors.push(
                 Some(format!("{}.{}", stage.kind.section(), stage.id)),
@@ -605,7 +698,7 @@ fn check_graph(stages: &[StageSpec], errors: &mut Errors) {
 }
 
 /// A cycle among the stages' inputs, as the ids along it, if there is one.
-fn find_cycle(stages: &[StageSpec]) -> Option<Vec<String>> {
+fn find_cycle(stages: &[Node]) -> Option<Vec<String>> {
     let inputs: HashMap<&str, &[String]> = stages
         .iter()
         .map(|s| (s.id.as_str(), s.inputs.as_slice()))
@@ -651,4 +744,35 @@ fn find_cycle(stages: &[StageSpec]) -> Option<Vec<String>> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_finds_the_stage_and_key_of_a_line() {
+        let text = "[settings]\nlog_level = \"x\"\n\n[sinks.file]\ntype = \"json_file\"\npath = \"${OUT}\"\n\n[sources.s.rate_limit]\nbytes_per_second = 1\n";
+        assert_eq!(locate(text, 2), (None, Some("settings.log_level".into())));
+        assert_eq!(
+            locate(text, 6),
+            (Some("sinks.file".into()), Some("path".into()))
+        );
+        assert_eq!(
+            locate(text, 9),
+            (
+                Some("sources.s".into()),
+                Some("rate_limit.bytes_per_second".into())
+            )
+        );
+        assert_eq!(locate(text, 99), (None, None));
+    }
+
+    #[test]
+    fn first_line_drops_the_key_trail() {
+        assert_eq!(
+            first_line("unknown field `x`\n\n\nin `buffered`\n"),
+            "unknown field `x`"
+        );
+    }
 }
