@@ -39,9 +39,15 @@ impl StageKind {
     }
 }
 
+/// Honours width and alignment, so that `sink list` can pad it into a column.
+///
+/// ```
+/// use sink_api::StageKind;
+/// assert_eq!(format!("{:<10}|", StageKind::Sink), "sink      |");
+/// ```
 impl fmt::Display for StageKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
