@@ -240,7 +240,6 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
             Ok(running) => running,
             Err(errors) => return config_failure(&errors),
         };
-        tracing::info!(pipeline = %reloader.file.display(), "pipeline running");
         match run_until_signal(running, reloader).await {
             Ok(Ending::Clean) => {
                 tracing::info!("shut down cleanly: everything accepted was written");
@@ -360,6 +359,9 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
     } else {
         None
     };
+    // Said only once signals and the file are watched: from here on, every
+    // SIGTERM drains and every edit reloads.
+    tracing::info!(pipeline = %reloader.file.display(), "pipeline running");
     let failed = loop {
         let wake = tokio::select! {
             _ = interrupt.recv() => Wake::Stop,

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use sink_api::{AnyConfig, StageKind, registered_stages};
 use tokio::sync::mpsc;
 use toml::Table;
@@ -214,8 +215,10 @@ impl FileWatcher {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
-                // Reading the file (ours included) is no change.
-                if matches!(event.kind, notify::EventKind::Access(_)) {
+                // Reading the file (ours included) is no change; closing it
+                // after writing is, and marks the end of an in-place write.
+                let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
+                if matches!(event.kind, EventKind::Access(_)) && event.kind != written {
                     return;
                 }
                 let relevant = event.paths.iter().any(|path| {
