@@ -77,3 +77,58 @@ fn validate_accepts_the_built_in_default() {
     let (ok, out, _) = sink(&["validate"]);
     assert!(ok && out.contains("valid"), "{out}");
 }
+
+#[test]
+fn validate_against_shows_live_changes_and_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let old = dir.path().join("old.toml");
+    let live = dir.path().join("live.toml");
+    let topology = dir.path().join("topology.toml");
+    let base = sink_default();
+    std::fs::write(&old, &base).expect("write");
+    std::fs::write(&live, base.replace("max_events = 10", "max_events = 20")).expect("write");
+    std::fs::write(&topology, base.replace("127.0.0.1:8000", "127.0.0.1:9000")).expect("write");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_string();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sink"))
+        .args([
+            "validate",
+            "--pipeline",
+            &path(&live),
+            "--against",
+            &path(&old),
+        ])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("would change live: stage `batch`: max_events"),
+        "{text}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sink"))
+        .args([
+            "validate",
+            "--pipeline",
+            &path(&topology),
+            "--against",
+            &path(&old),
+        ])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("needs a restart: sources.sensors: key `address`"),
+        "{text}"
+    );
+}
+
+fn sink_default() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../pipelines/default.toml"
+    ))
+    .expect("default pipeline")
+}
