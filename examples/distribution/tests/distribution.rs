@@ -190,7 +190,8 @@ fn plain_sink_refuses_a_custom_type_and_points_at_the_readme() {
 /// The README, and the files its walkthrough quotes. `include_str!` makes
 /// cargo rebuild this test whenever one of them changes.
 const README: &str = include_str!("../../../README.md");
-const QUOTED_FILES: [(&str, &str); 7] = [
+const QUOTED_FILES: [(&str, &str); 8] = [
+    ("Cargo.toml", include_str!("../../../Cargo.toml")),
     (
         "examples/filter-processor/Cargo.toml",
         include_str!("../../filter-processor/Cargo.toml"),
