@@ -443,3 +443,44 @@ async fn edits_under_load_lose_and_double_nothing() {
         "the load was too small to mean anything"
     );
 }
+
+#[tokio::test]
+async fn shutdown_timeout_changes_live_and_a_timed_out_shutdown_counts_the_loss() {
+    let pipeline = r#"
+[settings]
+shutdown_timeout = "1h"
+
+[sources.sensors]
+type = "grpc"
+address = "127.0.0.1:0"
+
+[sinks.slow]
+type = "blackhole"
+inputs = ["sensors"]
+delay_per_batch = "3s"
+"#;
+    let mut sink = SinkProcess::start(pipeline);
+    let mut client = sink.client("sensors").await;
+    for call in 0..5 {
+        client
+            .send_sensor_values(request_range("s", call * 10..call * 10 + 10))
+            .await
+            .expect("send");
+    }
+    edit(
+        &sink,
+        "shutdown_timeout = \"1h\"",
+        "shutdown_timeout = \"1s\"",
+    );
+    sink.signal(libc::SIGTERM);
+    // Draining would take 15 s; the new timeout ends it after one.
+    let status = sink.wait_exit();
+    assert!(!status.success(), "a timed-out shutdown must exit non-zero");
+    let line = sink
+        .log_lines()
+        .into_iter()
+        .find(|l| l.contains("shutdown_timeout (1s) passed"))
+        .unwrap_or_else(|| panic!("no timeout line; log:\n{}", sink.log_text()));
+    assert!(line.contains("sources accepted 50 readings"), "{line}");
+    assert!(line.contains("readings lost"), "{line}");
+}
