@@ -26,6 +26,14 @@ use tokio::io::AsyncWriteExt;
 
 /// Appends one CSV row per reading to a file:
 /// `sensor_name,sensor_value,created_at,received_at`.
+///
+/// ```
+/// use sink_api::SinkConfig;
+/// use sink_example_csv::CsvFileConfig;
+///
+/// let nowhere = CsvFileConfig { path: "".into() };
+/// assert_eq!(nowhere.validate().map_err(|err| err.key), Err("path".into()));
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CsvFileConfig {

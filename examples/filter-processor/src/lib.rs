@@ -66,6 +66,13 @@ pub struct FilterConfig {
 }
 
 /// What `filter` does with a reading that carries no value.
+///
+/// ```
+/// use sink_example_filter::{FilterConfig, MissingValue};
+///
+/// let config: FilterConfig = serde_json::from_str(r#"{"missing_value": "drop"}"#).unwrap();
+/// assert_eq!(config.missing_value, MissingValue::Drop);
+/// ```
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
 )]
