@@ -7,6 +7,11 @@
 //! another file between two batches. Its unit tests run the test kit's
 //! conformance check on a real file.
 //!
+//! It is kept short for the walkthrough: a write that fails (a full disk)
+//! ends the stage with an error naming the file, which stops the pipeline.
+//! The built-in `json_file` retries the rest of the batch with backoff
+//! instead; a sink meant for production should too.
+//!
 //! ```toml
 //! [sinks.table]
 //! type = "csv_file"
