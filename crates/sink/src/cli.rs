@@ -20,7 +20,13 @@ const EXIT_CONFIG: u8 = 2;
 /// Receives sensor readings over gRPC and writes them out, through the
 /// pipeline declared in one TOML file.
 #[derive(Parser)]
-#[command(name = "sink", version, about)]
+// `about` is spelled out: a distribution built on this crate would otherwise
+// show the `sink` crate's package description.
+#[command(
+    name = "sink",
+    version,
+    about = "Receives sensor readings over gRPC and writes them out, through the pipeline declared in one TOML file."
+)]
 struct Cli {
     /// The pipeline file; without it, the built-in default pipeline
     /// (gRPC on 127.0.0.1:8000 -> buffered -> telemetry-sink.log.json).
@@ -143,9 +149,16 @@ fn config_failure(errors: &PipelineErrors) -> ExitCode {
 }
 
 fn list(verbose: bool) {
-    for info in registered_stages() {
+    let stages: Vec<_> = registered_stages().collect();
+    let name_width = stages.iter().map(|info| info.name.len()).max().unwrap_or(0);
+    let crate_width = stages
+        .iter()
+        .map(|info| info.crate_name.len())
+        .max()
+        .unwrap_or(0);
+    for info in stages {
         println!(
-            "{:<10} {:<12} {:<14} {}",
+            "{:<10} {:<name_width$} {:<crate_width$} {}",
             info.kind,
             info.name,
             info.crate_name,
