@@ -1,0 +1,174 @@
+//! The `json_file` sink alone, on real files.
+
+use std::path::{Path, PathBuf};
+
+use sink_api::SinkConfig;
+use sink_api::json::Layout;
+use sink_api::testkit::{Harness, check_sink, readings};
+use sink_stages::sinks::json_file::JsonFileConfig;
+
+fn config(path: &Path, layout: Layout) -> JsonFileConfig {
+    JsonFileConfig {
+        path: path.to_path_buf(),
+        layout,
+    }
+}
+
+/// Every line of the file at `path` as JSON (none if it does not exist);
+/// panics on a line that is not valid JSON, such as half a line.
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect()
+}
+
+/// The sensor names of a file in either layout, in file order.
+fn names(path: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in lines(path) {
+        let readings = match line.get("values") {
+            Some(values) => values.as_array().expect("values").clone(),
+            None => vec![line],
+        };
+        for reading in readings {
+            names.push(reading["sensor_name"].as_str().expect("name").to_string());
+        }
+    }
+    names
+}
+
+/// Polls `condition` every 5 ms, for at most 20 s.
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn passes_the_sink_conformance_check_in_both_layouts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (layout, file) in [(Layout::Value, "value.json"), (Layout::Batch, "batch.json")] {
+        let path = dir.path().join(file);
+        check_sink(config(&path, layout), || names(&path)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_batch_layout_writes_one_line_per_batch() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("out.json");
+    let stage = Harness::sink(config(&path, Layout::Batch)).expect("builds");
+    stage.send(readings("a", 0..3)).await;
+    stage.send(readings("b", 0..5)).await;
+    stage.finish().await.expect("ends");
+    let counts: Vec<u64> = lines(&path)
+        .iter()
+        .map(|line| line["messageCount"].as_u64().expect("messageCount"))
+        .collect();
+    assert_eq!(counts, [3, 5]);
+}
+
+#[tokio::test]
+async fn an_empty_batch_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for layout in [Layout::Value, Layout::Batch] {
+        let path = dir.path().join(format!("{layout:?}.json"));
+        let stage = Harness::sink(config(&path, layout)).expect("builds");
+        stage.send(Vec::new()).await;
+        stage.finish().await.expect("ends");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "");
+    }
+}
+
+#[tokio::test]
+async fn appends_to_an_existing_file_and_creates_parent_directories() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("x/y/out.json");
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&path, "{\"sensor_name\":\"earlier\"}\n").expect("seed");
+    let stage = Harness::sink(config(&path, Layout::Value)).expect("builds");
+    stage.send(readings("n", 0..2)).await;
+    stage.finish().await.expect("ends");
+    assert_eq!(names(&path), ["earlier", "n0", "n1"]);
+
+    let fresh = dir.path().join("new/parents/out.json");
+    let stage = Harness::sink(config(&fresh, Layout::Value)).expect("builds");
+    stage.send(readings("p", 0..1)).await;
+    stage.finish().await.expect("ends");
+    assert_eq!(names(&fresh), ["p0"]);
+}
+
+#[test]
+fn a_path_that_cannot_be_opened_fails_the_build_with_path_and_reason() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A regular file where a parent directory should be.
+    std::fs::write(dir.path().join("blocker"), "").expect("write");
+    let path = dir.path().join("blocker/out.json");
+    let err = config(&path, Layout::Value)
+        .build(&sink_api::BuildContext::new("file"))
+        .err()
+        .expect("cannot open");
+    assert_eq!(err.key, "path");
+    assert!(err.message.contains("blocker/out.json"), "{}", err.message);
+    assert!(err.message.contains("os error"), "{}", err.message);
+}
+
+#[test]
+fn an_empty_path_is_refused() {
+    let err = config(&PathBuf::new(), Layout::Value)
+        .validate()
+        .expect_err("empty path");
+    assert_eq!(err.key, "path");
+}
+
+#[tokio::test]
+async fn a_new_path_on_reload_moves_writing_without_losing_or_splitting_a_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = dir.path().join("first.json");
+    let second = dir.path().join("moved/second.json");
+    let stage = Harness::sink(config(&first, Layout::Batch)).expect("builds");
+    let mut sent = Vec::new();
+    let mut batch_sizes = Vec::new();
+    let mut send = |prefix: String, size: i64| {
+        let batch = readings(&prefix, 0..size);
+        sent.extend(batch.iter().map(|r| r.sensor_name.clone()));
+        batch_sizes.push(size as u64);
+        batch
+    };
+    for i in 0..5 {
+        stage.send(send(format!("before{i}-"), 3 + i)).await;
+    }
+    wait_for(|| lines(&first).len() == 5).await;
+    stage.update(config(&second, Layout::Batch));
+    // The move happens between two batches; keep sending until it shows.
+    for i in 0.. {
+        stage.send(send(format!("after{i}-"), 1 + i % 4)).await;
+        if !lines(&second).is_empty() {
+            break;
+        }
+        assert!(i < 4_000, "writing never moved to the new path");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    stage.finish().await.expect("ends");
+    assert!(
+        !lines(&first).is_empty(),
+        "nothing was written before the move"
+    );
+    // Each batch is one whole line in one of the two files.
+    let mut sizes: Vec<u64> = [lines(&first), lines(&second)]
+        .concat()
+        .iter()
+        .map(|line| line["messageCount"].as_u64().expect("count"))
+        .collect();
+    sizes.sort();
+    batch_sizes.sort();
+    assert_eq!(sizes, batch_sizes);
+    let mut written = [names(&first), names(&second)].concat();
+    written.sort();
+    sent.sort();
+    assert_eq!(written, sent, "readings lost or repeated across the move");
+}
