@@ -301,7 +301,11 @@ async fn variables_and_defaults_are_substituted() {
         ),
     ]
     .concat();
-    let mut sink = SinkProcess::start_env(&text, &[("SINK_TEST_DIR", "from-env")]);
+    // An empty variable takes its default, as in the shell.
+    let mut sink = SinkProcess::start_env(
+        &text,
+        &[("SINK_TEST_DIR", "from-env"), ("SINK_TEST_NAME", "")],
+    );
     let mut client = sink.client("sensors").await;
     let sent = send_all(&mut client, "v", 1, 1).await;
     // max_events defaulted to 1: the reading is written without shutdown.

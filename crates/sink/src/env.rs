@@ -12,7 +12,7 @@ pub struct SubstituteError {
 }
 
 /// Replaces every `${VAR}` and `${VAR:-default}` in `text` with the value that
-/// `lookup` gives. `$${` stands for a literal `${`. Comment lines (first
+/// `lookup` gives; `default` stands in for a variable that is unset or empty. `$${` stands for a literal `${`. Comment lines (first
 /// non-blank character `#`) are left as they are, so a commented-out key never
 /// needs its variable. Fails with a message naming the variable and the line.
 pub fn substitute(
@@ -56,7 +56,15 @@ fn substitute_line(
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("`${{{}}}` is not a variable name", &body[..end]));
             }
-            match lookup(name).or_else(|| default.map(str::to_string)) {
+            // As in the shell and docker compose, `:-` takes the default
+            // for a variable that is unset or empty: an `.env` line
+            // `BUFFER_SIZE=` keeps the default rather than breaking the file.
+            let value = match (lookup(name), default) {
+                (Some(value), Some(default)) if value.is_empty() => Some(default.to_string()),
+                (Some(value), _) => Some(value),
+                (None, default) => default.map(str::to_string),
+            };
+            match value {
                 Some(value) => out.push_str(&value),
                 None => {
                     return Err(format!(
@@ -88,10 +96,10 @@ mod tests {
 
     #[test]
     fn substitutes_values_and_defaults() {
-        let text = "a = \"${PORT}\"\nb = ${MISSING:-7}\nc = \"${EMPTY:-x}\" # $5 and $${LITERAL}\n";
+        let text = "a = \"${PORT}\"\nb = ${MISSING:-7}\nc = \"${EMPTY:-x}\" # $5 and $${LITERAL}\nd = \"${EMPTY}\"\n";
         assert_eq!(
             substitute(text, env).unwrap(),
-            "a = \"9000\"\nb = 7\nc = \"\" # $5 and ${LITERAL}\n"
+            "a = \"9000\"\nb = 7\nc = \"x\" # $5 and ${LITERAL}\nd = \"\"\n"
         );
     }
 
