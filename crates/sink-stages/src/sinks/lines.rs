@@ -1,6 +1,7 @@
 //! The loop shared by the sinks that write JSON lines to a byte stream
 //! (`json_file`, `stdout`): encode each batch into one reused buffer, write it
-//! with one call off the async threads, retry failed writes without splitting
+//! (with whatever other batches are already waiting) with one call off the
+//! async threads, retry failed writes without splitting
 //! or repeating a line, and switch targets between batches on reload.
 
 use std::any::Any;
@@ -10,6 +11,9 @@ use std::time::Duration;
 
 use sink_api::json::{Layout, encode_batch};
 use sink_api::{Context, Input, StageError, Timestamp};
+
+/// Waiting batches are added to one write until it holds this many bytes.
+const COALESCE_BYTES: usize = 1 << 20;
 
 /// What a line-writing sink's config tells the shared loop.
 pub(crate) trait LineSinkConfig: Any + Send + Sync {
@@ -46,7 +50,16 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
             received = input.recv() => {
                 let Some(batch) = received else { break };
                 pending.bytes.clear();
-                encode_batch(config.layout(), &batch, Timestamp::now(), &mut pending.bytes);
+                let now = Timestamp::now();
+                encode_batch(config.layout(), &batch, now, &mut pending.bytes);
+                drop(batch);
+                // Under load, more batches wait by the time a write returns:
+                // encode them too, so that one write, and one trip to the
+                // blocking pool and back, carries them all.
+                while pending.bytes.len() < COALESCE_BYTES {
+                    let Ok(batch) = input.try_recv() else { break };
+                    encode_batch(config.layout(), &batch, now, &mut pending.bytes);
+                }
                 pending = write_until_done(pending, cx.id()).await?;
             }
             new = params.changed() => {

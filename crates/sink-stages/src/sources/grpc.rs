@@ -15,15 +15,19 @@ use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prost::Message;
+use prost::bytes::Buf;
 use serde::{Deserialize, Serialize};
 use sink_api::{
     Batch, BuildContext, ConfigError, Context, Output, Reading, SendError, Source, SourceConfig,
     StageError, Timestamp,
 };
 use sink_proto::{SensorValue, SensorValuesRequest, SensorValuesResponse};
+use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
+use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
+use tonic_prost::ProstEncoder;
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
@@ -174,7 +178,10 @@ impl Source for GrpcSource {
                 .add_service(reflection_v1alpha)
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // `tcp_nodelay` above applies only to listeners tonic binds
+                    // itself; without it here, Nagle's algorithm holds small
+                    // answers back until the client's delayed ACK, 40 ms later.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
                     async move { shutdown.wait().await },
                 ),
         );
@@ -292,8 +299,8 @@ where
         let max_message_bytes = self.0.limits.load().max_message_bytes;
         let handler = SendSensorValues(self.clone());
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
-                .max_decoding_message_size(max_message_bytes);
+            let mut grpc =
+                tonic::server::Grpc::new(SensorCodec).max_decoding_message_size(max_message_bytes);
             let mut response = grpc.unary(handler, request).await;
             // tonic refuses an oversize message with OUT_OF_RANGE before reading
             // its body; the contract (like OTLP) requires RESOURCE_EXHAUSTED.
@@ -307,6 +314,54 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+/// tonic's prost codec, except that a request is decoded from one contiguous
+/// slice. Decoding through tonic's `DecodeBuf` makes prost advance a
+/// `BytesMut` field by field, which the profile showed costing half as much
+/// again as the decoding itself.
+#[derive(Debug, Clone, Copy)]
+struct SensorCodec;
+
+impl Codec for SensorCodec {
+    type Encode = SensorValuesResponse;
+    type Decode = SensorValuesRequest;
+    type Encoder = ProstEncoder<SensorValuesResponse>;
+    type Decoder = SensorDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SensorDecoder
+    }
+}
+
+/// Decodes a `SensorValuesRequest` from the bytes of one whole message.
+#[derive(Debug)]
+struct SensorDecoder;
+
+impl Decoder for SensorDecoder {
+    type Item = SensorValuesRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        let len = src.remaining();
+        // `DecodeBuf` views one `BytesMut`, so its first chunk is the whole
+        // message; the fallback only keeps this correct should that change.
+        let decoded = if src.chunk().len() == len {
+            let decoded = SensorValuesRequest::decode(src.chunk());
+            src.advance(len);
+            decoded
+        } else {
+            SensorValuesRequest::decode(&mut *src)
+        };
+        // As tonic-prost maps it: undecodable bytes are INTERNAL.
+        decoded
+            .map(Some)
+            .map_err(|err| Status::internal(err.to_string()))
     }
 }
 
