@@ -230,7 +230,12 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(errors) => return config_failure(&errors),
     };
+    // Half the cores for async work: file writes run on the blocking pool and
+    // the kernel's network and disk work needs CPU too. On 2 cores, 1 worker
+    // spent a quarter less CPU per reading than 2 (bench/run, README).
+    let workers = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
