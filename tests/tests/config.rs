@@ -342,3 +342,82 @@ async fn json_file_creates_missing_parent_directories() {
     sink.stop();
     assert_each_once(&sensor_names(&sink.path("a/b/c/out.json")), &sent);
 }
+
+#[test]
+fn a_duplicate_id_is_named_without_guesses_about_the_graph() {
+    let text = [grpc("x", ""), stdout_sink("x", &["x"], "")].concat();
+    let run = run_sink(&text, &["validate"], &[]);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", run.stderr);
+    assert!(errors[0].contains("stage `sinks.x`"), "{}", errors[0]);
+    assert!(
+        errors[0].contains("`sources.x`") && errors[0].contains("unique"),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn channel_capacities_must_be_positive_and_sources_have_none() {
+    let text = format!(
+        "[settings]\nchannel_capacity = 0\n{}",
+        [
+            grpc("sensors", "capacity = 5"),
+            stage("sinks", "file", "stdout", &["sensors"], "capacity = 0"),
+        ]
+        .concat()
+    );
+    for needles in [
+        &["key `settings.channel_capacity`", "at least 1"][..],
+        &[
+            "stage `sources.sensors`",
+            "key `capacity`",
+            "a source has no input channel",
+        ][..],
+        &["stage `sinks.file`", "key `capacity`", "at least 1"][..],
+    ] {
+        assert_refused(&text, &[], needles);
+    }
+}
+
+#[test]
+fn an_empty_file_says_what_is_missing() {
+    let run = run_sink("", &["validate"], &[]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(
+        run.stderr.contains("no source is declared"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("no sink is declared"), "{}", run.stderr);
+}
+
+#[test]
+fn an_address_in_use_fails_at_startup_naming_stage_and_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address");
+    let text = [
+        stage(
+            "sources",
+            "sensors",
+            "grpc",
+            &[],
+            &format!("address = \"{address}\""),
+        ),
+        json_file("file", &["sensors"], "out.json", ""),
+    ]
+    .concat();
+    let run = run_sink(&text, &[], &[]);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    let error = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("stage `sources.sensors`") && l.contains("key `address`"))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    assert!(error.contains("in use"), "no OS reason: {error}");
+}

@@ -599,8 +599,10 @@ fn known_types(kind: StageKind) -> String {
 /// no cycles, every processor and sink fed, every source and processor read.
 fn check_graph(stages: &[Node], errors: &mut Errors) {
     let mut by_id: HashMap<&str, &Node> = HashMap::new();
+    let mut duplicates = false;
     for stage in stages {
         if let Some(first) = by_id.insert(&stage.id, stage) {
+            duplicates = true;
             errors.push(
                 Some(format!("{}.{}", stage.kind.section(), stage.id)),
                 None,
@@ -612,6 +614,11 @@ fn check_graph(stages: &[Node], errors: &mut Errors) {
                 ),
             );
         }
+    }
+    if duplicates {
+        // Which stage an input names is unknown until the ids are unique:
+        // any further finding would be a guess.
+        return;
     }
     if !stages.iter().any(|s| s.kind == StageKind::Source) {
         errors.push(
@@ -686,8 +693,11 @@ fn check_graph(stages: &[Node], errors: &mut Errors) {
         }
     }
     if let Some(cycle) = find_cycle(stages) {
+        let section = by_id
+            .get(cycle[0].as_str())
+            .map_or("processors", |stage| stage.kind.section());
         errors.push(
-            Some(format!("processors.{}", cycle[0])),
+            Some(format!("{section}.{}", cycle[0])),
             Some("inputs".into()),
             format!(
                 "stages read from each other in a cycle: {}",
