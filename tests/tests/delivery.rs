@@ -105,3 +105,33 @@ async fn a_reading_without_value_or_timestamp_is_written_with_nulls() {
     assert_eq!(lines[1]["sensor_value"], 0, "0 is a value, not null");
     assert!(lines[1]["created_at"].is_null(), "{}", lines[1]);
 }
+
+#[tokio::test]
+async fn awkward_names_and_extreme_values_stay_one_valid_line_each() {
+    let mut sink = SinkProcess::start(&basic_pipeline("max_events = 1"));
+    let mut client = sink.client("sensors").await;
+    let names = [
+        "quote\"d",
+        "new\nline",
+        "back\\slash",
+        "tab\there",
+        "ünï😀",
+        "",
+    ];
+    let values = [i64::MIN, i64::MAX, -1, 0, 1, 42];
+    let mut sent = request("x", names.len());
+    for ((item, name), value) in sent.items.iter_mut().zip(names).zip(values) {
+        item.sensor_name = name.to_string();
+        if let Some(measurement) = item.measurement.as_mut() {
+            measurement.sensor_value = Some(value);
+        }
+    }
+    client.send_sensor_values(sent).await.expect("send");
+    sink.stop();
+    let lines = json_lines(&sink.path("out.json"));
+    assert_eq!(lines.len(), names.len(), "a name broke a line");
+    for ((line, name), value) in lines.iter().zip(names).zip(values) {
+        assert_eq!(line["sensor_name"], name);
+        assert_eq!(line["sensor_value"].as_i64(), Some(value), "{line}");
+    }
+}
