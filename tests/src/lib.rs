@@ -96,6 +96,12 @@ impl SinkProcess {
         collect_into(pipe, Arc::clone(&self.stdout));
     }
 
+    /// Closes the standard output held since start, as a reader that goes
+    /// away would (`sink | head -1`).
+    pub fn close_stdout(&mut self) {
+        drop(self.held_stdout.take().expect("stdout was not held"));
+    }
+
     /// Starts `binary` without waiting for anything.
     pub fn spawn(binary: &Path, pipeline: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         Self::spawn_inner(binary, pipeline, args, env, false)

@@ -145,3 +145,32 @@ async fn a_shutdown_past_its_timeout_exits_non_zero_and_says_what_was_lost() {
     let status = sink.wait_exit();
     assert!(!status.success(), "a timed-out shutdown exited 0");
 }
+
+#[tokio::test]
+async fn a_stdout_whose_reader_is_gone_fails_its_stage_and_the_process_exits() {
+    let pipeline = [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 1"),
+        stdout_sink("console", &["batch"], ""),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start_holding_stdout(&pipeline);
+    sink.close_stdout();
+    let mut client = sink.client("sensors").await;
+    // The first write fails; calls after the failure may be refused.
+    let _ = client.send_sensor_values(request("gone", 1)).await;
+    assert!(
+        sink.wait_log("reader of its output has gone"),
+        "no error naming the cause; log:\n{}",
+        sink.log_text()
+    );
+    let status = sink.wait_exit();
+    assert!(!status.success(), "exit {status}");
+    assert!(
+        sink.log_lines()
+            .iter()
+            .any(|line| line.contains("stage failed") && line.contains("console")),
+        "no line naming the stage; log:\n{}",
+        sink.log_text()
+    );
+}

@@ -115,6 +115,11 @@ async fn write_until_done<T: Write + Send + 'static>(
         pending = returned;
         match outcome {
             Ok(()) => return Ok(pending),
+            // The reader of a pipe has gone (`sink | head`): no retry can
+            // ever succeed, so the stage fails and the pipeline shuts down.
+            Err((_, err)) if err.kind() == io::ErrorKind::BrokenPipe => {
+                return Err(format!("the reader of its output has gone: {err}").into());
+            }
             Err((done, err)) => {
                 written = done;
                 tracing::warn!(stage, "write failed, retrying in {backoff:?}: {err}");
