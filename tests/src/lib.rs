@@ -51,6 +51,9 @@ pub struct SinkProcess {
     stdout: Arc<Mutex<Vec<String>>>,
     /// Standard output not read yet (see [`SinkProcess::start_holding_stdout`]).
     held_stdout: Option<ChildStdout>,
+    /// The threads reading stderr and stdout, joined once the process exits
+    /// so that every line it wrote has been taken.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl SinkProcess {
@@ -93,7 +96,8 @@ impl SinkProcess {
     /// Starts reading the standard output held since start.
     pub fn release_stdout(&mut self) {
         let pipe = self.held_stdout.take().expect("stdout was not held");
-        collect_into(pipe, Arc::clone(&self.stdout));
+        self.readers
+            .push(collect_into(pipe, Arc::clone(&self.stdout)));
     }
 
     /// Closes the standard output held since start, as a reader that goes
@@ -129,12 +133,15 @@ impl SinkProcess {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start sink");
-        let log = collect_lines(child.stderr.take().expect("stderr"));
+        let (log, log_reader) = collect_lines(child.stderr.take().expect("stderr"));
+        let mut readers = vec![log_reader];
         let pipe = child.stdout.take().expect("stdout");
         let (stdout, held_stdout) = if hold_stdout {
             (Arc::default(), Some(pipe))
         } else {
-            (collect_lines(pipe), None)
+            let (lines, reader) = collect_lines(pipe);
+            readers.push(reader);
+            (lines, None)
         };
         Self {
             child,
@@ -142,6 +149,7 @@ impl SinkProcess {
             log,
             stdout,
             held_stdout,
+            readers,
         }
     }
 
@@ -220,8 +228,10 @@ impl SinkProcess {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                // Let the reader threads take the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // The pipes are at their end now: take the last lines.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return status;
             }
             assert!(
@@ -252,18 +262,24 @@ impl Drop for SinkProcess {
     }
 }
 
-fn collect_lines(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+type Reader = std::thread::JoinHandle<()>;
+
+/// Collects the lines of `stream` on a thread, until its end.
+fn collect_lines(stream: impl std::io::Read + Send + 'static) -> (Arc<Mutex<Vec<String>>>, Reader) {
     let lines = Arc::new(Mutex::new(Vec::new()));
-    collect_into(stream, Arc::clone(&lines));
-    lines
+    let reader = collect_into(stream, Arc::clone(&lines));
+    (lines, reader)
 }
 
-fn collect_into(stream: impl std::io::Read + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
+fn collect_into(
+    stream: impl std::io::Read + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+) -> Reader {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             lines.lock().expect("lines lock").push(line);
         }
-    });
+    })
 }
 
 /// Polls `condition` every 10 ms until it holds or [`DEADLINE`] passes.
@@ -512,8 +528,8 @@ pub fn run_in(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Fi
         command.env(key, value);
     }
     let mut child = command.spawn().expect("start sink");
-    let stdout = collect_lines(child.stdout.take().expect("stdout"));
-    let stderr = collect_lines(child.stderr.take().expect("stderr"));
+    let (stdout, stdout_reader) = collect_lines(child.stdout.take().expect("stdout"));
+    let (stderr, stderr_reader) = collect_lines(child.stderr.take().expect("stderr"));
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -529,15 +545,15 @@ pub fn run_in(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Fi
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    // The pipes close at exit; let the reader threads take the last lines.
-    let drained = |lines: &Arc<Mutex<Vec<String>>>| {
-        std::thread::sleep(Duration::from_millis(50));
+    // The pipes are at their end now: take the last lines.
+    let drained = |lines: &Arc<Mutex<Vec<String>>>, reader: Reader| {
+        let _ = reader.join();
         lines.lock().expect("lock").join("\n")
     };
     Finished {
         status,
-        stdout: drained(&stdout),
-        stderr: drained(&stderr),
+        stdout: drained(&stdout, stdout_reader),
+        stderr: drained(&stderr, stderr_reader),
         dir,
     }
 }
