@@ -86,7 +86,8 @@ async fn original_env_runs_on_the_original_variables() {
             ("BUFFER_FLUSH_INTERVAL", "1h"),
             ("RATE_PER_SECOND", &rate),
             ("GRPC_SERVER_SOCKET", "127.0.0.1:0"),
-            ("LOGGER_MIN_LOG_LEVEL", "info"),
+            // zap's spelling, as an old .env file may have it.
+            ("LOGGER_MIN_LOG_LEVEL", "DEBUG"),
         ],
     );
     let mut client = sink.client("sensors").await;
@@ -113,4 +114,17 @@ async fn original_env_runs_on_the_original_variables() {
     }
     let expected: Vec<String> = (0..6).map(|i| format!("env{i}")).collect();
     assert_each_once(&names, &expected);
+}
+
+#[test]
+fn original_env_takes_the_original_log_levels_and_empty_values() {
+    let text = std::fs::read_to_string(pipelines_dir().join("original-env.toml")).expect("read");
+    for level in ["debug", "INFO", "warn", "error", "dpanic", "panic", "FATAL"] {
+        let run = run_sink(&text, &["validate"], &[("LOGGER_MIN_LOG_LEVEL", level)]);
+        assert!(run.status.success(), "{level}: {}", run.stderr);
+    }
+    // `BUFFER_SIZE=` in an env file keeps the default.
+    let empty: Vec<(&str, &str)> = ORIGINAL_VARS.iter().map(|var| (*var, "")).collect();
+    let run = run_sink(&text, &["validate"], &empty);
+    assert!(run.status.success(), "{}", run.stderr);
 }

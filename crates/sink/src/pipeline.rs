@@ -61,8 +61,11 @@ fn default_channel_capacity() -> usize {
 }
 
 /// A log level as written in `settings.log_level` or `--log-level`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+///
+/// The file also takes the original's level names (zap's, in either case), so
+/// that its `LOGGER_MIN_LOG_LEVEL` works unchanged: `dpanic`, `panic` and
+/// `fatal` mean `error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogLevel {
     /// Everything.
     Trace,
@@ -75,6 +78,23 @@ pub enum LogLevel {
     Warn,
     /// Something failed.
     Error,
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.to_ascii_lowercase().as_str() {
+            "trace" => Ok(Self::Trace),
+            "debug" => Ok(Self::Debug),
+            "info" => Ok(Self::Info),
+            "warn" => Ok(Self::Warn),
+            "error" | "dpanic" | "panic" | "fatal" => Ok(Self::Error),
+            _ => Err(serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(&text),
+                &"one of trace, debug, info, warn, error",
+            )),
+        }
+    }
 }
 
 /// One stage of the file.
@@ -776,6 +796,18 @@ mod tests {
             )
         );
         assert_eq!(locate(text, 99), (None, None));
+    }
+
+    #[test]
+    fn the_original_log_levels_are_accepted() {
+        let level = |text: &str| {
+            toml::from_str::<Settings>(&format!("log_level = \"{text}\""))
+                .map(|settings| settings.log_level)
+        };
+        assert_eq!(level("DEBUG"), Ok(LogLevel::Debug));
+        assert_eq!(level("fatal"), Ok(LogLevel::Error));
+        assert_eq!(level("warn"), Ok(LogLevel::Warn));
+        assert!(level("loud").is_err());
     }
 
     #[test]
