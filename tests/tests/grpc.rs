@@ -294,3 +294,39 @@ async fn a_timestamp_outside_rfc3339_is_invalid_argument() {
         "part of a refused request was written"
     );
 }
+
+#[tokio::test]
+async fn garbage_on_the_connection_itself_is_dropped_and_the_server_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    for junk in [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
+        // The HTTP/2 preface, then a frame header announcing more than is sent.
+        [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            &[0xff, 0xff, 0xff, 0x01, 0x00, 0, 0, 0, 1],
+        ]
+        .concat(),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream.write_all(&junk).await.expect("write");
+        let _ = stream.shutdown().await;
+        // The server answers (or not) and closes; it must not hang or crash.
+        let mut answer = Vec::new();
+        tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+            .await
+            .expect("the server closed the connection")
+            .ok();
+    }
+    let mut client = sink.client("sensors").await;
+    client
+        .send_sensor_values(request("after", 2))
+        .await
+        .expect("the server still serves");
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")), ["after0", "after1"]);
+}
