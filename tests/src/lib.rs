@@ -437,6 +437,43 @@ pub async fn send_all(
     names
 }
 
+/// grpc (with `source` keys) -> buffered(max_events = 1) -> stdout, with
+/// one-batch channels: while nobody reads the process's stdout (see
+/// [`SinkProcess::start_holding_stdout`]), the pipeline fills after a few
+/// dozen calls.
+pub fn stdout_pipeline(source: &str) -> String {
+    [
+        grpc("sensors", source),
+        buffered("batch", &["sensors"], "max_events = 1\ncapacity = 1"),
+        stdout_sink("console", &["batch"], "capacity = 1"),
+    ]
+    .concat()
+}
+
+/// Sends calls of `per_call` readings named `<prefix><i>` until one is
+/// refused, at most `max_calls`; returns the names accepted and the refusal.
+pub async fn fill_until_refused(
+    client: &mut SensorServiceClient<Channel>,
+    prefix: &str,
+    per_call: usize,
+    max_calls: usize,
+) -> (Vec<String>, Option<tonic::Status>) {
+    let mut accepted = Vec::new();
+    for call in 0..max_calls {
+        let request = request_range(prefix, call * per_call..(call + 1) * per_call);
+        let names: Vec<String> = request
+            .items
+            .iter()
+            .map(|item| item.sensor_name.clone())
+            .collect();
+        match client.send_sensor_values(request).await {
+            Ok(_) => accepted.extend(names),
+            Err(status) => return (accepted, Some(status)),
+        }
+    }
+    (accepted, None)
+}
+
 /// Asserts that `written` holds each of `expected` exactly once and nothing else.
 #[track_caller]
 pub fn assert_each_once(written: &[String], expected: &[String]) {

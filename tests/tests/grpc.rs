@@ -185,33 +185,9 @@ async fn an_unknown_method_is_unimplemented() {
 
 #[tokio::test]
 async fn when_full_reject_answers_unavailable_with_retry_info_under_a_full_pipeline() {
-    // Nobody reads the stdout sink's pipe: once it is full the sink blocks,
-    // then the one-batch channels before it fill.
-    let pipeline = [
-        grpc("sensors", "when_full = \"reject\""),
-        buffered("batch", &["sensors"], "max_events = 1\ncapacity = 1"),
-        stdout_sink("console", &["batch"], "capacity = 1"),
-    ]
-    .concat();
-    let mut sink = SinkProcess::start_holding_stdout(&pipeline);
+    let mut sink = SinkProcess::start_holding_stdout(&stdout_pipeline("when_full = \"reject\""));
     let mut client = sink.client("sensors").await;
-    let mut accepted = Vec::new();
-    let mut refused = None;
-    for call in 0..2_000 {
-        let request = request_range("w", call * 20..call * 20 + 20);
-        let names: Vec<String> = request
-            .items
-            .iter()
-            .map(|i| i.sensor_name.clone())
-            .collect();
-        match client.send_sensor_values(request).await {
-            Ok(_) => accepted.extend(names),
-            Err(status) => {
-                refused = Some(status);
-                break;
-            }
-        }
-    }
+    let (mut accepted, refused) = fill_until_refused(&mut client, "w", 20, 2_000).await;
     let refused = refused.expect("the pipeline never filled");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(retry_delay(&refused).is_some_and(|d| d > Duration::ZERO));

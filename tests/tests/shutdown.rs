@@ -174,3 +174,19 @@ async fn a_stdout_whose_reader_is_gone_fails_its_stage_and_the_process_exits() {
         sink.log_text()
     );
 }
+
+#[tokio::test]
+async fn sigterm_with_a_full_pipeline_writes_everything_accepted_once_it_drains() {
+    let mut sink = SinkProcess::start_holding_stdout(&stdout_pipeline("when_full = \"reject\""));
+    let mut client = sink.client("sensors").await;
+    // The first refusal shows every channel and the stdout pipe are full.
+    let (accepted, refused) = fill_until_refused(&mut client, "full", 20, 2_000).await;
+    assert!(refused.is_some(), "the pipeline never filled");
+    sink.signal(libc::SIGTERM);
+    // Shutdown waits for the stuck sink; once its reader is back it drains.
+    assert!(sink.wait_log("shutting down"));
+    sink.release_stdout();
+    let status = sink.wait_exit();
+    assert!(status.success(), "exit {status}; log:\n{}", sink.log_text());
+    assert_each_once(&names_in(&sink.stdout_lines()), &accepted);
+}
