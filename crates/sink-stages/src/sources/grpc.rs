@@ -358,11 +358,22 @@ impl Decoder for SensorDecoder {
         } else {
             SensorValuesRequest::decode(&mut *src)
         };
-        // As tonic-prost maps it: undecodable bytes are INTERNAL.
-        decoded
-            .map(Some)
-            .map_err(|err| Status::internal(err.to_string()))
+        decoded.map(Some).map_err(undecodable)
     }
+}
+
+/// The status for bytes that are no `SensorValuesRequest`: INTERNAL, as
+/// tonic-prost answers.
+fn undecodable(err: prost::DecodeError) -> Status {
+    Status::internal(err.to_string())
+}
+
+/// Decodes one encoded `SensorValuesRequest` into the batch a call hands on,
+/// all stamped `received_at`, as the service does for every call. Public for
+/// the benchmarks (`cargo bench -p sink-stages`).
+pub fn decode_batch(message: &[u8], received_at: Timestamp) -> Result<Batch, Status> {
+    let request = SensorValuesRequest::decode(message).map_err(undecodable)?;
+    to_batch(request.items, received_at)
 }
 
 struct SendSensorValues(SensorService);
@@ -475,4 +486,48 @@ fn to_batch(items: Vec<SensorValue>, received_at: Timestamp) -> Result<Batch, St
         });
     }
     Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use sink_proto::sensor_value::Measurement;
+
+    use super::*;
+
+    #[test]
+    fn decode_batch_reads_every_item_and_refuses_garbage() {
+        let request = SensorValuesRequest {
+            items: vec![
+                SensorValue {
+                    sensor_name: "t1".into(),
+                    measurement: Some(Measurement {
+                        sensor_value: Some(0),
+                        created_at: Some(prost_types::Timestamp {
+                            seconds: 1_795_860_000,
+                            nanos: 512_000_000,
+                        }),
+                    }),
+                },
+                SensorValue {
+                    sensor_name: "t2".into(),
+                    measurement: None,
+                },
+            ],
+        };
+        let received_at = Timestamp::new(1_795_860_001, 0).unwrap();
+        let batch = decode_batch(&request.encode_to_vec(), received_at).unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0].sensor_name, "t1");
+        assert_eq!(batch[0].value, Some(0));
+        assert_eq!(
+            batch[0].created_at,
+            Timestamp::new(1_795_860_000, 512_000_000)
+        );
+        assert_eq!(batch[1].value, None);
+        assert_eq!(batch[1].created_at, None);
+        assert!(batch.iter().all(|r| r.received_at == received_at));
+
+        let garbage = decode_batch(&[0xff, 0xff, 0xff], received_at).unwrap_err();
+        assert_eq!(garbage.code(), Code::Internal);
+    }
 }
