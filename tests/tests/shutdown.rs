@@ -121,7 +121,6 @@ async fn chained_buffers_hand_everything_on_at_shutdown() {
 }
 
 #[tokio::test]
-#[ignore = "cli.rs: after a timed-out shutdown, dropping the tokio runtime waits for the stdout write stuck in spawn_blocking, so the process never exits (reported to the lead)"]
 async fn a_shutdown_past_its_timeout_exits_non_zero_and_says_what_was_lost() {
     // The stdout sink cannot write while nobody reads its pipe, so the
     // pipeline cannot drain within shutdown_timeout.

@@ -245,7 +245,7 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         logs.apply(pipeline.settings.log_level);
         let reloader = Reloader {
             watched: path.is_some(),
@@ -269,7 +269,11 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // A write stuck in the blocking pool (a hung disk, a full pipe) must not
+    // keep a timed-out process alive: what it held is already counted as lost.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 fn env_var(name: &str) -> Option<String> {

@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -71,6 +72,23 @@ impl LineSinkConfig for JsonFileConfig {
 
     fn target_name(&self) -> String {
         format!("`{}`", self.path.display())
+    }
+
+    /// Follows logrotate-style rotation (rename or delete, then a new file at
+    /// the path) with two `stat` calls per write, and no signal needed.
+    /// `copytruncate` rotation needs nothing: the file is opened to append.
+    fn reopen_if_moved(&self, file: &mut File) -> io::Result<bool> {
+        let open = file.metadata()?;
+        let at_path = match std::fs::metadata(&self.path) {
+            Ok(at_path) => Some(at_path),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+            Err(err) => return Err(err),
+        };
+        if at_path.is_some_and(|m| (m.dev(), m.ino()) == (open.dev(), open.ino())) {
+            return Ok(false);
+        }
+        *file = self.open()?;
+        Ok(true)
     }
 }
 

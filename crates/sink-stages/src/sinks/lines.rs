@@ -31,6 +31,13 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
 
     /// The target in words, for log lines.
     fn target_name(&self) -> String;
+
+    /// Reopens the target if what its name points to is no longer what is
+    /// open (a log rotator renamed or deleted the file); says whether it did.
+    /// Runs on the blocking pool right before each write.
+    fn reopen_if_moved(&self, _target: &mut Self::Target) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Writes every batch of `input` to `target` until the input ends, then flushes.
@@ -60,7 +67,7 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
                     let Ok(batch) = input.try_recv() else { break };
                     encode_batch(config.layout(), &batch, now, &mut pending.bytes);
                 }
-                pending = write_until_done(pending, cx.id()).await?;
+                pending = write_until_done(pending, &config, cx.id()).await?;
             }
             new = params.changed() => {
                 if new.moves_target(&config) {
@@ -100,15 +107,17 @@ struct Pending<T> {
 /// fails (a full disk, say): a reading accepted is never dropped here.
 /// Retries resume after the bytes already written, so no line is split or
 /// written twice.
-async fn write_until_done<T: Write + Send + 'static>(
-    mut pending: Pending<T>,
+async fn write_until_done<C: LineSinkConfig>(
+    mut pending: Pending<C::Target>,
+    config: &Arc<C>,
     stage: &str,
-) -> Result<Pending<T>, StageError> {
+) -> Result<Pending<C::Target>, StageError> {
     let mut backoff = Duration::from_millis(100);
     let mut written = 0;
     loop {
+        let config = Arc::clone(config);
         let (returned, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = write_from(&mut pending.target, &pending.bytes, written);
+            let outcome = reopen_then_write(&*config, &mut pending, written);
             (pending, outcome)
         })
         .await?;
@@ -128,6 +137,23 @@ async fn write_until_done<T: Write + Send + 'static>(
             }
         }
     }
+}
+
+/// Follows a rotated target, then writes `pending.bytes[from..]`.
+fn reopen_then_write<C: LineSinkConfig>(
+    config: &C,
+    pending: &mut Pending<C::Target>,
+    from: usize,
+) -> Result<(), (usize, io::Error)> {
+    match config.reopen_if_moved(&mut pending.target) {
+        Ok(false) => {}
+        Ok(true) => tracing::info!(
+            "{} was moved or deleted (rotated?); writing to a new file there",
+            config.target_name()
+        ),
+        Err(err) => return Err((from, err)),
+    }
+    write_from(&mut pending.target, &pending.bytes, from)
 }
 
 /// Writes `bytes[from..]` and flushes; on failure says how far it got.
