@@ -15,26 +15,37 @@ use crate::Batch;
 /// config type, behind `Any`.
 pub type AnyConfig = Arc<dyn Any + Send + Sync>;
 
+/// A config and the number of the reload that handed it over.
+type Versioned = (u64, AnyConfig);
+
 /// Everything a running stage is given besides its data: its id, the shutdown
 /// signal and its live parameter updates.
 #[derive(Debug, Clone)]
 pub struct Context {
     id: Arc<str>,
     shutdown: ShutdownSignal,
-    params: watch::Receiver<AnyConfig>,
+    params: watch::Receiver<Versioned>,
+    applied: Arc<watch::Sender<u64>>,
 }
 
 impl Context {
     /// A context for stage `id`, and the sender through which its new
     /// parameters reach it. The runtime and the test kit make these.
     pub fn new(id: &str, shutdown: ShutdownSignal, initial: AnyConfig) -> (Self, ParamSender) {
-        let (sender, params) = watch::channel(initial);
+        let (sender, params) = watch::channel((0, initial));
+        let (applied, applied_receiver) = watch::channel(0);
         let cx = Self {
             id: id.into(),
             shutdown,
             params,
+            applied: Arc::new(applied),
         };
-        (cx, ParamSender(sender))
+        let sender = ParamSender {
+            sender,
+            sent: AtomicU64::new(0),
+            applied: applied_receiver,
+        };
+        (cx, sender)
     }
 
     /// The stage's id from `pipeline.toml`, for log lines.
@@ -50,6 +61,10 @@ impl Context {
     /// New parameters for this stage, typed as its config `C`, as the file is
     /// reloaded. Only changes of live keys arrive here: a change to a key the
     /// stage marks `x-restart` is refused as a topology change.
+    ///
+    /// A config counts as applied once the stage asks for the next one (calls
+    /// [`Params::changed`] or [`Params::try_changed`] again); the runtime logs
+    /// a reload as applied when every stage it changed has done so.
     ///
     /// ```
     /// # async fn demo(cx: sink_api::Context) {
@@ -67,7 +82,9 @@ impl Context {
     /// ```
     pub fn params<C: Any + Send + Sync>(&self) -> Params<C> {
         Params {
+            taken: self.params.borrow().0,
             receiver: self.params.clone(),
+            applied: Arc::clone(&self.applied),
             config: PhantomData,
         }
     }
@@ -75,20 +92,37 @@ impl Context {
 
 /// The sending half of a stage's parameter updates, held by the runtime.
 #[derive(Debug)]
-pub struct ParamSender(watch::Sender<AnyConfig>);
+pub struct ParamSender {
+    sender: watch::Sender<Versioned>,
+    sent: AtomicU64,
+    applied: watch::Receiver<u64>,
+}
 
 impl ParamSender {
-    /// Hands the stage `config`; it must be of the stage's own config type.
-    pub fn send(&self, config: AnyConfig) {
+    /// Hands the stage `config`, which must be of the stage's own config type,
+    /// and returns its number for [`applied`](Self::applied).
+    pub fn send(&self, config: AnyConfig) -> u64 {
+        let version = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
         // A stage that has finished has no use for parameters.
-        let _ = self.0.send(config);
+        let _ = self.sender.send((version, config));
+        version
+    }
+
+    /// Waits until the stage has applied config number `version` (or has
+    /// ended).
+    pub async fn applied(&self, version: u64) {
+        let mut applied = self.applied.clone();
+        let _ = applied.wait_for(|done| *done >= version).await;
     }
 }
 
 /// A stage's stream of new parameters; see [`Context::params`].
 #[derive(Debug)]
 pub struct Params<C> {
-    receiver: watch::Receiver<AnyConfig>,
+    receiver: watch::Receiver<Versioned>,
+    applied: Arc<watch::Sender<u64>>,
+    /// The number of the last config handed to the stage.
+    taken: u64,
     config: PhantomData<fn() -> C>,
 }
 
@@ -96,12 +130,12 @@ impl<C: Any + Send + Sync> Params<C> {
     /// Waits for the next new config. Pending forever once the runtime is gone,
     /// so it can sit in a `select!` loop without spinning.
     pub async fn changed(&mut self) -> Arc<C> {
+        self.acknowledge();
         loop {
             if self.receiver.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
-            let latest = Arc::clone(&self.receiver.borrow_and_update());
-            if let Ok(config) = latest.downcast::<C>() {
+            if let Some(config) = self.take() {
                 return config;
             }
         }
@@ -129,12 +163,31 @@ impl<C: Any + Send + Sync> Params<C> {
     /// # }
     /// ```
     pub fn try_changed(&mut self) -> Option<Arc<C>> {
+        self.acknowledge();
         // `has_changed` errs only once the runtime is gone: nothing new then.
         if !self.receiver.has_changed().unwrap_or(false) {
             return None;
         }
-        let latest = Arc::clone(&self.receiver.borrow_and_update());
+        self.take()
+    }
+
+    /// Marks the latest config taken, and returns it if it is of type `C`.
+    fn take(&mut self) -> Option<Arc<C>> {
+        let (version, latest) = self.receiver.borrow_and_update().clone();
+        self.taken = version;
         latest.downcast::<C>().ok()
+    }
+
+    /// The stage asks for more, so it has applied all it took before.
+    fn acknowledge(&self) {
+        let taken = self.taken;
+        self.applied.send_if_modified(|applied| {
+            let newer = *applied < taken;
+            if newer {
+                *applied = taken;
+            }
+            newer
+        });
     }
 }
 
@@ -301,6 +354,8 @@ impl Output {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::{Reading, Timestamp};
 
@@ -339,6 +394,23 @@ mod tests {
             output.send(batch(1)).await,
             Err(SendError::Closed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_config_counts_as_applied_when_the_next_is_asked_for() {
+        let (cx, sender) = Context::new("x", ShutdownSignal::new(), Arc::new(1_u32));
+        let mut params = cx.params::<u32>();
+        let version = sender.send(Arc::new(2_u32));
+        assert_eq!(*params.changed().await, 2);
+        let confirmed = tokio::time::timeout(Duration::from_millis(50), sender.applied(version));
+        assert!(
+            confirmed.await.is_err(),
+            "confirmed before the stage asked again"
+        );
+        assert!(params.try_changed().is_none());
+        tokio::time::timeout(Duration::from_secs(5), sender.applied(version))
+            .await
+            .expect("confirmed once the stage asked again");
     }
 
     #[tokio::test]

@@ -280,6 +280,9 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// How long a reload waits for the stages it changed to confirm.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What a running pipeline needs to take a new version of its file.
 struct Reloader {
     file: PathBuf,
@@ -295,7 +298,7 @@ struct Reloader {
 impl Reloader {
     /// Reads, validates and applies the file, all or nothing, logging one
     /// line with the outcome. `forced` (SIGHUP) reloads even unchanged text.
-    fn reload(&mut self, running: &Running, trigger: &str, forced: bool) {
+    async fn reload(&mut self, running: &Running, trigger: &str, forced: bool) {
         if !self.watched {
             tracing::warn!("{trigger}: the built-in default pipeline has no file to reload");
             return;
@@ -347,11 +350,24 @@ impl Reloader {
         }
         self.logs.apply(new.settings.log_level);
         let described = plan.describe_live();
+        // Stages apply between batches; one busy with a batch (or waiting for
+        // its next one, if it checks per batch) confirms later.
+        let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+        let mut pending = Vec::new();
         for (id, config) in configs_to_apply(&plan, new) {
-            running.update(&id, config);
+            if !running.update(&id, config, deadline).await {
+                pending.push(format!("`{id}`"));
+            }
         }
         self.current = snapshot;
-        tracing::info!("reload applied ({trigger}): {described}");
+        if pending.is_empty() {
+            tracing::info!("reload applied ({trigger}): {described}");
+        } else {
+            tracing::info!(
+                "reload applied ({trigger}): {described}; stage {} will apply it with its next batch",
+                pending.join(", ")
+            );
+        }
     }
 }
 
@@ -399,7 +415,7 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
             Wake::Stop => break false,
             Wake::Failed => break true,
             Wake::AllDone => return Ok(Ending::Clean),
-            Wake::Reload(trigger, forced) => reloader.reload(&running, trigger, forced),
+            Wake::Reload(trigger, forced) => reloader.reload(&running, trigger, forced).await,
         }
     };
     let timeout = reloader.current.settings().shutdown_timeout;

@@ -141,11 +141,21 @@ impl Running {
         Ok(running)
     }
 
-    /// Hands stage `id` its new config, of the stage's own type.
-    pub fn update(&self, id: &str, config: AnyConfig) {
-        if let Some(sender) = self.params.get(id) {
-            sender.send(config);
-        }
+    /// Hands stage `id` its new config, of the stage's own type, and waits
+    /// until `deadline` for the stage to apply it. Says whether it did.
+    pub async fn update(
+        &self,
+        id: &str,
+        config: AnyConfig,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let Some(sender) = self.params.get(id) else {
+            return false;
+        };
+        let version = sender.send(config);
+        tokio::time::timeout_at(deadline, sender.applied(version))
+            .await
+            .is_ok()
     }
 
     /// Waits until a stage ends with an error (`Some`), or all stages end (`None`).
