@@ -62,8 +62,9 @@ struct Args {
     #[arg(long)]
     rate: Option<f64>,
 
-    /// How long to send, e.g. `10s` or `1m` (default 10s, unless --count).
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    /// How long to send, e.g. `10s` or `1m`: 10s unless --count is given;
+    /// with both, whichever ends first.
+    #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
 
     /// Total readings to send, then stop.
@@ -147,8 +148,8 @@ struct Shared {
     next_call: AtomicU64,
     start: Instant,
     deadline: Option<Instant>,
-    /// Time between two calls' scheduled starts, with --rate.
-    interval: Option<Duration>,
+    /// Calls per second, with --rate.
+    rate: Option<f64>,
     retry: RetryPolicy,
     counters: Counters,
 }
@@ -162,13 +163,9 @@ struct RetryPolicy {
 }
 
 async fn run(args: &Args) -> anyhow::Result<Report> {
-    let interval = match args.rate {
-        Some(rate) if rate.is_finite() && rate > 0.0 => Some(Duration::from_secs_f64(1.0 / rate)),
-        Some(rate) => {
-            anyhow::bail!("--rate must be a positive number of calls per second, not {rate}")
-        }
-        None => None,
-    };
+    if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
+        anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
+    }
     let channels = connect_all(&args.address, args.connections).await?;
 
     let created_at = SystemTime::now()
@@ -189,7 +186,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         next_call: AtomicU64::new(0),
         start,
         deadline,
-        interval,
+        rate: args.rate,
         retry: RetryPolicy {
             max_retries: args.max_retries,
             default_delay: args.retry_delay,
@@ -266,11 +263,10 @@ async fn run_worker(mut client: Grpc<Channel>, shared: Arc<Shared>) -> Histogram
         let Some(request) = shared.plan.request(call) else {
             break;
         };
-        if let Some(interval) = shared.interval {
+        if let Some(rate) = shared.rate {
             // Calls keep to a schedule fixed at the start, so a slow answer
             // makes the next calls start at once rather than shifting them all.
-            let due =
-                shared.start + interval.saturating_mul(u32::try_from(call).unwrap_or(u32::MAX));
+            let due = shared.start + Duration::from_secs_f64(call as f64 / rate);
             tokio::time::sleep_until(due).await;
         }
         if shared

@@ -105,3 +105,42 @@ fn no_sink_listening_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
+
+#[test]
+fn rate_paces_calls_and_a_blackhole_counts_what_was_acknowledged() {
+    let mut sink = SinkProcess::start(
+        r#"
+[sources.sensors]
+type = "grpc"
+address = "127.0.0.1:0"
+
+[sinks.drop]
+type = "blackhole"
+inputs = ["sensors"]
+"#,
+    );
+    let address = sink.address("sensors").to_string();
+    // 10 calls at 50 calls/s: the last is due 180 ms after the first.
+    let (out, report) = sink_load(&[
+        "--address",
+        &address,
+        "--count",
+        "100",
+        "--rate",
+        "50",
+        "--concurrency",
+        "4",
+    ]);
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["calls_ok"], 10);
+    assert!(
+        report["elapsed_s"].as_f64().unwrap_or(0.0) >= 0.18,
+        "{report}"
+    );
+    sink.stop();
+    assert!(
+        sink.wait_log("blackhole dropped 100 readings in 10 batches"),
+        "{}",
+        sink.log_text()
+    );
+}
