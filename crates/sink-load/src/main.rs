@@ -8,7 +8,7 @@
 //!
 //! `sink-load --count 10` sends ten readings to a sink on the default address.
 
-mod codec;
+mod client;
 mod requests;
 mod stats;
 
@@ -21,13 +21,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
-use tonic::client::Grpc;
-use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::codec::PreEncoded;
+use crate::client::Connection;
 use crate::requests::{Encoded, Plan};
 use crate::stats::{Counters, Report, latency_histogram};
 
@@ -166,7 +163,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
         anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
     }
-    let channels = connect_all(&args.address, args.connections).await?;
+    let connections = connect_all(&args.address, args.connections).await?;
 
     let created_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -197,8 +194,8 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
 
     let workers: Vec<_> = (0..args.concurrency)
         .map(|worker| {
-            let channel = channels[(worker % args.connections) as usize].clone();
-            tokio::spawn(run_worker(Grpc::new(channel), Arc::clone(&shared)))
+            let connection = connections[(worker % args.connections) as usize].clone();
+            tokio::spawn(run_worker(connection, Arc::clone(&shared)))
         })
         .collect();
     let progress = (!args.quiet).then(|| tokio::spawn(report_progress(Arc::clone(&shared))));
@@ -227,37 +224,18 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
 }
 
 /// Opens `connections` HTTP/2 connections to `address`.
-async fn connect_all(address: &str, connections: u64) -> anyhow::Result<Vec<Channel>> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    let endpoint = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("bad address {address}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        // Room for many 100-reading requests in flight without waiting on
-        // window updates.
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(8 << 20);
-    let mut channels = Vec::with_capacity(connections as usize);
+async fn connect_all(address: &str, connections: u64) -> anyhow::Result<Vec<Connection>> {
+    let mut opened = Vec::with_capacity(connections as usize);
     for _ in 0..connections {
-        // Each `connect` opens its own connection; clones of one Channel share it.
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {uri}"))?;
-        channels.push(channel);
+        opened.push(Connection::open(address).await?);
     }
-    Ok(channels)
+    Ok(opened)
 }
 
 /// One worker: sends one call at a time until the plan or the time runs out,
 /// and returns the latencies it measured.
-async fn run_worker(mut client: Grpc<Channel>, shared: Arc<Shared>) -> Histogram<u64> {
+async fn run_worker(connection: Connection, shared: Arc<Shared>) -> Histogram<u64> {
     let mut latency = latency_histogram();
-    let path = PathAndQuery::from_static(sink_proto::SEND_SENSOR_VALUES_PATH);
     loop {
         let call = shared.next_call.fetch_add(1, Ordering::Relaxed);
         let Some(request) = shared.plan.request(call) else {
@@ -276,7 +254,7 @@ async fn run_worker(mut client: Grpc<Channel>, shared: Arc<Shared>) -> Histogram
             break;
         }
         let started = Instant::now();
-        let acknowledged = send_with_retries(&mut client, &path, request, &shared).await;
+        let acknowledged = send_with_retries(&connection, request, &shared).await;
         latency.saturating_record(started.elapsed().as_micros() as u64);
         let counters = &shared.counters;
         if acknowledged {
@@ -293,15 +271,10 @@ async fn run_worker(mut client: Grpc<Channel>, shared: Arc<Shared>) -> Histogram
 
 /// Sends one call, retrying UNAVAILABLE and RESOURCE_EXHAUSTED as the
 /// server's RetryInfo says; true when the server acknowledged it.
-async fn send_with_retries(
-    client: &mut Grpc<Channel>,
-    path: &PathAndQuery,
-    request: &Encoded,
-    shared: &Shared,
-) -> bool {
+async fn send_with_retries(connection: &Connection, request: &Encoded, shared: &Shared) -> bool {
     let mut attempt = 0;
     loop {
-        let status = match send(client, path, request).await {
+        let status = match connection.call(request.frame.clone()).await {
             Ok(()) => return true,
             Err(status) => status,
         };
@@ -319,25 +292,6 @@ async fn send_with_retries(
             .min(shared.retry.max_delay);
         tokio::time::sleep(delay).await;
     }
-}
-
-async fn send(
-    client: &mut Grpc<Channel>,
-    path: &PathAndQuery,
-    request: &Encoded,
-) -> Result<(), Status> {
-    client
-        .ready()
-        .await
-        .map_err(|err| Status::unavailable(format!("connection not ready: {err}")))?;
-    client
-        .unary(
-            Request::new(request.bytes.clone()),
-            path.clone(),
-            PreEncoded,
-        )
-        .await?;
-    Ok(())
 }
 
 /// Prints each second the rates of the last second and the errors so far.

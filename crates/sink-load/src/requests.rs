@@ -12,8 +12,10 @@ const MAX_VARIANTS: u64 = 256;
 /// One encoded request and how many readings it carries.
 #[derive(Debug, Clone)]
 pub struct Encoded {
-    /// The `SensorValuesRequest`, protobuf-encoded.
-    pub bytes: Bytes,
+    /// The `SensorValuesRequest`, protobuf-encoded, as one gRPC frame: a
+    /// byte saying "not compressed", the length as 4 bytes big-endian, the
+    /// message. Calls share these bytes; none copies them.
+    pub frame: Bytes,
     /// Its number of readings.
     pub readings: u64,
 }
@@ -46,7 +48,7 @@ impl Plan {
         let sensors = sensors.max(1);
         let cycle = sensors / gcd(sensors, per_call);
         let encode = |call: u64, readings: u64| Encoded {
-            bytes: encode_call(call * per_call, readings, sensors, created_at).into(),
+            frame: encode_call(call * per_call, readings, sensors, created_at).into(),
             readings,
         };
         let variants = (0..cycle.min(MAX_VARIANTS))
@@ -92,7 +94,15 @@ fn encode_call(
             })
             .collect(),
     };
-    request.encode_to_vec()
+    let length = request.encoded_len();
+    let mut frame = Vec::with_capacity(5 + length);
+    frame.push(0);
+    // A request over 4 GiB would be refused by any server long before.
+    frame.extend_from_slice(&u32::try_from(length).unwrap_or(u32::MAX).to_be_bytes());
+    request
+        .encode(&mut frame)
+        .expect("a Vec grows to any encoded length");
+    frame
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -104,7 +114,13 @@ mod tests {
     use super::*;
 
     fn decode(encoded: &Encoded) -> SensorValuesRequest {
-        SensorValuesRequest::decode(encoded.bytes.clone()).unwrap()
+        let (prefix, message) = encoded.frame.split_at(5);
+        assert_eq!(prefix[0], 0, "not compressed");
+        assert_eq!(
+            u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize,
+            message.len()
+        );
+        SensorValuesRequest::decode(message).unwrap()
     }
 
     fn names(encoded: &Encoded) -> Vec<String> {
