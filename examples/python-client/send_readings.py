@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""A client of the sink written in Python, as an existing sensor node might be.
+
+It compiles proto/sensor/v1/sensor.proto at run time with grpcio-tools (no Rust,
+no generated code checked in) and sends readings to
+sensor.v1.SensorService/SendSensorValues, including the cases the wire format
+has to carry exactly: a value of 0, no value at all (the Int64Value wrapper
+left unset) and no timestamp.
+
+    pip install grpcio grpcio-tools
+    python3 examples/python-client/send_readings.py --address 127.0.0.1:8000 --count 10
+
+It prints one line per call and exits non-zero if a call fails.
+"""
+
+import argparse
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+from grpc_tools import protoc
+
+PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
+
+
+def compile_proto(out_dir):
+    """Generates the sensor.v1 Python modules into out_dir and imports them."""
+    well_known = Path(protoc.__file__).resolve().parent / "_proto"
+    status = protoc.main([
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        str(PROTO_ROOT / "sensor/v1/sensor.proto"),
+    ])
+    if status != 0:
+        sys.exit(f"protoc failed on {PROTO_ROOT / 'sensor/v1/sensor.proto'}")
+    sys.path.insert(0, str(out_dir))
+    return (
+        importlib.import_module("sensor.v1.sensor_pb2"),
+        importlib.import_module("sensor.v1.sensor_pb2_grpc"),
+    )
+
+
+def readings(pb, prefix, count):
+    """count readings: `<prefix><i>` with value i at 2026-11-28T10:00:00Z, except
+    that the second has no value and the third no timestamp."""
+    items = []
+    for i in range(count):
+        item = pb.SensorValue(sensor_name=f"{prefix}{i}")
+        if i != 1:
+            item.measurement.sensor_value.value = i
+        if i != 2:
+            item.measurement.created_at.FromJsonString("2026-11-28T10:00:00Z")
+        if i in (1, 2):
+            # Make sure the measurement message is present even when a field is unset.
+            item.measurement.SetInParent()
+        items.append(item)
+    return items
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--address", default="127.0.0.1:8000")
+    parser.add_argument("--count", type=int, default=10, help="readings to send")
+    parser.add_argument("--per-call", type=int, default=5, help="readings per call")
+    parser.add_argument("--prefix", default="py-")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        pb, pb_grpc = compile_proto(out_dir)
+        items = readings(pb, args.prefix, args.count)
+        with grpc.insecure_channel(args.address) as channel:
+            stub = pb_grpc.SensorServiceStub(channel)
+            for start in range(0, len(items), args.per_call):
+                call = items[start:start + args.per_call]
+                try:
+                    stub.SendSensorValues(pb.SensorValuesRequest(items=call), timeout=10)
+                except grpc.RpcError as err:
+                    sys.exit(f"call failed: {err.code().name}: {err.details()}")
+                print(f"sent {len(call)} readings: OK")
+
+
+if __name__ == "__main__":
+    main()
