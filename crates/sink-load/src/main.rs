@@ -165,14 +165,19 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     }
     let connections = connect_all(&args.address, args.connections).await?;
 
-    let created_at = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let created_at = prost_types::Timestamp {
-        seconds: created_at.as_secs() as i64,
-        nanos: created_at.subsec_nanos() as i32,
+    let first_created_at = prost_types::Timestamp {
+        seconds: now.as_secs() as i64,
+        nanos: now.subsec_nanos() as i32,
     };
-    let plan = Plan::new(args.readings_per_call, args.sensors, args.count, created_at);
+    let plan = Plan::new(
+        args.readings_per_call,
+        args.sensors,
+        args.count,
+        first_created_at,
+    );
     let start = Instant::now();
     let deadline = match args.count {
         Some(_) => args.duration.map(|d| start + d),

@@ -21,10 +21,12 @@ pub struct Encoded {
 }
 
 /// What every call of a run sends. Reading `i` of the run is named
-/// `sensor-<i mod sensors>`; call `k` carries readings `k * per_call ..`, and
+/// `sensor-<i mod sensors>`, has value `i` and was created `i` milliseconds
+/// after the start, so that, as from real sensors, no two readings of a call
+/// share a timestamp; call `k` carries readings `k * per_call ..`, and
 /// with a total count the last call carries what is left. Calls cycle through
-/// at most [`MAX_VARIANTS`] distinct encoded requests, so values (`i` within
-/// the cycle) repeat across cycles.
+/// at most [`MAX_VARIANTS`] distinct encoded requests, so values and
+/// timestamps (`i` within the cycle) repeat across cycles.
 #[derive(Debug)]
 pub struct Plan {
     variants: Vec<Encoded>,
@@ -36,19 +38,19 @@ pub struct Plan {
 
 impl Plan {
     /// Encodes the requests for `per_call` readings per call over `sensors`
-    /// sensor names, `count` readings in all (or unbounded), all stamped
-    /// `created_at`.
+    /// sensor names, `count` readings in all (or unbounded), created from
+    /// `start` on.
     pub fn new(
         per_call: u64,
         sensors: u64,
         count: Option<u64>,
-        created_at: prost_types::Timestamp,
+        start: prost_types::Timestamp,
     ) -> Self {
         let per_call = per_call.max(1);
         let sensors = sensors.max(1);
         let cycle = sensors / gcd(sensors, per_call);
         let encode = |call: u64, readings: u64| Encoded {
-            frame: encode_call(call * per_call, readings, sensors, created_at).into(),
+            frame: encode_call(call * per_call, readings, sensors, start).into(),
             readings,
         };
         let variants = (0..cycle.min(MAX_VARIANTS))
@@ -77,19 +79,14 @@ impl Plan {
     }
 }
 
-fn encode_call(
-    first: u64,
-    readings: u64,
-    sensors: u64,
-    created_at: prost_types::Timestamp,
-) -> Vec<u8> {
+fn encode_call(first: u64, readings: u64, sensors: u64, start: prost_types::Timestamp) -> Vec<u8> {
     let request = SensorValuesRequest {
         items: (first..first + readings)
             .map(|i| SensorValue {
                 sensor_name: format!("sensor-{}", i % sensors),
                 measurement: Some(Measurement {
                     sensor_value: Some(i as i64),
-                    created_at: Some(created_at),
+                    created_at: Some(millis_after(start, i)),
                 }),
             })
             .collect(),
@@ -103,6 +100,15 @@ fn encode_call(
         .encode(&mut frame)
         .expect("a Vec grows to any encoded length");
     frame
+}
+
+/// `start` plus `millis` milliseconds.
+fn millis_after(start: prost_types::Timestamp, millis: u64) -> prost_types::Timestamp {
+    let nanos = i64::from(start.nanos) + (millis % 1000) as i64 * 1_000_000;
+    prost_types::Timestamp {
+        seconds: start.seconds + (millis / 1000) as i64 + nanos / 1_000_000_000,
+        nanos: (nanos % 1_000_000_000) as i32,
+    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -166,12 +172,30 @@ mod tests {
     }
 
     #[test]
-    fn requests_carry_value_and_timestamp() {
-        let plan = Plan::new(1, 1, Some(1), T);
-        let item = &decode(plan.request(0).unwrap()).items[0];
-        let measurement = item.measurement.as_ref().unwrap();
-        assert_eq!(measurement.sensor_value, Some(0));
-        assert_eq!(measurement.created_at, Some(T));
+    fn requests_carry_values_and_distinct_timestamps() {
+        let plan = Plan::new(2, 1, Some(2), T);
+        let items = decode(plan.request(0).unwrap()).items;
+        let measurements: Vec<_> = items.iter().map(|i| i.measurement.unwrap()).collect();
+        assert_eq!(measurements[0].sensor_value, Some(0));
+        assert_eq!(measurements[0].created_at, Some(T));
+        assert_eq!(measurements[1].sensor_value, Some(1));
+        assert_eq!(
+            measurements[1].created_at,
+            Some(prost_types::Timestamp {
+                seconds: T.seconds,
+                nanos: 1_000_000
+            })
+        );
         assert!(plan.request(1).is_none());
+    }
+
+    #[test]
+    fn milliseconds_carry_into_seconds() {
+        let start = prost_types::Timestamp {
+            seconds: 10,
+            nanos: 999_500_000,
+        };
+        let later = millis_after(start, 2_001);
+        assert_eq!((later.seconds, later.nanos), (13, 500_000));
     }
 }
