@@ -113,17 +113,29 @@ struct TimestampText {
     text: Vec<u8>,
 }
 
+/// Length of `"YYYY-MM-DDTHH:MM:SS`, the opening quote included.
+const QUOTED_DATE_TIME: usize = 20;
+
 impl TimestampText {
-    /// Appends `timestamp` as a JSON string, formatting it only when it
-    /// differs from the last one.
+    /// Appends `timestamp` as a JSON string, formatting only what differs
+    /// from the last one: nothing for the same instant, the fraction alone
+    /// within the same second (readings taken together share their second).
     fn write_quoted(&mut self, timestamp: Timestamp, out: &mut Vec<u8>) {
-        if self.last != Some(timestamp) {
-            self.text.clear();
-            self.text.push(b'"');
-            timestamp.write_rfc3339(&mut self.text);
-            self.text.push(b'"');
-            self.last = Some(timestamp);
+        match self.last {
+            Some(last) if last == timestamp => {}
+            Some(last) if last.seconds() == timestamp.seconds() => {
+                self.text.truncate(QUOTED_DATE_TIME);
+                timestamp.write_fraction_and_zone(&mut self.text);
+                self.text.push(b'"');
+            }
+            _ => {
+                self.text.clear();
+                self.text.push(b'"');
+                timestamp.write_rfc3339(&mut self.text);
+                self.text.push(b'"');
+            }
         }
+        self.last = Some(timestamp);
         out.extend_from_slice(&self.text);
     }
 }
@@ -231,6 +243,17 @@ mod tests {
         batch[0].created_at = Some(at(10, 0));
         batch[1].created_at = Some(at(10, 0));
         batch[3].created_at = Some(at(10, 5_000));
+        // Same second, fractions of every length, and back to none.
+        for (i, nanos) in [123_000_000, 1, 0, 999_999_000, 7_000_000]
+            .into_iter()
+            .enumerate()
+        {
+            let mut extra = reading(&format!("same-second-{i}"), None);
+            extra.created_at = Some(at(10, nanos));
+            batch.push(extra);
+        }
+        batch.push(reading("next-second", None));
+        batch[9].created_at = Some(at(11, 5_000));
         batch[2].received_at = at(20, 0);
         batch[3].received_at = at(21, 0);
         let mut out = Vec::new();

@@ -86,6 +86,13 @@ impl Timestamp {
     /// 6 or 9 fractional digits, the fewest that keep the value exact (as the
     /// protobuf JSON mapping does). Formats by hand: this runs for every reading.
     pub fn write_rfc3339(self, out: &mut Vec<u8>) {
+        self.write_date_time(out);
+        self.write_fraction_and_zone(out);
+    }
+
+    /// Appends `YYYY-MM-DDTHH:MM:SS`, the part of the RFC 3339 form that
+    /// whole seconds decide (always 19 bytes: years have four digits).
+    pub(crate) fn write_date_time(self, out: &mut Vec<u8>) {
         let days = self.seconds.div_euclid(86_400);
         let secs_of_day = self.seconds.rem_euclid(86_400) as u32;
         let (year, month, day) = civil_from_days(days);
@@ -97,6 +104,10 @@ impl Timestamp {
         put_digits(&mut text[14..16], secs_of_day / 60 % 60);
         put_digits(&mut text[17..19], secs_of_day % 60);
         out.extend_from_slice(&text);
+    }
+
+    /// Appends the fraction of a second, if any, and the `Z`.
+    pub(crate) fn write_fraction_and_zone(self, out: &mut Vec<u8>) {
         if self.nanos != 0 {
             let mut fraction = *b".000000000";
             put_digits(&mut fraction[1..], self.nanos);
