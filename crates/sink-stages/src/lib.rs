@@ -6,6 +6,7 @@
 //! | processor | `buffered` | [`processors::buffered`] |
 //! | sink | `json_file` | [`sinks::json_file`] |
 //! | sink | `stdout` | [`sinks::stdout`] |
+//! | sink | `blackhole` | [`sinks::blackhole`] |
 //!
 //! Types register themselves with `typetag` when this crate is linked; a binary
 //! that names no item of it must still say `use sink_stages as _;`.
