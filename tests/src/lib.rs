@@ -120,18 +120,7 @@ impl SinkProcess {
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("pipeline.toml"), pipeline).expect("write pipeline");
-        let mut command = Command::new(binary);
-        command
-            .arg("--pipeline")
-            .arg("pipeline.toml")
-            .args(args)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
-        }
+        let mut command = sink_command(binary, dir.path(), args, env);
         let mut child = command.spawn().expect("start sink");
         let (log, log_reader) = collect_lines(child.stderr.take().expect("stderr"));
         let mut readers = vec![log_reader];
@@ -542,6 +531,24 @@ pub struct Finished {
     pub dir: tempfile::TempDir,
 }
 
+/// `binary <args> --pipeline pipeline.toml` in `dir`, with `env` added and
+/// every standard stream but stdin piped.
+fn sink_command(binary: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .arg("--pipeline")
+        .arg("pipeline.toml")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+}
+
 /// Runs `sink <args> --pipeline pipeline.toml` with `pipeline` as the file, in
 /// a fresh directory, until it exits (at most [`DEADLINE`]).
 pub fn run_sink(pipeline: &str, args: &[&str], env: &[(&str, &str)]) -> Finished {
@@ -552,18 +559,7 @@ pub fn run_sink(pipeline: &str, args: &[&str], env: &[(&str, &str)]) -> Finished
 
 /// Runs `sink <args> --pipeline pipeline.toml` in `dir` until it exits.
 pub fn run_in(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Finished {
-    let mut command = Command::new(sink_binary());
-    command
-        .args(args)
-        .arg("--pipeline")
-        .arg("pipeline.toml")
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (key, value) in env {
-        command.env(key, value);
-    }
+    let mut command = sink_command(&sink_binary(), dir.path(), args, env);
     let mut child = command.spawn().expect("start sink");
     let (stdout, stdout_reader) = collect_lines(child.stdout.take().expect("stdout"));
     let (stderr, stderr_reader) = collect_lines(child.stderr.take().expect("stderr"));
