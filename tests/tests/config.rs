@@ -363,25 +363,33 @@ fn a_duplicate_id_is_named_without_guesses_about_the_graph() {
 }
 
 #[test]
-fn channel_capacities_must_be_positive_and_sources_have_none() {
-    let text = format!(
-        "[settings]\nchannel_capacity = 0\n{}",
-        [
-            grpc("sensors", "capacity = 5"),
-            stage("sinks", "file", "stdout", &["sensors"], "capacity = 0"),
-        ]
-        .concat()
-    );
-    for needles in [
-        &["key `settings.channel_capacity`", "at least 1"][..],
-        &[
-            "stage `sources.sensors`",
-            "key `capacity`",
-            "a source has no input channel",
-        ][..],
-        &["stage `sinks.file`", "key `capacity`", "at least 1"][..],
-    ] {
-        assert_refused(&text, &[], needles);
+fn channel_capacities_must_be_in_range_and_sources_have_none() {
+    for (global, own) in [("0", "0"), ("4000000000000000000", "2000000")] {
+        let text = format!(
+            "[settings]\nchannel_capacity = {global}\n{}",
+            [
+                grpc("sensors", "capacity = 5"),
+                stage(
+                    "sinks",
+                    "file",
+                    "stdout",
+                    &["sensors"],
+                    &format!("capacity = {own}")
+                ),
+            ]
+            .concat()
+        );
+        for needles in [
+            &["key `settings.channel_capacity`", "from 1 to 1048576"][..],
+            &[
+                "stage `sources.sensors`",
+                "key `capacity`",
+                "a source has no input channel",
+            ][..],
+            &["stage `sinks.file`", "key `capacity`", "from 1 to 1048576"][..],
+        ] {
+            assert_refused(&text, &[], needles);
+        }
     }
 }
 

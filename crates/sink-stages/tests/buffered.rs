@@ -138,10 +138,16 @@ async fn lowering_max_events_below_what_is_held_flushes_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_new_flush_interval_is_scheduled_from_the_change() {
-    let mut stage = Harness::processor(config(1000, HOUR)).expect("builds");
+    let mut stage = Harness::processor(config(1000, 10 * SECOND)).expect("builds");
     stage.send(readings("i", 0..2)).await;
+    // 7 s into the old 10 s period, the interval becomes 5 s: the old tick
+    // (3 s away) must not fire; the next flush is 5 s after the change.
+    assert!(stage.next_batch(7 * SECOND).await.is_none(), "ticked early");
     stage.update(config(1000, 5 * SECOND));
-    assert!(stage.next_batch(4 * SECOND).await.is_none(), "ticked early");
+    assert!(
+        stage.next_batch(4 * SECOND).await.is_none(),
+        "flushed on the old schedule"
+    );
     assert_eq!(stage.next_batch(2 * SECOND).await.expect("tick").len(), 2);
 }
 
@@ -179,4 +185,15 @@ fn refuses_zero_values() {
         .validate()
         .expect_err("flush_interval = 0");
     assert_eq!(err.key, "flush_interval");
+}
+
+#[test]
+fn refuses_an_interval_the_timer_cannot_count() {
+    let err = config(1, Duration::from_secs(400 * 24 * 3600))
+        .validate()
+        .expect_err("flush_interval of 400 days");
+    assert_eq!(err.key, "flush_interval");
+    config(1, Duration::from_secs(365 * 24 * 3600))
+        .validate()
+        .expect("a year is fine");
 }

@@ -172,3 +172,29 @@ async fn a_new_path_on_reload_moves_writing_without_losing_or_splitting_a_line()
     sent.sort();
     assert_eq!(written, sent, "readings lost or repeated across the move");
 }
+
+#[tokio::test]
+async fn a_new_path_that_cannot_be_opened_keeps_the_old_one_until_it_can() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let old = dir.path().join("old.json");
+    let blocker = dir.path().join("blocked");
+    let new = blocker.join("new.json");
+    let stage = Harness::sink(config(&old, Layout::Value)).expect("builds");
+    stage.send(readings("a", 0..3)).await;
+    wait_for(|| lines(&old).len() == 3).await;
+
+    // `blocked` is a file, so `blocked/new.json` cannot be created; the
+    // layout in the same reload still applies.
+    std::fs::write(&blocker, "").expect("blocker");
+    stage.update(config(&new, Layout::Batch));
+    stage.send(readings("b", 0..2)).await;
+    wait_for(|| lines(&old).len() == 4).await;
+    assert_eq!(lines(&old)[3]["messageCount"], 2, "the new layout was not applied");
+
+    // Once the path can be opened, the next batch goes there.
+    std::fs::remove_file(&blocker).expect("unblock");
+    stage.send(readings("c", 0..4)).await;
+    stage.finish().await.expect("ends cleanly");
+    assert_eq!(names(&new), ["c0", "c1", "c2", "c3"]);
+    assert_eq!(names(&old).len(), 5);
+}

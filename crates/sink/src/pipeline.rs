@@ -56,6 +56,10 @@ fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+/// The largest channel capacity accepted, in batches: far more than memory
+/// would hold of real batches, and far below what tokio's channels can count.
+const MAX_CAPACITY: usize = 1 << 20;
+
 fn default_channel_capacity() -> usize {
     1024
 }
@@ -218,11 +222,11 @@ impl Pipeline {
             "settings.",
         )
         .unwrap_or_default();
-        if settings.channel_capacity == 0 {
+        if !(1..=MAX_CAPACITY).contains(&settings.channel_capacity) {
             errors.push(
                 None,
                 Some("settings.channel_capacity".into()),
-                "must be at least 1".into(),
+                format!("must be from 1 to {MAX_CAPACITY} batches"),
             );
         }
 
@@ -389,12 +393,12 @@ fn parse_stage(
             );
             0
         }
-        (_, Some(Value::Integer(n))) if n >= 1 => n as usize,
+        (_, Some(Value::Integer(n))) if (1..=MAX_CAPACITY as i64).contains(&n) => n as usize,
         (_, Some(other)) => {
             errors.push(
                 Some(stage.clone()),
                 Some("capacity".into()),
-                format!("must be an integer of at least 1, not {other}"),
+                format!("must be an integer from 1 to {MAX_CAPACITY}, not {other}"),
             );
             default_capacity
         }

@@ -18,6 +18,8 @@ use crate::pipeline::{Pipeline, PipelineError, PipelineErrors, StageConfig};
 pub struct Running {
     shutdown: ShutdownSignal,
     tasks: JoinSet<(String, Result<(), StageError>)>,
+    /// Stage ids by task, to name a stage that panicked.
+    names: HashMap<tokio::task::Id, String>,
     params: HashMap<String, ParamSender>,
     accepted: Vec<(String, Arc<AtomicU64>)>,
     written: Vec<(String, Arc<AtomicU64>)>,
@@ -101,6 +103,7 @@ impl Running {
         let mut running = Self {
             shutdown: ShutdownSignal::new(),
             tasks: JoinSet::new(),
+            names: HashMap::new(),
             params: HashMap::new(),
             accepted: Vec::new(),
             written: Vec::new(),
@@ -117,26 +120,25 @@ impl Running {
             let output = outputs.get(&stage.id).cloned().unwrap_or_default();
             let input = inputs.remove(&stage.id);
             let id = stage.id.clone();
-            match (built, input) {
+            let task = match (built, input) {
                 (Built::Source(source), _) => {
                     running.accepted.push((id.clone(), output.sent_counter()));
                     running
                         .tasks
-                        .spawn(async move { (id, source.run(output, cx).await) });
+                        .spawn(async move { (id, source.run(output, cx).await) })
                 }
-                (Built::Processor(processor), Some(input)) => {
-                    running
-                        .tasks
-                        .spawn(async move { (id, processor.run(input, output, cx).await) });
-                }
+                (Built::Processor(processor), Some(input)) => running
+                    .tasks
+                    .spawn(async move { (id, processor.run(input, output, cx).await) }),
                 (Built::Sink(sink), Some(input)) => {
                     running.written.push((id.clone(), input.received_counter()));
                     running
                         .tasks
-                        .spawn(async move { (id, sink.run(input, cx).await) });
+                        .spawn(async move { (id, sink.run(input, cx).await) })
                 }
                 (_, None) => unreachable!("every processor and sink was given an input above"),
-            }
+            };
+            running.names.insert(task.id(), stage.id);
         }
         Ok(running)
     }
@@ -168,8 +170,13 @@ impl Running {
                     return Some(id);
                 }
                 Err(err) => {
-                    tracing::error!("a stage panicked: {err}");
-                    return Some("(panicked)".into());
+                    let id = self
+                        .names
+                        .get(&err.id())
+                        .cloned()
+                        .unwrap_or_else(|| "(unknown)".into());
+                    tracing::error!(stage = id, "stage panicked: {err}");
+                    return Some(id);
                 }
             }
         }
@@ -199,7 +206,7 @@ impl Running {
                 let received = received.load(Ordering::Relaxed);
                 tracing::error!(
                     stage = sink,
-                    "shutdown_timeout ({}) passed: sources accepted {accepted} readings, this sink took {received}; up to {} readings lost",
+                    "shutdown_timeout ({}) passed: sources accepted {accepted} readings, this sink took {received}: at least {} readings lost, more if its last write did not finish",
                     humantime::format_duration(timeout),
                     accepted.saturating_sub(received)
                 );

@@ -27,6 +27,10 @@ pub struct BufferedConfig {
     pub flush_interval: Duration,
 }
 
+/// Far beyond any useful interval, and far below where the timer's arithmetic
+/// would overflow.
+const MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn default_max_events() -> usize {
     10
 }
@@ -52,6 +56,12 @@ impl ProcessorConfig for BufferedConfig {
         }
         if self.flush_interval.is_zero() {
             return Err(ConfigError::new("flush_interval", "must be longer than 0s"));
+        }
+        if self.flush_interval > MAX_FLUSH_INTERVAL {
+            return Err(ConfigError::new(
+                "flush_interval",
+                "must be at most 365 days (the timer cannot count further)",
+            ));
         }
         Ok(())
     }

@@ -48,14 +48,29 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
     cx: Context,
 ) -> Result<(), StageError> {
     let mut params = cx.params::<C>();
+    // The config whose target is open. It lags `config` while a reload's new
+    // target cannot be opened; every batch tries again, so the sink ends up
+    // where the file says as soon as it can.
+    let mut open_for = Arc::clone(&config);
     let mut pending = Pending {
         target,
         bytes: Vec::with_capacity(64 * 1024),
     };
     loop {
         tokio::select! {
+            // New parameters first: a config handed over before a batch applies to it.
+            biased;
+            new = params.changed() => {
+                config = new;
+                if config.moves_target(&open_for) {
+                    move_target(&mut pending, &mut open_for, &config, cx.id(), true).await;
+                }
+            }
             received = input.recv() => {
                 let Some(batch) = received else { break };
+                if config.moves_target(&open_for) {
+                    move_target(&mut pending, &mut open_for, &config, cx.id(), false).await;
+                }
                 pending.bytes.clear();
                 let now = Timestamp::now();
                 encode_batch(config.layout(), &batch, now, &mut pending.bytes);
@@ -67,33 +82,39 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
                     let Ok(batch) = input.try_recv() else { break };
                     encode_batch(config.layout(), &batch, now, &mut pending.bytes);
                 }
-                pending = write_until_done(pending, &config, cx.id()).await?;
-            }
-            new = params.changed() => {
-                if new.moves_target(&config) {
-                    match new.open() {
-                        Ok(target) => {
-                            let old = std::mem::replace(&mut pending.target, target);
-                            close(old, &config.target_name(), cx.id()).await;
-                            tracing::info!(stage = cx.id(), "now writing to {}", new.target_name());
-                        }
-                        Err(err) => {
-                            tracing::warn!(
-                                stage = cx.id(),
-                                "cannot open {}: {err}; still writing to {}",
-                                new.target_name(),
-                                config.target_name()
-                            );
-                            continue;
-                        }
-                    }
-                }
-                config = new;
+                pending = write_until_done(pending, &open_for, cx.id()).await?;
             }
         }
     }
-    close(pending.target, &config.target_name(), cx.id()).await;
+    close(pending.target, &open_for.target_name(), cx.id()).await;
     Ok(())
+}
+
+/// Opens `wanted`'s target and, if that works, closes the old one and writes
+/// there from now on. A failure keeps the old target; it is logged at WARN
+/// when `loudly` (on reload), not on each batch's retry.
+async fn move_target<C: LineSinkConfig>(
+    pending: &mut Pending<C::Target>,
+    open_for: &mut Arc<C>,
+    wanted: &Arc<C>,
+    stage: &str,
+    loudly: bool,
+) {
+    match wanted.open() {
+        Ok(target) => {
+            let old = std::mem::replace(&mut pending.target, target);
+            close(old, &open_for.target_name(), stage).await;
+            *open_for = Arc::clone(wanted);
+            tracing::info!(stage, "now writing to {}", wanted.target_name());
+        }
+        Err(err) if loudly => tracing::warn!(
+            stage,
+            "cannot open {}: {err}; still writing to {}, trying again before each batch",
+            wanted.target_name(),
+            open_for.target_name()
+        ),
+        Err(err) => tracing::debug!(stage, "still cannot open {}: {err}", wanted.target_name()),
+    }
 }
 
 /// A target and the encoded bytes still to be written to it, moved together
