@@ -146,31 +146,9 @@ impl StageInfo {
     pub fn keys(&self) -> Vec<KeyInfo> {
         let schema = (self.schema)();
         let root = schema.as_value();
-        let required: Vec<&str> = root
-            .get("required")
-            .and_then(Value::as_array)
-            .map(|keys| keys.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let Some(properties) = root.get("properties").and_then(Value::as_object) else {
-            return Vec::new();
-        };
-        properties
-            .iter()
-            .map(|(name, property)| KeyInfo {
-                name: name.clone(),
-                value_type: describe_type(property, root),
-                default: property
-                    .get("default")
-                    .map(json_to_toml)
-                    .or_else(|| (!required.contains(&name.as_str())).then(|| "(none)".into())),
-                live: property.get("x-restart") != Some(&Value::Bool(true)),
-                doc: property
-                    .get("description")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .replace('\n', " "),
-            })
-            .collect()
+        let mut keys = Vec::new();
+        collect_keys(root, root, "", true, &mut keys);
+        keys
     }
 
     /// Keys that a reload cannot change while running.
@@ -190,17 +168,77 @@ impl StageInfo {
             out.push_str("inputs = [\"<upstream id>\"]\n");
         }
         for key in self.keys() {
-            match key.default.as_deref() {
-                None => out.push_str(&format!(
-                    "{} = <{}>   # required\n",
-                    key.name, key.value_type
-                )),
-                Some("(none)") => out.push_str(&format!("# {} = <{}>\n", key.name, key.value_type)),
-                Some(default) => out.push_str(&format!("{} = {default}\n", key.name)),
-            }
+            let line = match (key.default.as_deref(), key.value_type.as_str()) {
+                // A nested key stays commented out: writing it would enable
+                // its optional table.
+                (default, kind) if key.name.contains('.') => {
+                    let placeholder = format!("<{kind}>");
+                    let shown = default.filter(|d| *d != "(none)").unwrap_or(&placeholder);
+                    format!("# {} = {shown}", key.name)
+                }
+                // Required: a placeholder that parses, for the user to fill in.
+                (None, "string" | "duration") => format!("{} = \"\"   # required", key.name),
+                (None, "integer") => format!("{} = 0   # required", key.name),
+                (None, kind) => format!("# {} = <{kind}>   (required)", key.name),
+                (Some("(none)"), kind) => format!("# {} = <{kind}>", key.name),
+                (Some(default), _) => format!("{} = {default}", key.name),
+            };
+            out.push_str(&line);
+            out.push('\n');
         }
         out
     }
+}
+
+/// Appends the keys of the object schema `object` to `keys`, each named after
+/// `prefix`, and the keys of nested tables (`rate_limit.burst_bytes`) after
+/// their table. A nested key is live when its table is.
+fn collect_keys(object: &Value, root: &Value, prefix: &str, live: bool, keys: &mut Vec<KeyInfo>) {
+    let required: Vec<&str> = object
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|keys| keys.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let Some(properties) = object.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    for (name, property) in properties {
+        let key = KeyInfo {
+            name: format!("{prefix}{name}"),
+            value_type: describe_type(property, root),
+            default: property
+                .get("default")
+                .map(json_to_toml)
+                .or_else(|| (!required.contains(&name.as_str())).then(|| "(none)".into())),
+            live: live && property.get("x-restart") != Some(&Value::Bool(true)),
+            doc: property
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .replace('\n', " "),
+        };
+        let nested_live = key.live;
+        keys.push(key);
+        if let Some(table) = table_schema(property, root) {
+            collect_keys(table, root, &format!("{prefix}{name}."), nested_live, keys);
+        }
+    }
+}
+
+/// The object schema a property holds, through a `$ref` and an optional's
+/// `anyOf`/`oneOf`, if it is a table with keys of its own.
+fn table_schema<'a>(property: &'a Value, root: &'a Value) -> Option<&'a Value> {
+    if let Some(reference) = property.get("$ref").and_then(Value::as_str) {
+        let name = reference.rsplit('/').next()?;
+        return table_schema(root.get("$defs")?.get(name)?, root);
+    }
+    if let Some(variants) = property.get("anyOf").or_else(|| property.get("oneOf")) {
+        return variants
+            .as_array()?
+            .iter()
+            .find_map(|v| table_schema(v, root));
+    }
+    property.get("properties").map(|_| property)
 }
 
 /// A short, human reading of a property's JSON schema type.
@@ -211,6 +249,9 @@ fn describe_type(property: &Value, root: &Value) -> String {
             Some(target) => describe_type(target, root),
             None => name.to_string(),
         };
+    }
+    if property.get("format").and_then(Value::as_str) == Some("duration") {
+        return "duration".into();
     }
     if let Some(constant) = property.get("const") {
         return constant.to_string();

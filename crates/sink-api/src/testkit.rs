@@ -150,12 +150,16 @@ impl Harness {
     pub async fn finish(mut self) -> Result<Vec<Reading>, StageError> {
         self.shutdown.trigger();
         drop(self.input.take());
-        let ended = self
-            .task
-            .await
-            .map_err(|err| format!("stage panicked: {err}"))?;
-        ended?;
+        // Drain while the stage ends: one that sends more than the output
+        // channel holds must not wait for room that never comes.
         let mut out = Vec::new();
+        let ended = loop {
+            tokio::select! {
+                ended = &mut self.task => break ended,
+                Some(batch) = self.output.recv() => out.extend(batch),
+            }
+        };
+        ended.map_err(|err| format!("stage panicked: {err}"))??;
         while let Ok(batch) = self.output.try_recv() {
             out.extend(batch);
         }
@@ -204,4 +208,51 @@ pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> 
     let mut expected: Vec<String> = sent.into_iter().map(|r| r.sensor_name).collect();
     expected.sort();
     assert_eq!(names, expected, "the sink lost or repeated readings");
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::{Processor, StageError};
+
+    /// Sends every reading as a batch of its own: more batches than the
+    /// harness's output channel holds.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Split;
+
+    #[typetag::serde(name = "testkit_split")]
+    impl ProcessorConfig for Split {
+        fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+            Ok(Box::new(SplitStage))
+        }
+    }
+
+    struct SplitStage;
+
+    #[async_trait]
+    impl Processor for SplitStage {
+        async fn run(
+            self: Box<Self>,
+            mut input: Input,
+            output: Output,
+            _: Context,
+        ) -> Result<(), StageError> {
+            while let Some(batch) = input.recv().await {
+                for reading in batch {
+                    output.send(vec![reading]).await?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn finish_collects_more_batches_than_the_output_holds() {
+        let stage = Harness::processor(Split).expect("builds");
+        stage.send(readings("s", 0..3000)).await;
+        assert_eq!(stage.finish().await.expect("ends").len(), 3000);
+    }
 }

@@ -14,6 +14,15 @@ use crate::pipeline::{LogLevel, Pipeline, PipelineErrors};
 use crate::reload::{FileWatcher, Plan, Snapshot, configs_to_apply};
 use crate::runtime::{Ending, Running};
 
+/// `println!` that stops quietly when stdout has closed (`sink list | head`)
+/// rather than panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Exit code for a pipeline file with mistakes.
 const EXIT_CONFIG: u8 = 2;
 
@@ -108,7 +117,7 @@ fn validate(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(errors) => return config_failure(&errors),
     };
-    println!(
+    out!(
         "{}: valid, {} stages",
         pipeline.file.display(),
         pipeline.stages.len()
@@ -122,11 +131,11 @@ fn validate(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
     };
     let plan = Plan::between(&Snapshot::of(&old), &Snapshot::of(&pipeline));
     if plan.is_empty() {
-        println!("against {}: nothing would change", against.display());
+        out!("against {}: nothing would change", against.display());
         return ExitCode::SUCCESS;
     }
     if !plan.settings.is_empty() || !plan.stages.is_empty() {
-        println!(
+        out!(
             "against {}: would change live: {}",
             against.display(),
             plan.describe_live()
@@ -136,7 +145,7 @@ fn validate(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     for change in &plan.needs_restart {
-        println!("against {}: needs a restart: {change}", against.display());
+        out!("against {}: needs a restart: {change}", against.display());
     }
     ExitCode::from(EXIT_NEEDS_RESTART)
 }
@@ -157,7 +166,7 @@ fn list(verbose: bool) {
         .max()
         .unwrap_or(0);
     for info in stages {
-        println!(
+        out!(
             "{:<10} {:<name_width$} {:<crate_width$} {}",
             info.kind,
             info.name,
@@ -166,8 +175,8 @@ fn list(verbose: bool) {
         );
         if verbose {
             for key in info.keys() {
-                println!(
-                    "    {:<20} {:<22} default {:<12} {}",
+                out!(
+                    "    {:<28} {:<20} default {:<12} {}",
                     key.name,
                     key.value_type,
                     key.default.as_deref().unwrap_or("(required)"),
@@ -187,7 +196,7 @@ fn describe(name: &str) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     };
-    println!(
+    out!(
         "{} `{}` (crate {})\n{}\n",
         info.kind,
         info.name,
@@ -195,7 +204,7 @@ fn describe(name: &str) -> ExitCode {
         info.description()
     );
     for key in info.keys() {
-        println!(
+        out!(
             "{} ({}, default {}, {})\n    {}\n",
             key.name,
             key.value_type,
@@ -204,7 +213,10 @@ fn describe(name: &str) -> ExitCode {
             key.doc
         );
     }
-    print!("{}", info.example_toml(&format!("my_{}", info.name)));
+    out!(
+        "{}",
+        info.example_toml(&format!("my_{}", info.name)).trim_end()
+    );
     ExitCode::SUCCESS
 }
 

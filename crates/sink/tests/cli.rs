@@ -132,3 +132,41 @@ fn sink_default() -> String {
     ))
     .expect("default pipeline")
 }
+
+#[test]
+fn list_shows_nested_keys_and_durations() {
+    let (ok, out, _) = sink(&["list", "--verbose"]);
+    assert!(ok);
+    let burst = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("rate_limit.burst_bytes"))
+        .expect("a nested key");
+    assert!(
+        burst.contains("integer") && burst.contains("live"),
+        "{burst}"
+    );
+    let interval = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("flush_interval"))
+        .expect("flush_interval");
+    assert!(interval.contains("duration"), "{interval}");
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_list_quietly() {
+    use std::process::Stdio;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sink"))
+        .args(["list", "--verbose"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sink");
+    // Close the reading end before sink writes, as `sink list | head -0`
+    // would: every write then fails with a broken pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}

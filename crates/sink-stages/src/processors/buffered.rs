@@ -23,7 +23,7 @@ pub struct BufferedConfig {
     /// Forward whatever is held this often; the tick restarts after each
     /// flush on size. A duration such as "1m" or "500ms".
     #[serde(default = "default_flush_interval", with = "humantime_serde")]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub flush_interval: Duration,
 }
 

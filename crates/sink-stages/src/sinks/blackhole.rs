@@ -17,7 +17,7 @@ pub struct BlackholeConfig {
     /// ("0s" = no wait). Makes the sink deliberately slow, to show
     /// backpressure reaching the clients under overload.
     #[serde(default, with = "humantime_serde")]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", extend("format" = "duration"))]
     pub delay_per_batch: Duration,
 }
 
