@@ -3,7 +3,10 @@
 //! standard health service and server reflection on the same port.
 //!
 //! The service is written out here rather than generated so that every limit
-//! is read per call and can change on reload without restarting the listener.
+//! is read per call and can change on reload without restarting the listener;
+//! requests are decoded straight into readings by [`decode`].
+
+mod decode;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -14,14 +17,13 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use prost::Message;
 use prost::bytes::Buf;
 use serde::{Deserialize, Serialize};
 use sink_api::{
-    Batch, BuildContext, ConfigError, Context, Output, Reading, SendError, Source, SourceConfig,
-    StageError, Timestamp,
+    Batch, BuildContext, ConfigError, Context, Output, SendError, Source, SourceConfig, StageError,
+    Timestamp,
 };
-use sink_proto::{SensorValue, SensorValuesRequest, SensorValuesResponse};
+use sink_proto::SensorValuesResponse;
 use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
@@ -29,6 +31,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 use tonic_prost::ProstEncoder;
 use tonic_types::{ErrorDetails, StatusExt};
+
+use self::decode::{DecodedRequest, decode_request};
 
 /// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
 /// wire-compatible with the original Go service) and serves the gRPC health
@@ -317,16 +321,17 @@ where
     }
 }
 
-/// tonic's prost codec, except that a request is decoded from one contiguous
-/// slice. Decoding through tonic's `DecodeBuf` makes prost advance a
+/// tonic's prost codec for the response; requests are decoded by
+/// [`decode::decode_request`] from one contiguous slice, straight into the
+/// readings. (Decoding through tonic's `DecodeBuf` made prost advance a
 /// `BytesMut` field by field, which the profile showed costing half as much
-/// again as the decoding itself.
+/// again as the decoding itself.)
 #[derive(Debug, Clone, Copy)]
 struct SensorCodec;
 
 impl Codec for SensorCodec {
     type Encode = SensorValuesResponse;
-    type Decode = SensorValuesRequest;
+    type Decode = DecodedRequest;
     type Encoder = ProstEncoder<SensorValuesResponse>;
     type Decoder = SensorDecoder;
 
@@ -339,50 +344,45 @@ impl Codec for SensorCodec {
     }
 }
 
-/// Decodes a `SensorValuesRequest` from the bytes of one whole message.
+/// Decodes a `SensorValuesRequest` from the bytes of one whole message,
+/// stamping its readings with the time it arrived.
 #[derive(Debug)]
 struct SensorDecoder;
 
 impl Decoder for SensorDecoder {
-    type Item = SensorValuesRequest;
+    type Item = DecodedRequest;
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
         let len = src.remaining();
+        let received_at = Timestamp::now();
         // `DecodeBuf` views one `BytesMut`, so its first chunk is the whole
         // message; the fallback only keeps this correct should that change.
         let decoded = if src.chunk().len() == len {
-            let decoded = SensorValuesRequest::decode(src.chunk());
+            let decoded = decode_request(src.chunk(), received_at);
             src.advance(len);
             decoded
         } else {
-            SensorValuesRequest::decode(&mut *src)
+            decode_request(&src.copy_to_bytes(len), received_at)
         };
-        decoded.map(Some).map_err(undecodable)
+        decoded.map(Some)
     }
-}
-
-/// The status for bytes that are no `SensorValuesRequest`: INTERNAL, as
-/// tonic-prost answers.
-fn undecodable(err: prost::DecodeError) -> Status {
-    Status::internal(err.to_string())
 }
 
 /// Decodes one encoded `SensorValuesRequest` into the batch a call hands on,
 /// all stamped `received_at`, as the service does for every call. Public for
 /// the benchmarks (`cargo bench -p sink-stages`).
 pub fn decode_batch(message: &[u8], received_at: Timestamp) -> Result<Batch, Status> {
-    let request = SensorValuesRequest::decode(message).map_err(undecodable)?;
-    to_batch(request.items, received_at)
+    decode_request(message, received_at)?.readings
 }
 
 struct SendSensorValues(SensorService);
 
-impl UnaryService<SensorValuesRequest> for SendSensorValues {
+impl UnaryService<DecodedRequest> for SendSensorValues {
     type Response = SensorValuesResponse;
     type Future = BoxFuture<Response<SensorValuesResponse>, Status>;
 
-    fn call(&mut self, request: Request<SensorValuesRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<DecodedRequest>) -> Self::Future {
         let service = self.0.clone();
         Box::pin(async move { service.accept(request.into_inner()).await })
     }
@@ -390,12 +390,13 @@ impl UnaryService<SensorValuesRequest> for SendSensorValues {
 
 impl SensorService {
     /// Admits the request under the limits and hands its readings on; OK means
-    /// they are in the pipeline.
+    /// they are in the pipeline. A request with an invalid timestamp is
+    /// refused only once it has passed the other checks.
     async fn accept(
         &self,
-        request: SensorValuesRequest,
+        request: DecodedRequest,
     ) -> Result<Response<SensorValuesResponse>, Status> {
-        if request.items.is_empty() {
+        if request.is_empty() {
             return Ok(Response::new(SensorValuesResponse {}));
         }
         let Some(output) = self.0.output.load_full() else {
@@ -403,9 +404,9 @@ impl SensorService {
         };
         let limits = self.0.limits.load_full();
         if let Some((limit, bucket)) = &limits.rate {
-            admit(request.encoded_len(), *limit, bucket)?;
+            admit(request.encoded_len, *limit, bucket)?;
         }
-        let batch = to_batch(request.items, Timestamp::now())?;
+        let batch = request.readings?;
         let sent = match limits.when_full {
             WhenFull::Wait => output.send(batch).await,
             WhenFull::Reject => output.try_send(batch),
@@ -458,39 +459,11 @@ fn retry_status(code: Code, message: String, delay: Duration) -> Status {
     Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay)))
 }
 
-/// Converts the wire messages into readings, moving each name, refusing
-/// timestamps that RFC 3339 cannot express.
-fn to_batch(items: Vec<SensorValue>, received_at: Timestamp) -> Result<Batch, Status> {
-    let mut batch = Batch::with_capacity(items.len());
-    for (index, item) in items.into_iter().enumerate() {
-        let measurement = item.measurement.unwrap_or_default();
-        let created_at = match measurement.created_at {
-            None => None,
-            Some(t) => Some(
-                u32::try_from(t.nanos)
-                    .ok()
-                    .and_then(|nanos| Timestamp::new(t.seconds, nanos))
-                    .ok_or_else(|| {
-                        Status::invalid_argument(format!(
-                            "items[{index}].measurement.created_at ({}s, {}ns) is outside 0001-01-01..9999-12-31 or has nanos outside 0..1e9",
-                            t.seconds, t.nanos
-                        ))
-                    })?,
-            ),
-        };
-        batch.push(Reading {
-            sensor_name: item.sensor_name,
-            value: measurement.sensor_value,
-            created_at,
-            received_at,
-        });
-    }
-    Ok(batch)
-}
-
 #[cfg(test)]
 mod tests {
+    use prost::Message;
     use sink_proto::sensor_value::Measurement;
+    use sink_proto::{SensorValue, SensorValuesRequest};
 
     use super::*;
 
