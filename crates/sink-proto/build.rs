@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor = PathBuf::from(env::var("OUT_DIR")?).join("sensor_descriptor.bin");
 
     tonic_prost_build::configure()
-        // The server is written by hand (crates/sink-stages/src/sources/grpc.rs) so
+        // The server is written by hand (crates/sink-stages/src/sources/grpc/mod.rs) so
         // that message-size limits can change live; only the client is generated.
         .build_server(false)
         .file_descriptor_set_path(&descriptor)

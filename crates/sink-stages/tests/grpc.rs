@@ -21,6 +21,7 @@ fn config(address: String) -> GrpcConfig {
         rate_limit: None,
         max_message_bytes: 4 * 1024 * 1024,
         when_full: WhenFull::Wait,
+        max_concurrent_calls: 256,
     }
 }
 
@@ -211,6 +212,53 @@ async fn when_full_wait_holds_the_call_until_there_is_room() {
         .expect("the call ends once there is room")
         .expect("no panic")
         .expect("OK");
+    assert_eq!(stage.finish().await.expect("ends").len(), 1024);
+}
+
+#[tokio::test]
+async fn beyond_max_concurrent_calls_a_call_waits_before_it_is_decoded() {
+    let (mut stage, config, mut client) = start(|c| c.max_concurrent_calls = 1).await;
+    for _ in 0..1024 {
+        client
+            .send_sensor_values(request("w", 1))
+            .await
+            .expect("room");
+    }
+    let address: SocketAddr = config.address.parse().expect("address");
+    // This call takes the only permit and waits for room in the output...
+    let mut holder = connect(address).await;
+    let held = tokio::spawn(async move { holder.send_sensor_values(request("held", 1)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so this one, which decoding alone would refuse at once (a timestamp
+    // out of range), must wait for the permit before it is even decoded.
+    let mut bad = request("bad", 1);
+    if let Some(created_at) = bad.items[0]
+        .measurement
+        .as_mut()
+        .and_then(|m| m.created_at.as_mut())
+    {
+        created_at.seconds = i64::MAX;
+    }
+    let mut second = connect(address).await;
+    let refused = tokio::spawn(async move { second.send_sensor_values(bad).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !refused.is_finished(),
+        "decoded beyond max_concurrent_calls"
+    );
+
+    stage.next_batch(WAIT).await.expect("a batch");
+    tokio::time::timeout(WAIT, held)
+        .await
+        .expect("the holder ends once there is room")
+        .expect("no panic")
+        .expect("OK");
+    let status = tokio::time::timeout(WAIT, refused)
+        .await
+        .expect("the second call runs once the permit is free")
+        .expect("no panic")
+        .expect_err("an invalid timestamp");
+    assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(stage.finish().await.expect("ends").len(), 1024);
 }
 

@@ -24,6 +24,7 @@ use sink_api::{
     Timestamp,
 };
 use sink_proto::SensorValuesResponse;
+use tokio::sync::Semaphore;
 use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
@@ -56,6 +57,14 @@ pub struct GrpcConfig {
     /// room (backpressure); `"reject"` fails it with UNAVAILABLE and a RetryInfo.
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Calls decoded and held at once, over all connections (and the most
+    /// streams one connection may open). A call beyond it waits with its body
+    /// unread, so HTTP/2 flow control holds its client back; with the channel
+    /// capacities, this bounds memory: at most this many requests of up to
+    /// `max_message_bytes` are decoded at a time.
+    #[serde(default = "default_max_concurrent_calls")]
+    #[schemars(extend("x-restart" = true))]
+    pub max_concurrent_calls: u32,
 }
 
 /// A token bucket over request bytes.
@@ -86,6 +95,10 @@ pub enum WhenFull {
 /// Suggested wait before retrying a call refused because the pipeline was full.
 const FULL_RETRY_DELAY: Duration = Duration::from_millis(100);
 
+fn default_max_concurrent_calls() -> u32 {
+    256
+}
+
 fn default_max_message_bytes() -> usize {
     4 * 1024 * 1024
 }
@@ -99,6 +112,12 @@ impl RateLimit {
 #[typetag::serde(name = "grpc")]
 impl SourceConfig for GrpcConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent_calls == 0 {
+            return Err(ConfigError::new(
+                "max_concurrent_calls",
+                "must be at least 1",
+            ));
+        }
         if self.max_message_bytes == 0 {
             return Err(ConfigError::new("max_message_bytes", "must be at least 1"));
         }
@@ -155,6 +174,7 @@ impl Source for GrpcSource {
         let shared = Arc::new(Shared {
             limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
             output: ArcSwapOption::from_pointee(output),
+            calls: Arc::new(Semaphore::new(self.config.max_concurrent_calls as usize)),
         });
         let service = SensorService(Arc::clone(&shared));
 
@@ -177,6 +197,7 @@ impl Source for GrpcSource {
         let mut server = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .max_concurrent_streams(Some(self.config.max_concurrent_calls))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -236,6 +257,8 @@ impl Source for GrpcSource {
 struct Shared {
     limits: ArcSwap<Limits>,
     output: ArcSwapOption<Output>,
+    /// One permit per call being decoded or held: `max_concurrent_calls`.
+    calls: Arc<Semaphore>,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -302,7 +325,12 @@ where
         }
         let max_message_bytes = self.0.limits.load().max_message_bytes;
         let handler = SendSensorValues(self.clone());
+        let calls = Arc::clone(&self.0.calls);
         Box::pin(async move {
+            // Beyond `max_concurrent_calls`, wait here before the body is read.
+            let Ok(_permit) = calls.acquire_owned().await else {
+                return Ok(Status::unavailable("the sink is shutting down").into_http());
+            };
             let mut grpc =
                 tonic::server::Grpc::new(SensorCodec).max_decoding_message_size(max_message_bytes);
             let mut response = grpc.unary(handler, request).await;
