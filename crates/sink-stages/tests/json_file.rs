@@ -189,7 +189,11 @@ async fn a_new_path_that_cannot_be_opened_keeps_the_old_one_until_it_can() {
     stage.update(config(&new, Layout::Batch));
     stage.send(readings("b", 0..2)).await;
     wait_for(|| lines(&old).len() == 4).await;
-    assert_eq!(lines(&old)[3]["messageCount"], 2, "the new layout was not applied");
+    assert_eq!(
+        lines(&old)[3]["messageCount"],
+        2,
+        "the new layout was not applied"
+    );
 
     // Once the path can be opened, the next batch goes there.
     std::fs::remove_file(&blocker).expect("unblock");
