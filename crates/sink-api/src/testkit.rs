@@ -126,9 +126,18 @@ impl Harness {
             .expect("the stage stopped reading its input");
     }
 
-    /// Hands the stage a new config, as a reload would.
-    pub fn update<C: Any + Send + Sync>(&self, config: C) {
-        self.params.send(Arc::new(config));
+    /// Hands the stage a new config, as a reload would, and returns its number
+    /// for [`applied`](Self::applied).
+    pub fn update<C: Any + Send + Sync>(&self, config: C) -> u64 {
+        self.params.send(Arc::new(config))
+    }
+
+    /// Whether the stage applied config number `version` (asked for the next
+    /// one, as the runtime's reload confirmation counts it) within `within`.
+    pub async fn applied(&self, version: u64, within: Duration) -> bool {
+        tokio::time::timeout(within, self.params.applied(version))
+            .await
+            .is_ok()
     }
 
     /// Starts shutdown, as SIGTERM would.
@@ -167,9 +176,10 @@ impl Harness {
     }
 }
 
-/// Conformance check for a processor: across batches, a reload with the same
-/// config and a shutdown, every reading that `keeps` selects comes out exactly
-/// once, none other does, and nothing is left behind.
+/// Conformance check for a processor: across batches, a reload mid-stream
+/// and a shutdown, every reading that `keeps` selects comes out exactly once,
+/// none other does, and nothing is left behind; and if the type declares live
+/// keys, the stage confirms the reload (by asking for its next config).
 pub async fn check_processor<C: ProcessorConfig + Clone>(
     config: C,
     keeps: impl Fn(&Reading) -> bool,
@@ -181,10 +191,8 @@ pub async fn check_processor<C: ProcessorConfig + Clone>(
         .map(|r| r.sensor_name.clone())
         .collect();
     let stage = Harness::processor(config.clone()).expect("config builds");
-    for chunk in sent.chunks(97) {
-        stage.send(chunk.to_vec()).await;
-    }
-    stage.update(config);
+    let name = config.typetag_name();
+    send_reloading_midway(&stage, &sent, config, name).await;
     let out = stage.finish().await.expect("stage ends cleanly");
     let names: Vec<String> = out.into_iter().map(|r| r.sensor_name).collect();
     let unique: BTreeSet<String> = names.iter().cloned().collect();
@@ -192,22 +200,51 @@ pub async fn check_processor<C: ProcessorConfig + Clone>(
     assert_eq!(unique, expected, "readings lost or let through wrongly");
 }
 
-/// Conformance check for a sink: 1000 readings in batches, a reload with the
-/// same config, then shutdown; `written` must then list each reading's
-/// sensor name exactly once.
+/// Conformance check for a sink: 1000 readings in batches, a reload
+/// mid-stream, then shutdown; `written` must then list each reading's sensor
+/// name exactly once, and if the type declares live keys, the stage must have
+/// confirmed the reload.
 pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> Vec<String>) {
     let sent = readings("conformance-", 0..1000);
     let stage = Harness::sink(config.clone()).expect("config builds");
-    for chunk in sent.chunks(97) {
-        stage.send(chunk.to_vec()).await;
-    }
-    stage.update(config);
+    let name = config.typetag_name();
+    send_reloading_midway(&stage, &sent, config, name).await;
     stage.finish().await.expect("stage ends cleanly");
     let mut names = written();
     names.sort();
     let mut expected: Vec<String> = sent.into_iter().map(|r| r.sensor_name).collect();
     expected.sort();
     assert_eq!(names, expected, "the sink lost or repeated readings");
+}
+
+/// Sends `readings` in batches, handing the stage `config` again halfway, and
+/// checks that a type with live keys confirms it while batches still flow (a
+/// stage that checks its parameters once per batch confirms on the next).
+async fn send_reloading_midway<C: Any + Send + Sync>(
+    stage: &Harness,
+    readings: &[Reading],
+    config: C,
+    type_name: &str,
+) {
+    let chunks: Vec<&[Reading]> = readings.chunks(97).collect();
+    let (first, second) = chunks.split_at(chunks.len() / 2);
+    for chunk in first {
+        stage.send(chunk.to_vec()).await;
+    }
+    let version = stage.update(config);
+    for chunk in second {
+        stage.send(chunk.to_vec()).await;
+    }
+    let declares_live_keys = crate::registered_stages()
+        .find(|info| info.name == type_name)
+        .is_some_and(|info| info.keys().iter().any(|key| key.live));
+    if declares_live_keys {
+        assert!(
+            stage.applied(version, Duration::from_secs(10)).await,
+            "`{type_name}` declares live keys but never took its new config \
+             (call `cx.params().changed()` or `try_changed()`)"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +284,28 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    /// Declares a live key but never looks at its parameters.
+    #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+    struct Deaf {
+        /// A key it claims to apply live.
+        threshold: i64,
+    }
+
+    #[typetag::serde(name = "testkit_deaf")]
+    impl ProcessorConfig for Deaf {
+        fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+            Ok(Box::new(SplitStage))
+        }
+    }
+
+    crate::register_stage!(processor "testkit_deaf" => Deaf);
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "never took its new config")]
+    async fn conformance_catches_a_stage_that_ignores_its_live_keys() {
+        check_processor(Deaf { threshold: 1 }, |_| true).await;
     }
 
     #[tokio::test]
