@@ -83,6 +83,43 @@ async fn a_request_larger_than_the_burst_is_told_it_can_never_pass() {
 }
 
 #[tokio::test]
+async fn unknown_fields_count_toward_the_rate_limit_cost() {
+    // Valid readings plus an unknown field 99 of 1000 bytes: the cost is the
+    // message as received, so a burst of 1000 can never pass it, although
+    // the readings alone fit.
+    let request = request("u", 10);
+    let known = encoded_len(&request);
+    assert!(known < 1000, "the readings alone must fit the burst");
+    let mut body = prost::Message::encode_to_vec(&request);
+    body.extend_from_slice(&[0x9a, 0x06]); // field 99, length-delimited
+    body.extend_from_slice(&[0xe8, 0x07]); // length 1000
+    body.extend(std::iter::repeat_n(0_u8, 1000));
+    let mut sink = SinkProcess::start(&pipeline_with_source(
+        "rate_limit = { bytes_per_second = 1000000, burst_bytes = 1000 }",
+    ));
+    let refused = call_raw(
+        sink.address("sensors"),
+        "/sensor.v1.SensorService/SendSensorValues",
+        body,
+    )
+    .await
+    .expect_err("over the burst with its unknown field");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("can never pass"),
+        "{}",
+        refused.message()
+    );
+    let mut client = sink.client("sensors").await;
+    client
+        .send_sensor_values(request)
+        .await
+        .expect("the same readings alone pass");
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")).len(), 10);
+}
+
+#[tokio::test]
 async fn an_empty_request_is_ok_and_costs_nothing() {
     let full = request("e", 10);
     let cost = encoded_len(&full);
