@@ -7,7 +7,7 @@ use prost::Message;
 use sink_api::testkit::Harness;
 use sink_proto::sensor_service_client::SensorServiceClient;
 use sink_proto::sensor_value::Measurement;
-use sink_proto::{SensorValue, SensorValuesRequest};
+use sink_proto::{SensorValue, SensorValuesRequest, SensorValuesResponse};
 use sink_stages::sources::grpc::{GrpcConfig, RateLimit, WhenFull};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -79,6 +79,25 @@ fn request(prefix: &str, count: usize) -> SensorValuesRequest {
             })
             .collect(),
     }
+}
+
+/// Fills the test kit's output channel: 1024 batches that nobody reads yet.
+async fn fill_output(client: &mut SensorServiceClient<Channel>) {
+    for _ in 0..1024 {
+        client
+            .send_sensor_values(request("w", 1))
+            .await
+            .expect("room");
+    }
+}
+
+/// Sends `request` on a connection of its own, in the background.
+async fn send_in_background(
+    address: SocketAddr,
+    request: SensorValuesRequest,
+) -> tokio::task::JoinHandle<Result<tonic::Response<SensorValuesResponse>, tonic::Status>> {
+    let mut client = connect(address).await;
+    tokio::spawn(async move { client.send_sensor_values(request).await })
 }
 
 #[tokio::test]
@@ -194,16 +213,9 @@ async fn when_full_reject_answers_unavailable_until_there_is_room() {
 #[tokio::test]
 async fn when_full_wait_holds_the_call_until_there_is_room() {
     let (mut stage, config, mut client) = start(|_| {}).await;
-    for _ in 0..1024 {
-        client
-            .send_sensor_values(request("w", 1))
-            .await
-            .expect("room");
-    }
+    fill_output(&mut client).await;
     let address: SocketAddr = config.address.parse().expect("address");
-    let mut waiting_client = connect(address).await;
-    let waiting =
-        tokio::spawn(async move { waiting_client.send_sensor_values(request("last", 1)).await });
+    let waiting = send_in_background(address, request("last", 1)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiting.is_finished(), "the call did not wait for room");
     stage.next_batch(WAIT).await.expect("a batch");
@@ -218,16 +230,10 @@ async fn when_full_wait_holds_the_call_until_there_is_room() {
 #[tokio::test]
 async fn beyond_max_concurrent_calls_a_call_waits_before_it_is_decoded() {
     let (mut stage, config, mut client) = start(|c| c.max_concurrent_calls = 1).await;
-    for _ in 0..1024 {
-        client
-            .send_sensor_values(request("w", 1))
-            .await
-            .expect("room");
-    }
+    fill_output(&mut client).await;
     let address: SocketAddr = config.address.parse().expect("address");
     // This call takes the only permit and waits for room in the output...
-    let mut holder = connect(address).await;
-    let held = tokio::spawn(async move { holder.send_sensor_values(request("held", 1)).await });
+    let held = send_in_background(address, request("held", 1)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // ...so this one, which decoding alone would refuse at once (a timestamp
     // out of range), must wait for the permit before it is even decoded.
@@ -239,8 +245,7 @@ async fn beyond_max_concurrent_calls_a_call_waits_before_it_is_decoded() {
     {
         created_at.seconds = i64::MAX;
     }
-    let mut second = connect(address).await;
-    let refused = tokio::spawn(async move { second.send_sensor_values(bad).await });
+    let refused = send_in_background(address, bad).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !refused.is_finished(),
