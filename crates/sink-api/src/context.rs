@@ -231,6 +231,22 @@ impl ShutdownSignal {
 /// A bounded channel of batches into a stage, with `capacity` batches of room.
 /// The runtime wires stages with these; the test kit feeds stages with them.
 ///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sink_api::testkit::readings;
+/// use sink_api::{Output, channel};
+///
+/// // One output feeding two stages (fan-out): each gets every batch.
+/// let (to_a, mut a) = channel(8);
+/// let (to_b, mut b) = channel(8);
+/// let output = Output::new(vec![to_a, to_b]);
+/// output.send(readings("t", 0..3)).await.unwrap();
+/// assert_eq!(a.recv().await.unwrap().len(), 3);
+/// assert_eq!(b.recv().await.unwrap().len(), 3);
+/// # }
+/// ```
+///
 /// # Panics
 ///
 /// When `capacity` is 0; the runtime refuses such a file before building.

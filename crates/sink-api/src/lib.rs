@@ -12,6 +12,25 @@
 //!   [`Context`] (shutdown signal, live parameters).
 //!
 //! [`Batch`]es of [`Reading`]s, never single readings, cross the channels.
+//!
+//! ## Live parameters
+//!
+//! On reload the runtime hands a stage its new config, typed as the stage's
+//! own config type, through [`Context::params`]: `changed().await` in a
+//! `select!` loop, or `try_changed()` once per batch. A stage applies what it
+//! can between batches; asking for the next config confirms the last one, and
+//! the runtime logs the reload as applied once every stage it changed has
+//! confirmed. A key that cannot change while running is marked
+//! `#[schemars(extend("x-restart" = true))]`; the runtime then refuses an
+//! edit of it as a topology change and never sends it.
+//!
+//! ## Testing
+//!
+//! [`testkit`] runs one stage with in-memory input and output, and its
+//! [`testkit::check_processor`] and [`testkit::check_sink`] are the
+//! conformance checks every stage should pass.
+
+#![warn(missing_docs)]
 
 mod config;
 mod context;
