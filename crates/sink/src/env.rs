@@ -12,25 +12,46 @@ pub struct SubstituteError {
 }
 
 /// Replaces every `${VAR}` and `${VAR:-default}` in `text` with the value that
-/// `lookup` gives; `default` stands in for a variable that is unset or empty. `$${` stands for a literal `${`. Comment lines (first
-/// non-blank character `#`) are left as they are, so a commented-out key never
-/// needs its variable. Fails with a message naming the variable and the line.
+/// `lookup` gives; `default` stands in for a variable that is unset or empty.
+/// `$${` stands for a literal `${`. Comments (from a `#` outside a quoted
+/// string to the end of its line) are left as they are, so a commented-out key
+/// or a note never needs its variable. Fails with a message naming the
+/// variable and the line.
 pub fn substitute(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<String, SubstituteError> {
     let mut out = String::with_capacity(text.len());
     for (number, line) in text.split_inclusive('\n').enumerate() {
-        if line.trim_start().starts_with('#') {
-            out.push_str(line);
-            continue;
-        }
-        substitute_line(line, &lookup, &mut out).map_err(|message| SubstituteError {
+        let (code, comment) = line.split_at(comment_start(line).unwrap_or(line.len()));
+        substitute_line(code, &lookup, &mut out).map_err(|message| SubstituteError {
             line: number + 1,
             message,
         })?;
+        out.push_str(comment);
     }
     Ok(out)
+}
+
+/// Where a TOML comment starts in `line`: its first `#` outside a basic
+/// (`"..."`, with `\` escapes) or literal (`'...'`) string. A `#` inside a
+/// multi-line string's continuation line counts as a comment here, a case
+/// pipeline files do not need.
+fn comment_start(line: &str) -> Option<usize> {
+    let mut quote = None;
+    let mut escaped = false;
+    for (index, c) in line.char_indices() {
+        match quote {
+            Some('"') if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
+            Some(open) if c == open => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '#' => return Some(index),
+            None => {}
+        }
+    }
+    None
 }
 
 fn substitute_line(
@@ -96,10 +117,10 @@ mod tests {
 
     #[test]
     fn substitutes_values_and_defaults() {
-        let text = "a = \"${PORT}\"\nb = ${MISSING:-7}\nc = \"${EMPTY:-x}\" # $5 and $${LITERAL}\nd = \"${EMPTY}\"\n";
+        let text = "a = \"${PORT}\"\nb = ${MISSING:-7}\nc = \"${EMPTY:-x} costs $5, $${LITERAL}\"\nd = \"${EMPTY}\"\n";
         assert_eq!(
             substitute(text, env).unwrap(),
-            "a = \"9000\"\nb = 7\nc = \"x\" # $5 and ${LITERAL}\nd = \"\"\n"
+            "a = \"9000\"\nb = 7\nc = \"x costs $5, ${LITERAL}\"\nd = \"\"\n"
         );
     }
 
@@ -114,6 +135,20 @@ mod tests {
     #[test]
     fn leaves_comment_lines_alone() {
         assert_eq!(substitute("  # ${NOPE}\n", env).unwrap(), "  # ${NOPE}\n");
+    }
+
+    #[test]
+    fn leaves_trailing_comments_alone_but_not_a_hash_in_a_string() {
+        let text = "a = ${PORT} # was ${NOPE}\nb = \"#${PORT}\" # ${NOPE}\nc = '#' # \"${NOPE}\n";
+        assert_eq!(
+            substitute(text, env).unwrap(),
+            "a = 9000 # was ${NOPE}\nb = \"#9000\" # ${NOPE}\nc = '#' # \"${NOPE}\n"
+        );
+        let escaped = "d = \"\\\"#${PORT}\" # ${NOPE}\n";
+        assert_eq!(
+            substitute(escaped, env).unwrap(),
+            "d = \"\\\"#9000\" # ${NOPE}\n"
+        );
     }
 
     #[test]
