@@ -429,3 +429,25 @@ fn an_address_in_use_fails_at_startup_naming_stage_and_key() {
         .unwrap_or_else(|| panic!("{}", run.stderr));
     assert!(error.contains("in use"), "no OS reason: {error}");
 }
+
+#[test]
+fn every_bad_settings_key_is_reported_not_only_the_first() {
+    let text = format!(
+        "[settings]\nlog_level = \"loud\"\nshutdown_timeout = 5\nchanel_capacity = 3\n{}",
+        [grpc("sensors", ""), stdout_sink("out", &["sensors"], "")].concat()
+    );
+    let run = run_sink(&text, &["validate"], &[]);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    for key in [
+        "key `settings.log_level`",
+        "key `settings.shutdown_timeout`",
+        "key `settings.chanel_capacity`",
+    ] {
+        assert!(run.stderr.contains(key), "{key} missing:\n{}", run.stderr);
+    }
+    assert!(
+        run.stderr.contains("did you mean `channel_capacity`"),
+        "{}",
+        run.stderr
+    );
+}

@@ -215,13 +215,7 @@ impl Pipeline {
         let document: Document = toml::from_str(&text)
             .map_err(|err| errors.single(None, None, err.to_string().trim_end().to_string()))?;
 
-        let settings = deserialize_key::<Settings>(
-            Value::Table(document.settings),
-            &mut errors,
-            None,
-            "settings.",
-        )
-        .unwrap_or_default();
+        let settings = parse_settings(document.settings, &mut errors);
         if !(1..=MAX_CAPACITY).contains(&settings.channel_capacity) {
             errors.push(
                 None,
@@ -279,6 +273,20 @@ struct Document {
     processors: Table,
     #[serde(default)]
     sinks: Table,
+}
+
+/// Reads `[settings]`, reporting every bad key, not only the first: each key
+/// is first read alone (the others at their defaults).
+fn parse_settings(table: Table, errors: &mut Errors) -> Settings {
+    let before = errors.found.len();
+    for (key, value) in &table {
+        let alone = Table::from_iter([(key.clone(), value.clone())]);
+        deserialize_key::<Settings>(Value::Table(alone), errors, None, "settings.");
+    }
+    if errors.found.len() > before {
+        return Settings::default();
+    }
+    deserialize_key::<Settings>(Value::Table(table), errors, None, "settings.").unwrap_or_default()
 }
 
 /// Collects mistakes, each naming the file.
