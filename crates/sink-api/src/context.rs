@@ -252,8 +252,12 @@ impl ShutdownSignal {
 /// When `capacity` is 0; the runtime refuses such a file before building.
 pub fn channel(capacity: usize) -> (BatchSender, Input) {
     let (sender, receiver) = mpsc::channel(capacity);
-    let received = Arc::new(AtomicU64::new(0));
-    (BatchSender(sender), Input { receiver, received })
+    let input = Input {
+        receiver,
+        handled: Arc::default(),
+        in_hand: 0,
+    };
+    (BatchSender(sender), input)
 }
 
 /// The sending end of a stage's input channel; see [`channel`].
@@ -264,30 +268,39 @@ pub struct BatchSender(mpsc::Sender<Batch>);
 #[derive(Debug)]
 pub struct Input {
     receiver: mpsc::Receiver<Batch>,
-    received: Arc<AtomicU64>,
+    /// Readings of the batches the stage has finished with.
+    handled: Arc<AtomicU64>,
+    /// Readings taken since the stage last asked to wait for more.
+    in_hand: u64,
 }
 
 impl Input {
     /// The next batch, or `None` once every upstream stage has finished.
+    ///
+    /// Asking for the next batch says the stage is done with every batch it
+    /// took before (written, for a sink): that is what
+    /// [`handled_counter`](Self::handled_counter) counts.
     pub async fn recv(&mut self) -> Option<Batch> {
+        self.handled.fetch_add(self.in_hand, Ordering::Relaxed);
+        self.in_hand = 0;
         let batch = self.receiver.recv().await?;
-        self.received
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.in_hand = batch.len() as u64;
         Some(batch)
     }
 
-    /// The next batch if one is waiting, without waiting.
+    /// The next batch if one is waiting, without waiting; for a stage that
+    /// gathers what is waiting into one write. It stays in hand until the
+    /// next [`recv`](Self::recv).
     pub fn try_recv(&mut self) -> Result<Batch, mpsc::error::TryRecvError> {
         let batch = self.receiver.try_recv()?;
-        self.received
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.in_hand += batch.len() as u64;
         Ok(batch)
     }
 
-    /// A counter of the readings this input has delivered, for the runtime's
-    /// accounting of what a timed-out shutdown lost.
-    pub fn received_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.received)
+    /// A counter of the readings this stage has finished with, for the
+    /// runtime's account of what a timed-out shutdown lost.
+    pub fn handled_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.handled)
     }
 }
 
@@ -398,7 +411,28 @@ mod tests {
         assert!(a.try_recv().is_err(), "a got a batch that b could not take");
         assert_eq!(b.recv().await.unwrap().len(), 2);
         assert_eq!(output.sent_counter().load(Ordering::Relaxed), 2);
-        assert_eq!(a.received_counter().load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_counts_as_handled_once_the_next_is_asked_for() {
+        let (tx, mut input) = channel(4);
+        let output = Output::new(vec![tx]);
+        for size in [2, 3, 4] {
+            output.send(batch(size)).await.unwrap();
+        }
+        drop(output);
+        let handled = input.handled_counter();
+        input.recv().await.unwrap();
+        input.try_recv().unwrap();
+        assert_eq!(handled.load(Ordering::Relaxed), 0, "still in hand");
+        input.recv().await.unwrap();
+        assert_eq!(handled.load(Ordering::Relaxed), 5);
+        assert!(input.recv().await.is_none());
+        assert_eq!(
+            handled.load(Ordering::Relaxed),
+            9,
+            "the input ended: all done"
+        );
     }
 
     #[tokio::test]

@@ -131,7 +131,7 @@ impl Running {
                     .tasks
                     .spawn(async move { (id, processor.run(input, output, cx).await) }),
                 (Built::Sink(sink), Some(input)) => {
-                    running.written.push((id.clone(), input.received_counter()));
+                    running.written.push((id.clone(), input.handled_counter()));
                     running
                         .tasks
                         .spawn(async move { (id, sink.run(input, cx).await) })
@@ -202,13 +202,13 @@ impl Running {
                 .iter()
                 .map(|(_, n)| n.load(Ordering::Relaxed))
                 .sum();
-            for (sink, received) in &self.written {
-                let received = received.load(Ordering::Relaxed);
+            for (sink, written) in &self.written {
+                let written = written.load(Ordering::Relaxed);
                 tracing::error!(
                     stage = sink,
-                    "shutdown_timeout ({}) passed: sources accepted {accepted} readings, this sink took {received}: at least {} readings lost, more if its last write did not finish",
+                    "shutdown_timeout ({}) passed: sources accepted {accepted} readings, this sink wrote {written}: {} readings lost (fewer if a processor dropped some on purpose)",
                     humantime::format_duration(timeout),
-                    accepted.saturating_sub(received)
+                    accepted.saturating_sub(written)
                 );
             }
             return Ending::TimedOut;
