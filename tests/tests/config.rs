@@ -332,6 +332,11 @@ fn a_json_file_path_that_cannot_be_opened_fails_at_startup_naming_path_and_reaso
     assert!(error.contains("a-directory"), "{error}");
     assert!(error.contains("Is a directory"), "no OS reason: {error}");
     assert!(!run.stderr.contains("pipeline running"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("listening on"),
+        "claims to listen though it never serves:\n{}",
+        run.stderr
+    );
 }
 
 #[tokio::test]

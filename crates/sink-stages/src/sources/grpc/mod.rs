@@ -138,7 +138,7 @@ impl SourceConfig for GrpcConfig {
         Ok(())
     }
 
-    fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
+    fn build(&self, _: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
         let listener = std::net::TcpListener::bind(&self.address)
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
             .map_err(|err| {
@@ -150,7 +150,6 @@ impl SourceConfig for GrpcConfig {
         let local = listener
             .local_addr()
             .map_err(|err| ConfigError::new("address", err.to_string()))?;
-        tracing::info!(stage = cx.id, "grpc source listening on {local}");
         Ok(Box::new(GrpcSource {
             config: self.clone(),
             listener,
@@ -171,6 +170,8 @@ struct GrpcSource {
 impl Source for GrpcSource {
     async fn run(self: Box<Self>, output: Output, cx: Context) -> Result<(), StageError> {
         let listener = tokio::net::TcpListener::from_std(self.listener)?;
+        // Said here rather than at build: a later stage's build may still fail.
+        tracing::info!(stage = cx.id(), "grpc source listening on {}", self.local);
         let shared = Arc::new(Shared {
             limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
             output: ArcSwapOption::from_pointee(output),
