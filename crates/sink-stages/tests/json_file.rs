@@ -11,6 +11,7 @@ fn config(path: &Path, layout: Layout) -> JsonFileConfig {
     JsonFileConfig {
         path: path.to_path_buf(),
         layout,
+        fsync: false,
     }
 }
 
@@ -55,6 +56,28 @@ async fn passes_the_sink_conformance_check_in_both_layouts() {
         let path = dir.path().join(file);
         check_sink(config(&path, layout), || names(&path)).await;
     }
+}
+
+#[tokio::test]
+async fn fsync_on_writes_everything_too_and_can_be_turned_on_live() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("synced.json");
+    let synced = JsonFileConfig {
+        fsync: true,
+        ..config(&path, Layout::Value)
+    };
+    check_sink(synced.clone(), || names(&path)).await;
+    // Live: a reload that only turns fsync on keeps the same file.
+    let other = dir.path().join("other.json");
+    let stage = Harness::sink(config(&other, Layout::Value)).expect("builds");
+    stage.send(readings("a", 0..2)).await;
+    stage.update(JsonFileConfig {
+        fsync: true,
+        ..config(&other, Layout::Value)
+    });
+    stage.send(readings("b", 0..2)).await;
+    stage.finish().await.expect("ends");
+    assert_eq!(names(&other), ["a0", "a1", "b0", "b1"]);
 }
 
 #[tokio::test]

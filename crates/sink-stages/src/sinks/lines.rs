@@ -38,6 +38,12 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     fn reopen_if_moved(&self, _target: &mut Self::Target) -> io::Result<bool> {
         Ok(false)
     }
+
+    /// Makes what was written durable, if the config asks for it. Runs on the
+    /// blocking pool after each write and flush.
+    fn sync(&self, _target: &mut Self::Target) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Writes every batch of `input` to `target` until the input ends, then flushes.
@@ -64,6 +70,9 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
                 config = new;
                 if config.moves_target(&open_for) {
                     move_target(&mut pending, &mut open_for, &config, cx.id(), true).await;
+                } else {
+                    // Same target: the new config is the one it is open for.
+                    open_for = Arc::clone(&config);
                 }
             }
             received = input.recv() => {
@@ -174,7 +183,11 @@ fn reopen_then_write<C: LineSinkConfig>(
         ),
         Err(err) => return Err((from, err)),
     }
-    write_from(&mut pending.target, &pending.bytes, from)
+    write_from(&mut pending.target, &pending.bytes, from)?;
+    // A failed sync is retried like a failed write, with nothing left to write.
+    config
+        .sync(&mut pending.target)
+        .map_err(|err| (pending.bytes.len(), err))
 }
 
 /// Writes `bytes[from..]` and flushes; on failure says how far it got.
