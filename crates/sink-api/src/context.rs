@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::Batch;
+use crate::batch::Lent;
+use crate::{Batch, MemoryBudget, Token};
 
 /// A stage's config as the runtime hands it over on reload: the stage's own
 /// config type, behind `Any`.
@@ -26,6 +27,7 @@ pub struct Context {
     shutdown: ShutdownSignal,
     params: watch::Receiver<Versioned>,
     applied: Arc<watch::Sender<u64>>,
+    memory: MemoryBudget,
 }
 
 impl Context {
@@ -39,6 +41,7 @@ impl Context {
             shutdown,
             params,
             applied: Arc::new(applied),
+            memory: MemoryBudget::unlimited(),
         };
         let sender = ParamSender {
             sender,
@@ -56,6 +59,33 @@ impl Context {
     /// The signal that shutdown has started.
     pub fn shutdown(&self) -> &ShutdownSignal {
         &self.shutdown
+    }
+
+    /// This context sharing the pipeline-wide `memory` budget (the runtime
+    /// sets `settings.memory_limit` here; a new context's is unlimited).
+    pub fn with_memory(mut self, memory: MemoryBudget) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// The pipeline-wide memory budget (`settings.memory_limit`): a source
+    /// reserves a batch's decoded size here before sending it, and attaches
+    /// the [`Reservation`](crate::Reservation) to the batch's [`Token`].
+    ///
+    /// ```
+    /// # async fn demo(cx: sink_api::Context, output: sink_api::Output, batch: sink_api::Batch) {
+    /// use sink_api::Token;
+    /// let bytes = (batch.len() * std::mem::size_of::<sink_api::Reading>()) as u64;
+    /// let Ok(memory) = cx.memory().reserve(bytes).await else {
+    ///     return; // more than the whole budget: refuse it
+    /// };
+    /// let mut batch = batch;
+    /// batch.attach(Token::new(Some(memory)));
+    /// let _ = output.send(batch).await;
+    /// # }
+    /// ```
+    pub fn memory(&self) -> &MemoryBudget {
+        &self.memory
     }
 
     /// New parameters for this stage, typed as its config `C`, as the file is
@@ -256,6 +286,8 @@ pub fn channel(capacity: usize) -> (BatchSender, Input) {
         receiver,
         handled: Arc::default(),
         in_hand: 0,
+        epoch: Arc::default(),
+        taken: Vec::new(),
     };
     (BatchSender(sender), input)
 }
@@ -272,6 +304,12 @@ pub struct Input {
     handled: Arc<AtomicU64>,
     /// Readings taken since the stage last asked to wait for more.
     in_hand: u64,
+    /// How many times the stage has asked for more: batches it took are
+    /// stamped with it, so a batch still held after the next `recv` is known.
+    epoch: Arc<AtomicU64>,
+    /// The tokens of the batches taken since the stage last asked for more:
+    /// finished when it asks again, failed if the input is dropped first.
+    taken: Vec<Token>,
 }
 
 impl Input {
@@ -279,13 +317,15 @@ impl Input {
     ///
     /// Asking for the next batch says the stage is done with every batch it
     /// took before (written, for a sink): that is what
-    /// [`handled_counter`](Self::handled_counter) counts.
+    /// [`handled_counter`](Self::handled_counter) counts, and what finishes
+    /// those batches' [`Token`]s (see [`Batch`] for the rules).
     pub async fn recv(&mut self) -> Option<Batch> {
         self.handled.fetch_add(self.in_hand, Ordering::Relaxed);
         self.in_hand = 0;
+        self.taken.clear();
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         let batch = self.receiver.recv().await?;
-        self.in_hand = batch.len() as u64;
-        Some(batch)
+        Some(self.take(batch))
     }
 
     /// The next batch if one is waiting, without waiting; for a stage that
@@ -293,14 +333,48 @@ impl Input {
     /// next [`recv`](Self::recv).
     pub fn try_recv(&mut self) -> Result<Batch, mpsc::error::TryRecvError> {
         let batch = self.receiver.try_recv()?;
+        Ok(self.take(batch))
+    }
+
+    /// Marks every batch taken since the last [`recv`](Self::recv) failed:
+    /// they could not be written (a sink whose write failed; it may still
+    /// retry, and the sources' clients retry what failed).
+    pub fn fail_taken(&mut self) {
+        for token in &self.taken {
+            token.fail();
+        }
+    }
+
+    /// Lets go of the batches taken, which the caller now answers for.
+    pub(crate) fn forget_taken(&mut self) {
+        self.taken.clear();
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn take(&mut self, mut batch: Batch) -> Batch {
         self.in_hand += batch.len() as u64;
-        Ok(batch)
+        if !batch.tokens().is_empty() {
+            self.taken.extend(batch.tokens().iter().cloned());
+            batch.lend(Lent {
+                epoch: Arc::clone(&self.epoch),
+                at: self.epoch.load(Ordering::Relaxed),
+            });
+        }
+        batch
     }
 
     /// A counter of the readings this stage has finished with, for the
     /// runtime's account of what a timed-out shutdown lost.
     pub fn handled_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.handled)
+    }
+}
+
+impl Drop for Input {
+    /// The stage ended (failed, panicked, or stopped early) without asking
+    /// for more: what it held was not finished.
+    fn drop(&mut self) {
+        self.fail_taken();
     }
 }
 
@@ -335,7 +409,8 @@ impl Output {
     /// Sends `batch` to every downstream stage, waiting while any is full: this
     /// wait is the backpressure that reaches clients. Room is reserved in every
     /// channel before anything is sent, so a batch reaches all or none.
-    pub async fn send(&self, batch: Batch) -> Result<(), SendError> {
+    pub async fn send(&self, batch: impl Into<Batch>) -> Result<(), SendError> {
+        let batch = batch.into();
         let mut permits = Vec::with_capacity(self.targets.len());
         for target in self.targets.iter() {
             match target.0.reserve().await {
@@ -349,7 +424,8 @@ impl Output {
 
     /// Sends `batch` to every downstream stage if all have room now; otherwise
     /// sends nothing and hands it back.
-    pub fn try_send(&self, batch: Batch) -> Result<(), SendError> {
+    pub fn try_send(&self, batch: impl Into<Batch>) -> Result<(), SendError> {
+        let batch = batch.into();
         let mut permits = Vec::with_capacity(self.targets.len());
         for target in self.targets.iter() {
             match target.0.try_reserve() {
@@ -369,9 +445,12 @@ impl Output {
 
     fn deliver(&self, permits: Vec<mpsc::Permit<'_, Batch>>, batch: Batch) {
         self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // In a channel, the batch is no longer in the sending stage's hands.
+        let batch = batch.owned();
         let mut permits = permits.into_iter();
         let last = permits.next_back();
-        // Fan-out copies the batch for all targets but the last, which gets the original.
+        // Fan-out copies the batch, tokens included, for all targets but the
+        // last, which gets the original: every branch must finish its copy.
         for permit in permits {
             permit.send(batch.clone());
         }
@@ -433,6 +512,109 @@ mod tests {
             9,
             "the input ended: all done"
         );
+    }
+
+    fn tracked(n: usize) -> (Batch, crate::Acknowledgement) {
+        let (token, acknowledgement) = Token::acknowledged(None);
+        let mut batch = batch(n);
+        batch.attach(token);
+        (batch, acknowledgement)
+    }
+
+    async fn outcome(acknowledgement: &mut crate::Acknowledgement) -> Option<crate::Delivery> {
+        tokio::time::timeout(Duration::from_millis(20), acknowledgement)
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_sink_finishes_a_batch_by_asking_for_the_next() {
+        let (tx, mut input) = channel(4);
+        let output = Output::new(vec![tx]);
+        let (first, mut first_ack) = tracked(2);
+        let (second, mut second_ack) = tracked(2);
+        output.send(first).await.unwrap();
+        output.send(second).await.unwrap();
+        let taken = input.recv().await.unwrap();
+        drop(taken);
+        assert_eq!(
+            outcome(&mut first_ack).await,
+            None,
+            "finished before asking for more"
+        );
+        let second = input.recv().await.unwrap();
+        assert_eq!(
+            outcome(&mut first_ack).await,
+            Some(crate::Delivery::Written)
+        );
+        // The stage ends (fails) with the second in hand.
+        drop(input);
+        drop(second);
+        assert_eq!(
+            outcome(&mut second_ack).await,
+            Some(crate::Delivery::Failed)
+        );
+    }
+
+    #[tokio::test]
+    async fn fan_out_waits_for_every_branch() {
+        let (a_tx, mut a) = channel(2);
+        let (b_tx, mut b) = channel(2);
+        let output = Output::new(vec![a_tx, b_tx]);
+        let (sent, mut acknowledgement) = tracked(3);
+        output.send(sent).await.unwrap();
+        drop(output);
+        a.recv().await.unwrap();
+        assert!(a.recv().await.is_none());
+        assert_eq!(
+            outcome(&mut acknowledgement).await,
+            None,
+            "b has not written"
+        );
+        b.recv().await.unwrap();
+        assert!(b.recv().await.is_none());
+        assert_eq!(
+            outcome(&mut acknowledgement).await,
+            Some(crate::Delivery::Written)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_kept_across_recv_and_dropped_fails() {
+        let (tx, mut input) = channel(4);
+        let output = Output::new(vec![tx]);
+        let (first, mut acknowledgement) = tracked(2);
+        output.send(first).await.unwrap();
+        output.send(batch(1)).await.unwrap();
+        // A buffering stage that keeps what it took, asks for more, then loses it.
+        let kept = input.recv().await.unwrap();
+        input.recv().await.unwrap();
+        assert_eq!(outcome(&mut acknowledgement).await, None);
+        drop(kept);
+        assert_eq!(
+            outcome(&mut acknowledgement).await,
+            Some(crate::Delivery::Failed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_left_in_a_channel_fails() {
+        let (tx, input) = channel(4);
+        let (sent, acknowledgement) = tracked(2);
+        Output::new(vec![tx]).send(sent).await.unwrap();
+        drop(input);
+        assert_eq!(acknowledgement.await, crate::Delivery::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_fails_what_was_taken() {
+        let (tx, mut input) = channel(4);
+        let (sent, acknowledgement) = tracked(2);
+        Output::new(vec![tx]).send(sent).await.unwrap();
+        drop(input.recv().await.unwrap());
+        input.fail_taken();
+        assert!(input.recv().await.is_none());
+        assert_eq!(acknowledgement.await, crate::Delivery::Failed);
     }
 
     #[tokio::test]

@@ -32,13 +32,16 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod config;
 mod context;
 pub mod json;
 mod reading;
 mod registry;
 pub mod testkit;
+mod token;
 
+pub use batch::Batch;
 pub use config::{
     BuildContext, ConfigError, IntoAny, Processor, ProcessorConfig, Sink, SinkConfig, Source,
     SourceConfig, StageError,
@@ -47,8 +50,9 @@ pub use context::{
     AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError, ShutdownSignal,
     channel,
 };
-pub use reading::{Batch, Reading, Timestamp};
+pub use reading::{Reading, Timestamp};
 pub use registry::{KeyInfo, StageInfo, StageKind, registered_stages};
+pub use token::{Acknowledgement, Delivery, MemoryBudget, Reservation, ReserveError, Token};
 
 #[doc(hidden)]
 pub use inventory;

@@ -27,12 +27,6 @@ pub struct Reading {
     pub received_at: Timestamp,
 }
 
-/// What crosses a channel between two stages: readings that travel together.
-///
-/// Stages pass whole batches, never single readings, so that channel and
-/// wake-up costs are paid once per batch.
-pub type Batch = Vec<Reading>;
-
 /// A UTC instant with nanosecond precision, limited to the years 0001 to 9999
 /// that RFC 3339 (and `google.protobuf.Timestamp`) can express.
 ///

@@ -39,8 +39,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Batch, BatchSender, BuildContext, ConfigError, Context, Input, Output, ParamSender,
-    ProcessorConfig, Reading, ShutdownSignal, SinkConfig, SourceConfig, StageError, Timestamp,
+    Acknowledgement, Batch, BatchSender, BuildContext, ConfigError, Context, Delivery, Input,
+    Output, ParamSender, ProcessorConfig, Reading, ShutdownSignal, SinkConfig, SourceConfig,
+    StageError, Timestamp, Token,
 };
 
 /// Readings named `<prefix><i>` with value `i`, for `i` in `range`.
@@ -117,7 +118,7 @@ impl Harness {
     /// # Panics
     ///
     /// For a source (it has no input), or when the stage has stopped.
-    pub async fn send(&self, batch: Batch) {
+    pub async fn send(&self, batch: impl Into<Batch>) {
         let input = self.input.as_ref().expect("a source has no input");
         let target = Output::new(vec![input.clone()]);
         target
@@ -145,18 +146,27 @@ impl Harness {
         self.shutdown.trigger();
     }
 
-    /// The next batch the stage sent, waiting at most `within`.
-    pub async fn next_batch(&mut self, within: Duration) -> Option<Batch> {
+    /// The readings of the next batch the stage sent, waiting at most
+    /// `within`. Taken here, the batch counts as written.
+    pub async fn next_batch(&mut self, within: Duration) -> Option<Vec<Reading>> {
         tokio::time::timeout(within, self.output.recv())
             .await
             .ok()
             .flatten()
+            .map(Batch::into_readings)
     }
 
     /// Starts shutdown, closes the input (as the runtime does once the sources
     /// have stopped), waits for the stage to end and returns every reading it
     /// sent that was not taken with [`next_batch`](Self::next_batch).
-    pub async fn finish(mut self) -> Result<Vec<Reading>, StageError> {
+    pub async fn finish(self) -> Result<Vec<Reading>, StageError> {
+        let batches = self.finish_batches().await?;
+        Ok(batches.into_iter().flat_map(Batch::into_readings).collect())
+    }
+
+    /// As [`finish`](Self::finish), but the batches whole, tokens and all,
+    /// still unfinished: the caller finishes or drops each.
+    async fn finish_batches(mut self) -> Result<Vec<Batch>, StageError> {
         self.shutdown.trigger();
         drop(self.input.take());
         // Drain while the stage ends: one that sends more than the output
@@ -165,21 +175,26 @@ impl Harness {
         let ended = loop {
             tokio::select! {
                 ended = &mut self.task => break ended,
-                Some(batch) = self.output.recv() => out.extend(batch),
+                Some(batch) = self.output.recv() => out.push(batch.owned()),
             }
         };
         ended.map_err(|err| format!("stage panicked: {err}"))??;
         while let Ok(batch) = self.output.try_recv() {
-            out.extend(batch);
+            out.push(batch.owned());
         }
+        // What was taken is in `out`, which answers for it now.
+        self.output.forget_taken();
         Ok(out)
     }
 }
 
 /// Conformance check for a processor: across batches, a reload mid-stream
 /// and a shutdown, every reading that `keeps` selects comes out exactly once,
-/// none other does, and nothing is left behind; and if the type declares live
-/// keys, the stage confirms the reload (by asking for its next config).
+/// none other does, and nothing is left behind; every reading comes out in a
+/// batch that carries the [`Token`] of the batch it went in with (so
+/// acknowledgements follow it), and every token resolves as written once the
+/// output is; and if the type declares live keys, the stage confirms the
+/// reload (by asking for its next config).
 pub async fn check_processor<C: ProcessorConfig + Clone>(
     config: C,
     keeps: impl Fn(&Reading) -> bool,
@@ -192,8 +207,25 @@ pub async fn check_processor<C: ProcessorConfig + Clone>(
         .collect();
     let stage = Harness::processor(config.clone()).expect("config builds");
     let name = config.typetag_name();
-    send_reloading_midway(&stage, &sent, config, name).await;
-    let out = stage.finish().await.expect("stage ends cleanly");
+    let calls = send_reloading_midway(&stage, &sent, config, name).await;
+    let out = stage.finish_batches().await.expect("stage ends cleanly");
+    for batch in &out {
+        for reading in batch.iter() {
+            let ((token, _), _) = calls
+                .iter()
+                .find(|((_, names), _)| names.contains(&reading.sensor_name))
+                .expect("a reading that was sent");
+            assert!(
+                batch.tokens().iter().any(|carried| carried.same_as(token)),
+                "`{name}` lost the acknowledgement token of `{}`'s batch: forward, merge \
+                 and split batches with `Output::send`, `Batch::append` and `split_off`, \
+                 or `carry_tokens_of` the batch a new one is built from",
+                reading.sensor_name
+            );
+        }
+    }
+    let out: Vec<Reading> = out.into_iter().flat_map(Batch::into_readings).collect();
+    expect_written(calls, name).await;
     let names: Vec<String> = out.into_iter().map(|r| r.sensor_name).collect();
     let unique: BTreeSet<String> = names.iter().cloned().collect();
     assert_eq!(unique.len(), names.len(), "a reading came out twice");
@@ -202,14 +234,16 @@ pub async fn check_processor<C: ProcessorConfig + Clone>(
 
 /// Conformance check for a sink: 1000 readings in batches, a reload
 /// mid-stream, then shutdown; `written` must then list each reading's sensor
-/// name exactly once, and if the type declares live keys, the stage must have
-/// confirmed the reload.
+/// name exactly once, every batch's [`Token`] must have resolved as written,
+/// and if the type declares live keys, the stage must have confirmed the
+/// reload.
 pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> Vec<String>) {
     let sent = readings("conformance-", 0..1000);
     let stage = Harness::sink(config.clone()).expect("config builds");
     let name = config.typetag_name();
-    send_reloading_midway(&stage, &sent, config, name).await;
+    let calls = send_reloading_midway(&stage, &sent, config, name).await;
     stage.finish().await.expect("stage ends cleanly");
+    expect_written(calls, name).await;
     let mut names = written();
     names.sort();
     let mut expected: Vec<String> = sent.into_iter().map(|r| r.sensor_name).collect();
@@ -217,23 +251,40 @@ pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> 
     assert_eq!(names, expected, "the sink lost or repeated readings");
 }
 
+/// One batch the checks sent, as a call of a source would: its token, the
+/// names of its readings, and its acknowledgement.
+type Call = (Token, BTreeSet<String>);
+
 /// Sends `readings` in batches, handing the stage `config` again halfway, and
 /// checks that a type with live keys confirms it while batches still flow (a
 /// stage that checks its parameters once per batch confirms on the next).
+/// Each batch carries a token of its own, as a source's call would.
 async fn send_reloading_midway<C: Any + Send + Sync>(
     stage: &Harness,
     readings: &[Reading],
     config: C,
     type_name: &str,
-) {
+) -> Vec<(Call, Acknowledgement)> {
     let chunks: Vec<&[Reading]> = readings.chunks(97).collect();
     let (first, second) = chunks.split_at(chunks.len() / 2);
+    let mut calls = Vec::new();
+    let send = |chunk: &[Reading]| {
+        let (token, acknowledgement) = Token::acknowledged(None);
+        let mut batch = Batch::from(chunk.to_vec());
+        batch.attach(token.clone());
+        let names = chunk.iter().map(|r| r.sensor_name.clone()).collect();
+        (batch, ((token, names), acknowledgement))
+    };
     for chunk in first {
-        stage.send(chunk.to_vec()).await;
+        let (batch, call) = send(chunk);
+        stage.send(batch).await;
+        calls.push(call);
     }
     let version = stage.update(config);
     for chunk in second {
-        stage.send(chunk.to_vec()).await;
+        let (batch, call) = send(chunk);
+        stage.send(batch).await;
+        calls.push(call);
     }
     let declares_live_keys = crate::registered_stages()
         .find(|info| info.name == type_name)
@@ -243,6 +294,23 @@ async fn send_reloading_midway<C: Any + Send + Sync>(
             stage.applied(version, Duration::from_secs(10)).await,
             "`{type_name}` declares live keys but never took its new config \
              (call `cx.params().changed()` or `try_changed()`)"
+        );
+    }
+    calls
+}
+
+/// Checks that every call's token resolved as written, now that the stage
+/// and the test are done with every batch.
+async fn expect_written(calls: Vec<(Call, Acknowledgement)>, type_name: &str) {
+    for ((token, names), acknowledgement) in calls {
+        drop(token);
+        let first = names.first().cloned().unwrap_or_default();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), acknowledgement).await;
+        assert_eq!(
+            outcome,
+            Ok(Delivery::Written),
+            "`{type_name}`: the batch of `{first}` was not acknowledged as written \
+             (a batch was dropped unwritten, kept after asking for more, or still held)"
         );
     }
 }
@@ -306,6 +374,76 @@ mod tests {
     #[should_panic(expected = "never took its new config")]
     async fn conformance_catches_a_stage_that_ignores_its_live_keys() {
         check_processor(Deaf { threshold: 1 }, |_| true).await;
+    }
+
+    /// Rebuilds each batch from its readings, dropping the tokens.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Rebuild;
+
+    #[typetag::serde(name = "testkit_rebuild")]
+    impl ProcessorConfig for Rebuild {
+        fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+            Ok(Box::new(RebuildStage))
+        }
+    }
+
+    struct RebuildStage;
+
+    #[async_trait]
+    impl Processor for RebuildStage {
+        async fn run(
+            self: Box<Self>,
+            mut input: Input,
+            output: Output,
+            _: Context,
+        ) -> Result<(), StageError> {
+            while let Some(batch) = input.recv().await {
+                let rebuilt: Vec<Reading> = batch.into_iter().collect();
+                output.send(rebuilt).await?;
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "lost the acknowledgement token")]
+    async fn conformance_catches_a_stage_that_loses_tokens() {
+        check_processor(Rebuild, |_| true).await;
+    }
+
+    /// Splits every batch in two, through the API: conforms.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Halve;
+
+    #[typetag::serde(name = "testkit_halve")]
+    impl ProcessorConfig for Halve {
+        fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+            Ok(Box::new(HalveStage))
+        }
+    }
+
+    struct HalveStage;
+
+    #[async_trait]
+    impl Processor for HalveStage {
+        async fn run(
+            self: Box<Self>,
+            mut input: Input,
+            output: Output,
+            _: Context,
+        ) -> Result<(), StageError> {
+            while let Some(mut batch) = input.recv().await {
+                let tail = batch.split_off(batch.len() / 2);
+                output.send(batch).await?;
+                output.send(tail).await?;
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn conformance_passes_a_stage_that_splits_through_the_api() {
+        check_processor(Halve, |_| true).await;
     }
 
     #[tokio::test]

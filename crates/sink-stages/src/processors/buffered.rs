@@ -98,11 +98,8 @@ impl Processor for Buffered {
                     let Some(batch) = received else {
                         return forward(&mut buffer, &output).await;
                     };
-                    if buffer.is_empty() {
-                        buffer = batch;
-                    } else {
-                        buffer.extend(batch);
-                    }
+                    // Readings and the tokens of their calls, merged.
+                    buffer.append(batch);
                     if buffer.len() >= config.max_events {
                         forward(&mut buffer, &output).await?;
                         ticker.reset();

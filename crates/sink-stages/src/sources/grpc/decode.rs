@@ -379,7 +379,7 @@ mod tests {
                 let readings = decoded
                     .readings
                     .map_err(|status| (status.code(), Some(status.message().to_owned())));
-                assert_eq!(empty, readings.as_ref().is_ok_and(Vec::is_empty));
+                assert_eq!(empty, readings.as_ref().is_ok_and(|batch| batch.is_empty()));
                 readings
             }
         }

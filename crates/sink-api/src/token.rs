@@ -1,0 +1,422 @@
+//! What a batch carries for the calls its readings came from: a [`Token`] per
+//! call, shared by every copy of the batch, that resolves once the last copy
+//! is finished with: an acknowledgement back to the source, and the release
+//! of the call's [`Reservation`] of pipeline memory.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
+
+use tokio::sync::{Semaphore, oneshot};
+
+/// Shared by every copy of the batches that hold one source call's readings
+/// (one `Arc`, cloned per copy, never per reading). When the last copy is
+/// gone, the token resolves: [`Delivery::Written`] if every copy was finished
+/// (written by a sink, or deliberately dropped by a filter),
+/// [`Delivery::Failed`] if any copy was lost (dropped unwritten, a sink failed,
+/// shutdown cut the drain). Its memory [`Reservation`], if any, is released
+/// then too.
+///
+/// A source that acknowledges its own clients (a gRPC call, a JetStream
+/// message) makes one, attaches it to the batch it sends and awaits the
+/// [`Acknowledgement`]:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sink_api::testkit::readings;
+/// use sink_api::{Delivery, Output, Token, channel};
+///
+/// let (to_sink, mut sink) = channel(8);
+/// let output = Output::new(vec![to_sink]);
+///
+/// let (token, acknowledgement) = Token::acknowledged(None);
+/// let mut batch = readings("t", 0..3);
+/// batch.attach(token);
+/// output.send(batch).await.unwrap();
+///
+/// // The sink takes the batch, writes it, and asks for the next one.
+/// let batch = sink.recv().await.unwrap();
+/// drop(batch);
+/// drop(output);
+/// assert!(sink.recv().await.is_none());
+/// assert_eq!(acknowledgement.await, Delivery::Written);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Token(Arc<TokenState>);
+
+#[derive(Debug)]
+struct TokenState {
+    failed: AtomicBool,
+    acknowledgement: Option<oneshot::Sender<Delivery>>,
+    _memory: Option<Reservation>,
+}
+
+/// How the readings a [`Token`] covers ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Every copy was finished: written by every sink it reached (synced,
+    /// for a sink that syncs), or dropped on purpose by a processor.
+    Written,
+    /// Some copy was lost: dropped unwritten, its sink failed, or shutdown
+    /// cut the drain. Some readings may still have been written: a source
+    /// that has its client retry delivers at least once.
+    Failed,
+}
+
+impl Token {
+    /// A token holding `memory` (released once the token resolves), with no
+    /// one waiting for its outcome.
+    pub fn new(memory: Option<Reservation>) -> Self {
+        Self::with(memory, None)
+    }
+
+    /// A token holding `memory`, and the [`Acknowledgement`] that resolves
+    /// with its outcome.
+    pub fn acknowledged(memory: Option<Reservation>) -> (Self, Acknowledgement) {
+        let (sender, receiver) = oneshot::channel();
+        (Self::with(memory, Some(sender)), Acknowledgement(receiver))
+    }
+
+    fn with(
+        memory: Option<Reservation>,
+        acknowledgement: Option<oneshot::Sender<Delivery>>,
+    ) -> Self {
+        Self(Arc::new(TokenState {
+            failed: AtomicBool::new(false),
+            acknowledgement,
+            _memory: memory,
+        }))
+    }
+
+    /// Marks the outcome failed, whatever the other copies do.
+    pub fn fail(&self) {
+        self.0.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this and `other` are the same token (copies of one call's).
+    pub fn same_as(&self, other: &Token) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Drop for TokenState {
+    fn drop(&mut self) {
+        if let Some(acknowledgement) = self.acknowledgement.take() {
+            let outcome = if self.failed.load(Ordering::Relaxed) {
+                Delivery::Failed
+            } else {
+                Delivery::Written
+            };
+            // Nobody waiting any more (the client went away): nothing to tell.
+            let _ = acknowledgement.send(outcome);
+        }
+    }
+}
+
+/// Resolves with the [`Delivery`] of a [`Token`] once every copy of every
+/// batch holding it is gone; see [`Token::acknowledged`].
+#[derive(Debug)]
+pub struct Acknowledgement(oneshot::Receiver<Delivery>);
+
+impl Future for Acknowledgement {
+    type Output = Delivery;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Delivery> {
+        // The token always sends before its sender goes; a closed channel
+        // without an answer cannot mean "written".
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|outcome| outcome.unwrap_or(Delivery::Failed))
+    }
+}
+
+/// The pipeline-wide bound, in bytes, on the memory that batches in flight
+/// hold (`settings.memory_limit`). A source reserves a batch's decoded size
+/// before sending it and hands the [`Reservation`] to the batch's [`Token`];
+/// it is released when the last copy of the batch is finished. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sink_api::{MemoryBudget, ReserveError};
+///
+/// let budget = MemoryBudget::new(64 * 1024);
+/// let held = budget.try_reserve(40 * 1024).unwrap();
+/// assert_eq!(budget.try_reserve(40 * 1024).unwrap_err(), ReserveError::Full);
+/// assert!(matches!(budget.reserve(100 * 1024).await, Err(ReserveError::TooLarge { .. })));
+/// drop(held);
+/// assert!(budget.try_reserve(40 * 1024).is_ok());
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MemoryBudget(Arc<BudgetState>);
+
+#[derive(Debug)]
+struct BudgetState {
+    /// One permit per KiB free.
+    free: Semaphore,
+    /// The limit, in KiB.
+    limit: AtomicU64,
+    /// KiB still to be taken out of circulation after the limit was lowered
+    /// while more than the new limit was reserved: paid from releases.
+    debt: AtomicU64,
+}
+
+/// Why memory could not be reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReserveError {
+    /// More than the whole budget: it could never be granted.
+    #[error("{bytes} bytes exceed the whole memory limit of {limit} bytes")]
+    TooLarge {
+        /// What was asked for.
+        bytes: u64,
+        /// The whole budget.
+        limit: u64,
+    },
+    /// Not that much free now (only from [`MemoryBudget::try_reserve`]).
+    #[error("the memory limit is reached")]
+    Full,
+}
+
+/// Reserved memory, given back when dropped; see [`MemoryBudget`].
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<BudgetState>,
+    kib: u64,
+}
+
+/// The budget counts whole KiB, so that a u32 of permits covers 4 TiB.
+const KIB: u64 = 1024;
+
+fn kib_of(bytes: u64) -> u64 {
+    bytes.div_ceil(KIB)
+}
+
+impl MemoryBudget {
+    /// A budget of `limit_bytes` (rounded up to whole KiB).
+    pub fn new(limit_bytes: u64) -> Self {
+        let limit = kib_of(limit_bytes).min(Semaphore::MAX_PERMITS as u64);
+        Self(Arc::new(BudgetState {
+            free: Semaphore::new(limit as usize),
+            limit: AtomicU64::new(limit),
+            debt: AtomicU64::new(0),
+        }))
+    }
+
+    /// A budget that never runs out (for tests and tools).
+    pub fn unlimited() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// The limit, in bytes.
+    pub fn limit(&self) -> u64 {
+        self.0.limit.load(Ordering::Relaxed).saturating_mul(KIB)
+    }
+
+    /// Bytes reserved now (approximate while the limit is being changed).
+    pub fn used(&self) -> u64 {
+        let state = &self.0;
+        let limit = state.limit.load(Ordering::Relaxed);
+        let free = state.free.available_permits() as u64;
+        limit
+            .saturating_sub(free)
+            .saturating_add(state.debt.load(Ordering::Relaxed))
+            .saturating_mul(KIB)
+    }
+
+    /// Changes the limit, live. Lowering it below what is reserved takes
+    /// effect as reservations are released.
+    pub fn set_limit(&self, limit_bytes: u64) {
+        let state = &self.0;
+        let new = kib_of(limit_bytes).min(Semaphore::MAX_PERMITS as u64);
+        let old = state.limit.swap(new, Ordering::Relaxed);
+        if new > old {
+            let mut more = new - old;
+            // Cancel debt before adding room.
+            let _ = state
+                .debt
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
+                    let paid = debt.min(more);
+                    more -= paid;
+                    Some(debt - paid)
+                });
+            state.free.add_permits(more as usize);
+        } else if new < old {
+            let less = old - new;
+            let forgotten = state.free.forget_permits(less as usize) as u64;
+            state.debt.fetch_add(less - forgotten, Ordering::Relaxed);
+        }
+    }
+
+    /// Reserves `bytes`, waiting until that much is free. Refuses at once a
+    /// request for more than the whole limit.
+    pub async fn reserve(&self, bytes: u64) -> Result<Reservation, ReserveError> {
+        let kib = self.admissible(bytes)?;
+        let permit = self
+            .0
+            .free
+            .acquire_many(kib as u32)
+            .await
+            .map_err(|_| ReserveError::Full)?;
+        permit.forget();
+        Ok(self.reservation(kib))
+    }
+
+    /// Reserves `bytes` if that much is free now.
+    pub fn try_reserve(&self, bytes: u64) -> Result<Reservation, ReserveError> {
+        let kib = self.admissible(bytes)?;
+        let permit = self
+            .0
+            .free
+            .try_acquire_many(kib as u32)
+            .map_err(|_| ReserveError::Full)?;
+        permit.forget();
+        Ok(self.reservation(kib))
+    }
+
+    fn admissible(&self, bytes: u64) -> Result<u64, ReserveError> {
+        let kib = kib_of(bytes);
+        let limit = self.0.limit.load(Ordering::Relaxed);
+        if kib > limit || kib > u64::from(u32::MAX) {
+            return Err(ReserveError::TooLarge {
+                bytes,
+                limit: limit.saturating_mul(KIB),
+            });
+        }
+        Ok(kib)
+    }
+
+    fn reservation(&self, kib: u64) -> Reservation {
+        Reservation {
+            budget: Arc::clone(&self.0),
+            kib,
+        }
+    }
+}
+
+impl Reservation {
+    /// The bytes held (in whole KiB).
+    pub fn bytes(&self) -> u64 {
+        self.kib * KIB
+    }
+
+    /// Gives back all but `bytes` of it, once the real size is known to be
+    /// smaller than the estimate reserved.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        let keep = kib_of(bytes).min(self.kib);
+        self.budget.release(self.kib - keep);
+        self.kib = keep;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.kib);
+    }
+}
+
+impl BudgetState {
+    fn release(&self, kib: u64) {
+        if kib == 0 {
+            return;
+        }
+        let mut back = kib;
+        // Pay what a lowered limit still owes before freeing room.
+        let _ = self
+            .debt
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
+                let paid = debt.min(kib);
+                back = kib - paid;
+                Some(debt - paid)
+            });
+        if back > 0 {
+            self.free.add_permits(back as usize);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_resolves_when_its_last_copy_goes() {
+        let (token, acknowledgement) = Token::acknowledged(None);
+        let copy = token.clone();
+        drop(token);
+        let mut acknowledgement = acknowledgement;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut acknowledgement)
+                .await
+                .is_err(),
+            "resolved while a copy was alive"
+        );
+        drop(copy);
+        assert_eq!(acknowledgement.await, Delivery::Written);
+    }
+
+    #[tokio::test]
+    async fn one_failed_copy_fails_the_token() {
+        let (token, acknowledgement) = Token::acknowledged(None);
+        let copy = token.clone();
+        copy.fail();
+        drop(copy);
+        drop(token);
+        assert_eq!(acknowledgement.await, Delivery::Failed);
+    }
+
+    #[tokio::test]
+    async fn the_token_holds_its_memory_until_resolved() {
+        let budget = MemoryBudget::new(10 * KIB);
+        let (token, _ack) = Token::acknowledged(Some(budget.try_reserve(10 * KIB).unwrap()));
+        assert_eq!(budget.try_reserve(1).unwrap_err(), ReserveError::Full);
+        let copy = token.clone();
+        drop(token);
+        assert_eq!(budget.try_reserve(1).unwrap_err(), ReserveError::Full);
+        drop(copy);
+        assert!(budget.try_reserve(10 * KIB).is_ok());
+    }
+
+    #[tokio::test]
+    async fn reserve_waits_for_room() {
+        let budget = MemoryBudget::new(8 * KIB);
+        let held = budget.reserve(6 * KIB).await.unwrap();
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(4 * KIB).await.map(|r| r.bytes()) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "granted beyond the limit");
+        drop(held);
+        assert_eq!(waiting.await.unwrap(), Ok(4 * KIB));
+    }
+
+    #[test]
+    fn shrinking_and_changing_the_limit_keep_the_count() {
+        let budget = MemoryBudget::new(100 * KIB);
+        let mut big = budget.try_reserve(80 * KIB).unwrap();
+        big.shrink_to(30 * KIB + 1);
+        assert_eq!(big.bytes(), 31 * KIB);
+        assert_eq!(budget.used(), 31 * KIB);
+        // Lowered below what is held: nothing more until enough is released.
+        budget.set_limit(20 * KIB);
+        assert_eq!(budget.try_reserve(1).unwrap_err(), ReserveError::Full);
+        assert!(matches!(
+            budget.try_reserve(21 * KIB),
+            Err(ReserveError::TooLarge { .. })
+        ));
+        drop(big);
+        assert_eq!(budget.used(), 0);
+        let all = budget.try_reserve(20 * KIB).unwrap();
+        assert_eq!(budget.try_reserve(1).unwrap_err(), ReserveError::Full);
+        budget.set_limit(30 * KIB);
+        assert!(budget.try_reserve(10 * KIB).is_ok());
+        drop(all);
+    }
+}
