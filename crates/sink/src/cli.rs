@@ -1,4 +1,4 @@
-//! The command line: run, validate, list, describe.
+//! The command line: run, validate, list, describe, health.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use sink_api::registered_stages;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::DEFAULT_PIPELINE;
+use crate::health::{self, HealthArgs};
 use crate::logging::LogControl;
 use crate::pipeline::{LogLevel, Pipeline, PipelineErrors};
 use crate::reload::{FileWatcher, Plan, Snapshot, configs_to_apply};
@@ -39,7 +40,7 @@ const EXIT_CONFIG: u8 = 2;
 struct Cli {
     /// The pipeline file; without it, the built-in default pipeline
     /// (gRPC on 127.0.0.1:8000 -> buffered -> telemetry-sink.log.json).
-    #[arg(long, short, global = true, value_name = "FILE")]
+    #[arg(long, short, global = true, value_name = "FILE", env = "SINK_PIPELINE")]
     pipeline: Option<PathBuf>,
 
     /// Log level; overrides `settings.log_level`, on reload too.
@@ -72,6 +73,9 @@ enum Command {
         /// The type name, as in `type = "..."`.
         name: String,
     },
+    /// Ask a running sink over gRPC health (grpc.health.v1) whether it serves:
+    /// exit 0 if every address answers SERVING, 1 if not.
+    Health(HealthArgs),
 }
 
 /// Runs the command line given by `args` (the first being the program name).
@@ -95,6 +99,7 @@ pub fn run_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Describe { name } => describe(&name),
+        Command::Health(args) => health::run(args, || load(cli.pipeline.as_deref())),
     }
 }
 

@@ -17,6 +17,7 @@
 
 mod cli;
 pub mod env;
+mod health;
 mod logging;
 pub mod pipeline;
 pub mod reload;
@@ -33,7 +34,7 @@ pub use cli::run_with_args;
 pub const DEFAULT_PIPELINE: &str = include_str!("../../../pipelines/default.toml");
 
 /// Runs the `sink` command line with this process's arguments: `sink --pipeline
-/// FILE` (run), `sink validate`, `sink list`, `sink describe TYPE`. Every stage
+/// FILE` (run), `sink validate`, `sink list`, `sink describe TYPE`, `sink health`. Every stage
 /// type linked into the binary is available.
 pub fn run() -> ExitCode {
     run_with_args(std::env::args_os())
