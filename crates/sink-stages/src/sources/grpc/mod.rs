@@ -42,7 +42,8 @@ use self::decode::{DecodedRequest, decode_request};
 #[serde(deny_unknown_fields)]
 pub struct GrpcConfig {
     /// Address to listen on, `host:port`; port 0 picks a free port (the log
-    /// says which).
+    /// says which). `:port`, as the original (Go) service took it, means every
+    /// IPv4 interface, like `0.0.0.0:port`.
     #[schemars(extend("x-restart" = true))]
     pub address: String,
     /// Byte-rate limit over each request's encoded size; absent means
@@ -139,7 +140,7 @@ impl SourceConfig for GrpcConfig {
     }
 
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
-        let listener = std::net::TcpListener::bind(&self.address)
+        let listener = std::net::TcpListener::bind(listen_address(&self.address).as_ref())
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
             .map_err(|err| {
                 ConfigError::new(
@@ -159,6 +160,15 @@ impl SourceConfig for GrpcConfig {
 }
 
 sink_api::register_stage!(source "grpc" => GrpcConfig);
+
+/// What `address` binds: Go's `:port` (an original `.env`'s
+/// GRPC_SERVER_SOCKET may say `:8000`) is every IPv4 interface.
+fn listen_address(address: &str) -> std::borrow::Cow<'_, str> {
+    match address.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}").into(),
+        None => address.into(),
+    }
+}
 
 struct GrpcSource {
     config: GrpcConfig,
@@ -531,5 +541,12 @@ mod tests {
 
         let garbage = decode_batch(&[0xff, 0xff, 0xff], received_at).unwrap_err();
         assert_eq!(garbage.code(), Code::Internal);
+    }
+
+    #[test]
+    fn a_go_style_port_only_address_listens_on_every_interface() {
+        assert_eq!(listen_address(":8000"), "0.0.0.0:8000");
+        assert_eq!(listen_address("127.0.0.1:8000"), "127.0.0.1:8000");
+        assert_eq!(listen_address("[::]:8000"), "[::]:8000");
     }
 }
