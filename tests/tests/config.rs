@@ -317,26 +317,39 @@ async fn variables_and_defaults_are_substituted() {
 
 #[test]
 fn a_json_file_path_that_cannot_be_opened_fails_at_startup_naming_path_and_reason() {
-    // A directory cannot be opened for appending.
-    let text = pipeline("", "path = \"a-directory\"");
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("pipeline.toml"), &text).expect("write");
-    std::fs::create_dir(dir.path().join("a-directory")).expect("mkdir");
-    let run = run_in(dir, &[], &[]);
-    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
-    let error = run
-        .stderr
-        .lines()
-        .find(|line| line.contains("stage `sinks.file`") && line.contains("key `path`"))
-        .unwrap_or_else(|| panic!("no error naming the stage:\n{}", run.stderr));
-    assert!(error.contains("a-directory"), "{error}");
-    assert!(error.contains("Is a directory"), "no OS reason: {error}");
-    assert!(!run.stderr.contains("pipeline running"), "{}", run.stderr);
-    assert!(
-        !run.stderr.contains("listening on"),
-        "claims to listen though it never serves:\n{}",
-        run.stderr
-    );
+    // A directory cannot be appended to; a FIFO must not hang the start.
+    for (name, reason) in [
+        ("a-directory", "it is a directory"),
+        ("a-fifo", "it is a FIFO (named pipe)"),
+    ] {
+        let text = pipeline("", &format!("path = \"{name}\""));
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("pipeline.toml"), &text).expect("write");
+        if name == "a-directory" {
+            std::fs::create_dir(dir.path().join(name)).expect("mkdir");
+        } else {
+            let made = std::process::Command::new("mkfifo")
+                .arg(dir.path().join(name))
+                .status()
+                .expect("mkfifo");
+            assert!(made.success());
+        }
+        let run = run_in(dir, &[], &[]);
+        assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+        let error = run
+            .stderr
+            .lines()
+            .find(|line| line.contains("stage `sinks.file`") && line.contains("key `path`"))
+            .unwrap_or_else(|| panic!("no error naming the stage:\n{}", run.stderr));
+        assert!(error.contains(name), "{error}");
+        assert!(error.contains(reason), "no reason: {error}");
+        assert!(!run.stderr.contains("pipeline running"), "{}", run.stderr);
+        assert!(
+            !run.stderr.contains("listening on"),
+            "claims to listen though it never serves:\n{}",
+            run.stderr
+        );
+    }
 }
 
 #[tokio::test]

@@ -38,6 +38,7 @@ mod context;
 pub mod json;
 mod reading;
 mod registry;
+mod size;
 pub mod testkit;
 mod token;
 
@@ -52,6 +53,7 @@ pub use context::{
 };
 pub use reading::{Reading, Timestamp};
 pub use registry::{KeyInfo, StageInfo, StageKind, registered_stages};
+pub use size::{ByteSize, ByteSizeError};
 pub use token::{Acknowledgement, Delivery, MemoryBudget, Reservation, ReserveError, Token};
 
 #[doc(hidden)]

@@ -250,8 +250,10 @@ fn describe_type(property: &Value, root: &Value) -> String {
             None => name.to_string(),
         };
     }
-    if property.get("format").and_then(Value::as_str) == Some("duration") {
-        return "duration".into();
+    match property.get("format").and_then(Value::as_str) {
+        Some("duration") => return "duration".into(),
+        Some("size") => return "size".into(),
+        _ => {}
     }
     if let Some(constant) = property.get("const") {
         return constant.to_string();

@@ -5,13 +5,16 @@ use std::path::{Path, PathBuf};
 use sink_api::SinkConfig;
 use sink_api::json::Layout;
 use sink_api::testkit::{Harness, check_sink, readings};
-use sink_stages::sinks::json_file::JsonFileConfig;
+use sink_stages::sinks::json_file::{Compression, JsonFileConfig, Retain, Rotate};
 
 fn config(path: &Path, layout: Layout) -> JsonFileConfig {
     JsonFileConfig {
         path: path.to_path_buf(),
         layout,
         fsync: false,
+        rotate: None,
+        retain: None,
+        compression: Compression::None,
     }
 }
 
@@ -137,7 +140,14 @@ fn a_path_that_cannot_be_opened_fails_the_build_with_path_and_reason() {
         .expect("cannot open");
     assert_eq!(err.key, "path");
     assert!(err.message.contains("blocker/out.json"), "{}", err.message);
-    assert!(err.message.contains("os error"), "{}", err.message);
+    assert!(
+        err.message.contains(&format!(
+            "parent `{}` is not a directory",
+            dir.path().join("blocker").display()
+        )),
+        "{}",
+        err.message
+    );
 }
 
 #[test]
@@ -224,4 +234,265 @@ async fn a_new_path_that_cannot_be_opened_keeps_the_old_one_until_it_can() {
     stage.finish().await.expect("ends cleanly");
     assert_eq!(names(&new), ["c0", "c1", "c2", "c3"]);
     assert_eq!(names(&old).len(), 5);
+}
+
+fn rotating(path: &Path, rotate: Rotate, compression: Compression) -> JsonFileConfig {
+    JsonFileConfig {
+        rotate: Some(rotate),
+        compression,
+        ..config(path, Layout::Value)
+    }
+}
+
+fn by_size(max_bytes: &str) -> Rotate {
+    Rotate {
+        max_bytes: Some(max_bytes.parse().expect("size")),
+        every: None,
+    }
+}
+
+/// The files in `dir` by name, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .into_string()
+                .expect("utf-8")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The text of a file, decompressed by its extension.
+fn decompressed(path: &Path) -> String {
+    use std::io::Read;
+    let file = std::fs::File::open(path).expect("open");
+    let mut text = String::new();
+    let name = path.to_string_lossy();
+    if name.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(file)
+            .expect("zstd")
+            .read_to_string(&mut text)
+    } else if name.ends_with(".gz") {
+        flate2::read::GzDecoder::new(file).read_to_string(&mut text)
+    } else {
+        std::io::BufReader::new(file).read_to_string(&mut text)
+    }
+    .expect("read");
+    text
+}
+
+/// Sensor names of every line of every file in `dir` (rotated ones first,
+/// in name order, then the active `active`), checking that each line parses.
+fn names_across(dir: &Path, active: &str) -> Vec<String> {
+    let mut files: Vec<String> = listing(dir).into_iter().filter(|n| n != active).collect();
+    files.push(active.to_string());
+    let mut names = Vec::new();
+    for file in files {
+        for line in decompressed(&dir.join(&file)).lines() {
+            let value: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{file}: {line:?}: {e}"));
+            names.push(value["sensor_name"].as_str().expect("name").to_string());
+        }
+    }
+    names
+}
+
+/// Whether the background compression is done: no uncompressed rotated
+/// file and no temporary file left.
+fn compressed_all(dir: &Path, active: &str) -> bool {
+    listing(dir)
+        .iter()
+        .all(|n| n == active || n.ends_with(".zst") || n.ends_with(".gz"))
+}
+
+#[tokio::test]
+async fn size_rotation_keeps_every_reading_once_within_one_batch_of_the_limit() {
+    for compression in [Compression::None, Compression::Zstd, Compression::Gzip] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("out.json");
+        let stage = Harness::sink(rotating(&path, by_size("4KiB"), compression)).expect("builds");
+        let mut sent = Vec::new();
+        for i in 0..60 {
+            let batch = readings(&format!("b{i}-"), 0..(1 + i % 7));
+            sent.extend(batch.iter().map(|r| r.sensor_name.clone()));
+            stage.send(batch).await;
+        }
+        stage.finish().await.expect("ends");
+        if compression != Compression::None {
+            wait_for(|| compressed_all(dir.path(), "out.json")).await;
+        }
+        let files = listing(dir.path());
+        assert!(files.len() > 5, "{files:?}");
+        // Rotated names sort in time order, and hold the readings in order.
+        assert_eq!(
+            names_across(dir.path(), "out.json"),
+            sent,
+            "{compression:?}"
+        );
+        // One batch of at most 7 readings is about 1 KB: no file goes further
+        // past the limit.
+        for file in files.iter().filter(|n| *n != "out.json") {
+            let size = decompressed(&dir.path().join(file)).len();
+            assert!(
+                (4096..4096 + 7 * 150).contains(&size),
+                "{file}: {size} bytes"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn time_rotation_names_files_on_the_interval_boundary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("out.json");
+    let every = Rotate {
+        max_bytes: None,
+        every: Some(std::time::Duration::from_secs(1)),
+    };
+    let stage = Harness::sink(rotating(&path, every, Compression::None)).expect("builds");
+    let mut sent = Vec::new();
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    while start.elapsed() < std::time::Duration::from_millis(2_500) {
+        let batch = readings(&format!("t{i}-"), 0..2);
+        sent.extend(batch.iter().map(|r| r.sensor_name.clone()));
+        stage.send(batch).await;
+        i += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // With no batch coming, the last period's file is rotated on time too.
+    wait_for(|| std::fs::metadata(&path).is_ok_and(|m| m.len() == 0)).await;
+    stage.finish().await.expect("ends");
+    let rotated: Vec<String> = listing(dir.path())
+        .into_iter()
+        .filter(|n| n != "out.json")
+        .collect();
+    assert!(rotated.len() >= 2, "{rotated:?}");
+    for name in &rotated {
+        assert!(
+            name.contains(".000Z"),
+            "{name} is not on a second's boundary"
+        );
+    }
+    assert_eq!(names_across(dir.path(), "out.json"), sent);
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_rotated_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("out.json");
+    let config = JsonFileConfig {
+        retain: Some(Retain {
+            max_files: Some(3),
+            max_age: None,
+        }),
+        ..rotating(&path, by_size("1KiB"), Compression::Zstd)
+    };
+    let stage = Harness::sink(config).expect("builds");
+    let mut sent = Vec::new();
+    for i in 0..40 {
+        let batch = readings(&format!("r{i}-"), 0..5);
+        sent.extend(batch.iter().map(|r| r.sensor_name.clone()));
+        stage.send(batch).await;
+    }
+    stage.finish().await.expect("ends");
+    wait_for(|| compressed_all(dir.path(), "out.json") && listing(dir.path()).len() == 4).await;
+    // What is left is the newest readings, in order, with nothing missing
+    // between them.
+    let left = names_across(dir.path(), "out.json");
+    assert!(!left.is_empty());
+    assert_eq!(left, sent[sent.len() - left.len()..]);
+}
+
+#[tokio::test]
+async fn reload_turns_rotation_on_changes_it_and_switches_compression() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("out.json");
+    let stage = Harness::sink(config(&path, Layout::Value)).expect("builds");
+    let mut sent = Vec::new();
+    let steps = [
+        None,
+        Some(rotating(&path, by_size("2KiB"), Compression::None)),
+        Some(rotating(&path, by_size("3KiB"), Compression::Gzip)),
+        Some(rotating(&path, by_size("2KiB"), Compression::Zstd)),
+    ];
+    for (step, new) in steps.into_iter().enumerate() {
+        if let Some(new) = new {
+            let version = stage.update(new);
+            assert!(
+                stage
+                    .applied(version, std::time::Duration::from_secs(10))
+                    .await
+            );
+        }
+        for i in 0..30 {
+            let batch = readings(&format!("s{step}-{i}-"), 0..3);
+            sent.extend(batch.iter().map(|r| r.sensor_name.clone()));
+            stage.send(batch).await;
+        }
+    }
+    stage.finish().await.expect("ends");
+    // Files rotated before the switch to zstd are compressed with zstd too
+    // (a pass compresses every uncompressed rotated file); gzip ones stay.
+    wait_for(|| compressed_all(dir.path(), "out.json")).await;
+    let files = listing(dir.path());
+    assert!(files.iter().any(|n| n.ends_with(".zst")), "{files:?}");
+    assert_eq!(names_across(dir.path(), "out.json"), sent);
+}
+
+#[tokio::test]
+async fn a_partial_line_left_by_a_crash_is_removed_before_appending() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("out.json");
+    std::fs::write(
+        &path,
+        "{\"sensor_name\":\"whole\"}\n{\"sensor_name\":\"cut\",\"received_at\":\"2026-12-0",
+    )
+    .expect("seed");
+    let stage = Harness::sink(config(&path, Layout::Value)).expect("builds");
+    stage.send(readings("n", 0..2)).await;
+    stage.finish().await.expect("ends");
+    // `names` panics on a line that does not parse.
+    assert_eq!(names(&path), ["whole", "n0", "n1"]);
+}
+
+/// A FIFO, made with `mkfifo`.
+fn fifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+}
+
+#[tokio::test]
+async fn a_fifo_or_a_directory_is_refused_at_start_and_on_reload() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipe = dir.path().join("pipe.json");
+    fifo(&pipe);
+    for path in [pipe.as_path(), dir.path()] {
+        let err = config(path, Layout::Value)
+            .build(&sink_api::BuildContext::new("file"))
+            .err()
+            .expect("refused");
+        assert_eq!(err.key, "path");
+        assert!(err.message.contains("regular files"), "{}", err.message);
+    }
+
+    // On reload the old path is kept; nothing blocks.
+    let old = dir.path().join("old.json");
+    let stage = Harness::sink(config(&old, Layout::Value)).expect("builds");
+    stage.send(readings("a", 0..2)).await;
+    stage.update(config(&pipe, Layout::Value));
+    stage.send(readings("b", 0..2)).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), stage.finish())
+        .await
+        .expect("a FIFO must not block the sink")
+        .expect("ends");
+    assert_eq!(names(&old), ["a0", "a1", "b0", "b1"]);
 }

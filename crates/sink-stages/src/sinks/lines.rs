@@ -1,19 +1,30 @@
 //! The loop shared by the sinks that write JSON lines to a byte stream
 //! (`json_file`, `stdout`): encode each batch into one reused buffer, write it
 //! (with whatever other batches are already waiting) with one call off the
-//! async threads, retry failed writes without splitting
-//! or repeating a line, and switch targets between batches on reload.
+//! async threads, retry failed writes without splitting or repeating a line,
+//! and switch targets between batches on reload, or during a failing write.
+//!
+//! Every call that touches the target (open, write, stat, truncate, sync)
+//! runs on tokio's blocking pool: a hung disk or a FIFO must never stall an
+//! async worker.
 
 use std::any::Any;
 use std::io::{self, Write};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use sink_api::json::{Layout, encode_batch};
-use sink_api::{Context, Input, StageError, Timestamp};
+use sink_api::{Batch, Context, Input, Params, StageError, Timestamp};
 
 /// Waiting batches are added to one write until it holds this many bytes.
 const COALESCE_BYTES: usize = 1 << 20;
+
+/// The encode buffer starts this large and is never shrunk below it.
+const INITIAL_BUFFER: usize = 64 * 1024;
+
+/// A buffer larger than this, and far larger than recent writes needed, is
+/// released after its write (see [`BufferTrim`]).
+const SHRINK_ABOVE: usize = 8 << 20;
 
 /// What a line-writing sink's config tells the shared loop.
 pub(crate) trait LineSinkConfig: Any + Send + Sync {
@@ -23,7 +34,8 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     /// How readings are laid out.
     fn layout(&self) -> Layout;
 
-    /// Opens the target, for startup and for a reload that moves it.
+    /// Opens the target, for startup and for a reload that moves it. Runs on
+    /// the blocking pool (or while the pipeline is built, before it runs).
     fn open(&self) -> io::Result<Self::Target>;
 
     /// Whether moving from `old` to this config needs the target reopened.
@@ -32,11 +44,27 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     /// The target in words, for log lines.
     fn target_name(&self) -> String;
 
-    /// Reopens the target if what its name points to is no longer what is
-    /// open (a log rotator renamed or deleted the file); says whether it did.
-    /// Runs on the blocking pool right before each write.
-    fn reopen_if_moved(&self, _target: &mut Self::Target) -> io::Result<bool> {
-        Ok(false)
+    /// Runs on the blocking pool before the first byte of each write, and
+    /// never in the middle of one, so a batch is finished in the file it
+    /// started in: follows an outside rotation, rotates by size or time. An
+    /// error fails the write, which is retried.
+    fn prepare(&self, _target: &mut Self::Target) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// How many more bytes the next write may carry before the target wants
+    /// rotating; waiting batches are added to a write only while it fits (the
+    /// first batch of a write always goes in whole). Must not block.
+    fn room(&self, _target: &Self::Target) -> usize {
+        usize::MAX
+    }
+
+    /// Removes the last `partial` bytes written to the target: a line a failed
+    /// write cut short, so that no partial line is ever left behind. Runs on
+    /// the blocking pool. A target that cannot (a pipe) says so with an error,
+    /// and the retry then completes the line instead.
+    fn cut_back(&self, _target: &mut Self::Target, _partial: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 
     /// Makes what was written durable, if the config asks for it. Runs on the
@@ -44,150 +72,282 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     fn sync(&self, _target: &mut Self::Target) -> io::Result<()> {
         Ok(())
     }
+
+    /// When the target wants [`prepare`](Self::prepare) called even if no
+    /// batch comes (a rotation on time). Must not block.
+    fn wake_at(&self, _target: &Self::Target) -> Option<SystemTime> {
+        None
+    }
+
+    /// This config now applies to `target`: at start, and on a reload that
+    /// keeps the target. Must not block (start background work instead).
+    fn applied(&self, _target: &mut Self::Target) {}
 }
 
 /// Writes every batch of `input` to `target` until the input ends, then flushes.
 pub(crate) async fn write_lines<C: LineSinkConfig>(
-    mut config: Arc<C>,
+    config: Arc<C>,
     target: C::Target,
     mut input: Input,
     cx: Context,
 ) -> Result<(), StageError> {
     let mut params = cx.params::<C>();
-    // The config whose target is open. It lags `config` while a reload's new
-    // target cannot be opened; every batch tries again, so the sink ends up
-    // where the file says as soon as it can.
-    let mut open_for = Arc::clone(&config);
-    let mut pending = Pending {
-        target,
-        bytes: Vec::with_capacity(64 * 1024),
+    let mut writer = Writer {
+        open_for: Arc::clone(&config),
+        wanted: config,
+        target: Arc::new(Mutex::new(target)),
+        bytes: Vec::with_capacity(INITIAL_BUFFER),
+        stage: cx.id().to_string(),
+        failing_since: None,
+        trim: BufferTrim::default(),
     };
+    writer.open_for.applied(&mut lock(&writer.target));
     loop {
+        let wake = writer.open_for.wake_at(&lock(&writer.target));
         tokio::select! {
             // New parameters first: a config handed over before a batch applies to it.
             biased;
             new = params.changed() => {
-                config = new;
-                if config.moves_target(&open_for) {
-                    move_target(&mut pending, &mut open_for, &config, cx.id(), true).await;
-                } else {
-                    // Same target: the new config is the one it is open for.
-                    open_for = Arc::clone(&config);
-                }
+                writer.reconfigure(new, true).await;
             }
+            () = sleep_until(wake), if wake.is_some() => writer.wake().await?,
             received = input.recv() => {
                 let Some(batch) = received else { break };
-                if config.moves_target(&open_for) {
-                    move_target(&mut pending, &mut open_for, &config, cx.id(), false).await;
+                if writer.wanted.moves_target(&writer.open_for) {
+                    writer.move_target(false).await;
                 }
-                pending.bytes.clear();
-                let now = Timestamp::now();
-                encode_batch(config.layout(), &batch, now, &mut pending.bytes);
-                drop(batch);
-                // Under load, more batches wait by the time a write returns:
-                // encode them too, so that one write, and one trip to the
-                // blocking pool and back, carries them all.
-                while pending.bytes.len() < COALESCE_BYTES {
-                    let Ok(batch) = input.try_recv() else { break };
-                    encode_batch(config.layout(), &batch, now, &mut pending.bytes);
-                }
-                pending = write_until_done(pending, &open_for, cx.id()).await?;
+                writer.encode(batch, &mut input);
+                writer.write(&mut params).await?;
+                // Every batch encoded above is now written (and synced, if the
+                // config asks): the sink is done with them, which the next
+                // `input.recv()` reports.
+                writer.trim.after_write(&mut writer.bytes);
             }
         }
     }
-    close(pending.target, &open_for.target_name(), cx.id()).await;
+    close(writer.target, &writer.open_for.target_name(), &writer.stage).await;
     Ok(())
 }
 
-/// Opens `wanted`'s target and, if that works, closes the old one and writes
-/// there from now on. A failure keeps the old target; it is logged at WARN
-/// when `loudly` (on reload), not on each batch's retry.
-async fn move_target<C: LineSinkConfig>(
-    pending: &mut Pending<C::Target>,
-    open_for: &mut Arc<C>,
-    wanted: &Arc<C>,
-    stage: &str,
-    loudly: bool,
-) {
-    match wanted.open() {
-        Ok(target) => {
-            let old = std::mem::replace(&mut pending.target, target);
-            close(old, &open_for.target_name(), stage).await;
-            *open_for = Arc::clone(wanted);
-            tracing::info!(stage, "now writing to {}", wanted.target_name());
-        }
-        Err(err) if loudly => tracing::warn!(
-            stage,
-            "cannot open {}: {err}; still writing to {}, trying again before each batch",
-            wanted.target_name(),
-            open_for.target_name()
-        ),
-        Err(err) => tracing::debug!(stage, "still cannot open {}: {err}", wanted.target_name()),
+/// The target is shared with the blocking thread that works on it, one user
+/// at a time (the loop waits for each blocking call), so the lock is never
+/// contended. A panic in a blocking call cannot leave it half-written in a
+/// way that matters more than the panic itself, so poisoning is ignored.
+fn lock<T>(target: &Mutex<T>) -> MutexGuard<'_, T> {
+    target.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn sleep_until(wake: Option<SystemTime>) {
+    if let Some(wake) = wake {
+        let wait = wake
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::time::sleep(wait).await;
     }
 }
 
-/// A target and the encoded bytes still to be written to it, moved together
-/// into the blocking thread and back so that neither is copied.
-struct Pending<T> {
-    target: T,
+/// The state of the loop.
+struct Writer<C: LineSinkConfig> {
+    /// The latest config.
+    wanted: Arc<C>,
+    /// The config whose target is open. It lags `wanted` while a reload's
+    /// new target cannot be opened; every batch tries again, so the sink
+    /// ends up where the file says as soon as it can.
+    open_for: Arc<C>,
+    target: Arc<Mutex<C::Target>>,
+    /// The encoded lines of the write in hand; moved into the blocking
+    /// thread and back, never copied.
     bytes: Vec<u8>,
+    stage: String,
+    /// Since when writes have been failing, to say how long once one works.
+    failing_since: Option<Instant>,
+    trim: BufferTrim,
 }
 
-/// Writes all of `pending.bytes`, retrying with backoff while the target
-/// fails (a full disk, say): a reading accepted is never dropped here.
-/// Retries resume after the bytes already written, so no line is split or
-/// written twice.
-async fn write_until_done<C: LineSinkConfig>(
-    mut pending: Pending<C::Target>,
-    config: &Arc<C>,
-    stage: &str,
-) -> Result<Pending<C::Target>, StageError> {
-    let mut backoff = Duration::from_millis(100);
-    let mut written = 0;
-    loop {
-        let config = Arc::clone(config);
-        let (returned, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = reopen_then_write(&*config, &mut pending, written);
-            (pending, outcome)
-        })
-        .await?;
-        pending = returned;
-        match outcome {
-            Ok(()) => return Ok(pending),
-            // The reader of a pipe has gone (`sink | head`): no retry can
-            // ever succeed, so the stage fails and the pipeline shuts down.
-            Err((_, err)) if err.kind() == io::ErrorKind::BrokenPipe => {
-                return Err(format!("the reader of its output has gone: {err}").into());
+impl<C: LineSinkConfig> Writer<C> {
+    /// Encodes `batch` and, under load, the batches already waiting too, so
+    /// that one write, and one trip to the blocking pool and back, carries
+    /// them all (as far as the target has room before rotating).
+    fn encode(&mut self, batch: Batch, input: &mut Input) {
+        // The latest layout, even while a new path cannot be opened yet.
+        let layout = self.wanted.layout();
+        let bytes = &mut self.bytes;
+        bytes.clear();
+        let now = Timestamp::now();
+        encode_batch(layout, &batch, now, bytes);
+        drop(batch);
+        let limit = COALESCE_BYTES.min(self.open_for.room(&lock(&self.target)));
+        while bytes.len() < limit {
+            let Ok(batch) = input.try_recv() else { break };
+            encode_batch(layout, &batch, now, bytes);
+        }
+    }
+
+    /// Applies a new config: moves to its target if it names another one,
+    /// and says whether it did. A failure to open is logged at WARN when
+    /// `loudly` (on reload), not on each batch's retry.
+    async fn reconfigure(&mut self, new: Arc<C>, loudly: bool) -> bool {
+        self.wanted = new;
+        if self.wanted.moves_target(&self.open_for) {
+            self.move_target(loudly).await
+        } else {
+            // Same target: the new config is the one it is open for.
+            self.open_for = Arc::clone(&self.wanted);
+            self.open_for.applied(&mut lock(&self.target));
+            false
+        }
+    }
+
+    /// Opens `wanted`'s target (on the blocking pool) and, if that works,
+    /// closes the old one and writes there from now on; says whether it moved.
+    async fn move_target(&mut self, loudly: bool) -> bool {
+        let wanted = Arc::clone(&self.wanted);
+        let opened = tokio::task::spawn_blocking(move || wanted.open())
+            .await
+            .unwrap_or_else(|err| Err(io::Error::other(err)));
+        match opened {
+            Ok(target) => {
+                let old = std::mem::replace(&mut self.target, Arc::new(Mutex::new(target)));
+                close(old, &self.open_for.target_name(), &self.stage).await;
+                self.open_for = Arc::clone(&self.wanted);
+                self.open_for.applied(&mut lock(&self.target));
+                tracing::info!(
+                    stage = self.stage,
+                    "now writing to {}",
+                    self.open_for.target_name()
+                );
+                true
             }
-            Err((done, err)) => {
-                written = done;
-                tracing::warn!(stage, "write failed, retrying in {backoff:?}: {err}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            Err(err) if loudly => {
+                tracing::warn!(
+                    stage = self.stage,
+                    "cannot open {}: {err}; still writing to {}, trying again before each batch",
+                    self.wanted.target_name(),
+                    self.open_for.target_name()
+                );
+                false
+            }
+            Err(err) => {
+                tracing::debug!(
+                    stage = self.stage,
+                    "still cannot open {}: {err}",
+                    self.wanted.target_name()
+                );
+                false
+            }
+        }
+    }
+
+    /// Lets the target rotate on time when no batch comes.
+    async fn wake(&mut self) -> Result<(), StageError> {
+        let config = Arc::clone(&self.open_for);
+        let target = Arc::clone(&self.target);
+        let prepared =
+            tokio::task::spawn_blocking(move || config.prepare(&mut lock(&target))).await?;
+        if let Err(err) = prepared {
+            tracing::warn!(stage = self.stage, "{}: {err}", self.open_for.target_name());
+        }
+        Ok(())
+    }
+
+    /// Writes all of `self.bytes`, retrying with backoff while the target
+    /// fails (a full disk, say): a reading accepted is never dropped here.
+    /// A failed write is cut back to its last whole line and retries resume
+    /// there, so no line is split or written twice. A reload that moves the
+    /// target while writes fail takes the rest of the write with it.
+    async fn write(&mut self, params: &mut Params<C>) -> Result<(), StageError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut written = 0;
+        loop {
+            let config = Arc::clone(&self.open_for);
+            let target = Arc::clone(&self.target);
+            let bytes = std::mem::take(&mut self.bytes);
+            let (bytes, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = attempt(&*config, &mut lock(&target), &bytes, written);
+                (bytes, outcome)
+            })
+            .await?;
+            self.bytes = bytes;
+            let err = match outcome {
+                Ok(()) => {
+                    if let Some(since) = self.failing_since.take() {
+                        tracing::info!(
+                            stage = self.stage,
+                            "writing to {} works again, after failing for {:.1?}",
+                            self.open_for.target_name(),
+                            since.elapsed()
+                        );
+                    }
+                    return Ok(());
+                }
+                // The reader of a pipe has gone (`sink | head`): no retry can
+                // ever succeed, so the stage fails and the pipeline shuts down.
+                Err((_, err)) if err.kind() == io::ErrorKind::BrokenPipe => {
+                    return Err(format!("the reader of its output has gone: {err}").into());
+                }
+                Err((done, err)) => {
+                    written = done;
+                    err
+                }
+            };
+            self.failing_since.get_or_insert_with(Instant::now);
+            tracing::warn!(
+                stage = self.stage,
+                "writing to {} failed, retrying in {backoff:?}: {err}",
+                self.open_for.target_name()
+            );
+            // Wait out the backoff, unless a reload comes: one that moves the
+            // target takes the rest of this write along (a full disk must not
+            // hold the sink on its path).
+            let moved = tokio::select! {
+                biased;
+                new = params.changed() => self.reconfigure(new, true).await,
+                () = tokio::time::sleep(backoff) => {
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // A new path that could not be opened before may open now.
+                    self.wanted.moves_target(&self.open_for) && self.move_target(false).await
+                }
+            };
+            if moved {
+                // A line cut short on the old target (where the cut back
+                // failed) is written whole on the new one.
+                written = line_start(&self.bytes, written);
+                backoff = Duration::from_millis(100);
             }
         }
     }
 }
 
-/// Follows a rotated target, then writes `pending.bytes[from..]`.
-fn reopen_then_write<C: LineSinkConfig>(
+/// One try at writing `bytes[from..]`: prepares the target first when the
+/// write starts, syncs it after. On failure, a partial line is cut back (when
+/// the target can) and the error says from where to resume.
+fn attempt<C: LineSinkConfig>(
     config: &C,
-    pending: &mut Pending<C::Target>,
+    target: &mut C::Target,
+    bytes: &[u8],
     from: usize,
 ) -> Result<(), (usize, io::Error)> {
-    match config.reopen_if_moved(&mut pending.target) {
-        Ok(false) => {}
-        Ok(true) => tracing::info!(
-            "{} was moved or deleted (rotated?); writing to a new file there",
-            config.target_name()
-        ),
-        Err(err) => return Err((from, err)),
+    if from == 0 {
+        config.prepare(target).map_err(|err| (0, err))?;
     }
-    write_from(&mut pending.target, &pending.bytes, from)?;
+    if let Err((done, err)) = write_from(target, bytes, from) {
+        let whole = line_start(bytes, done);
+        if whole < done && config.cut_back(target, (done - whole) as u64).is_ok() {
+            return Err((whole, err));
+        }
+        return Err((done, err));
+    }
     // A failed sync is retried like a failed write, with nothing left to write.
-    config
-        .sync(&mut pending.target)
-        .map_err(|err| (pending.bytes.len(), err))
+    config.sync(target).map_err(|err| (bytes.len(), err))
+}
+
+/// Where the line holding `bytes[at]` starts: just past the last newline
+/// before `at`, or 0.
+fn line_start(bytes: &[u8], at: usize) -> usize {
+    bytes[..at]
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(0, |newline| newline + 1)
 }
 
 /// Writes `bytes[from..]` and flushes; on failure says how far it got.
@@ -207,9 +367,78 @@ fn write_from(
     target.flush().map_err(|err| (from, err))
 }
 
-async fn close<T: Write + Send + 'static>(mut target: T, name: &str, stage: &str) {
-    let flushed = tokio::task::spawn_blocking(move || target.flush()).await;
+async fn close<T: Write + Send + 'static>(target: Arc<Mutex<T>>, name: &str, stage: &str) {
+    let flushed = tokio::task::spawn_blocking(move || lock(&target).flush()).await;
     if let Ok(Err(err)) = flushed {
         tracing::warn!(stage, "flushing {name} on close failed: {err}");
+    }
+}
+
+/// Releases what a rare large write grew the encode buffer to. A buffer
+/// larger than [`SHRINK_ABOVE`] and over four times what the writes of the
+/// last window needed is shrunk right after its write, so one huge request
+/// does not pin its memory for good, while steadily large writes keep theirs.
+#[derive(Debug, Default)]
+struct BufferTrim {
+    /// The largest write of the last full window.
+    usual: usize,
+    /// The largest write of this window so far, and its count.
+    peak: usize,
+    writes: u32,
+}
+
+impl BufferTrim {
+    const WINDOW: u32 = 16;
+
+    fn after_write(&mut self, bytes: &mut Vec<u8>) {
+        self.peak = self.peak.max(bytes.len());
+        self.writes += 1;
+        if self.writes == Self::WINDOW {
+            self.usual = self.peak;
+            self.peak = 0;
+            self.writes = 0;
+        }
+        if bytes.capacity() > SHRINK_ABOVE && bytes.capacity() / 4 > self.usual {
+            bytes.clear();
+            bytes.shrink_to((self.usual * 2).max(INITIAL_BUFFER));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_starts_after_the_last_newline() {
+        let bytes = b"{\"a\":1}\n{\"b\":2}\n{\"c\"";
+        assert_eq!(line_start(bytes, 0), 0);
+        assert_eq!(line_start(bytes, 5), 0);
+        assert_eq!(line_start(bytes, 8), 8);
+        assert_eq!(line_start(bytes, bytes.len()), 16);
+    }
+
+    #[test]
+    fn a_rare_large_buffer_is_released_and_a_steady_one_kept() {
+        let mut trim = BufferTrim::default();
+        let mut bytes = Vec::with_capacity(INITIAL_BUFFER);
+        for _ in 0..BufferTrim::WINDOW {
+            bytes.clear();
+            bytes.resize(100_000, b'x');
+            trim.after_write(&mut bytes);
+        }
+        bytes.clear();
+        bytes.resize(64 << 20, b'x');
+        trim.after_write(&mut bytes);
+        assert!(bytes.capacity() < 1 << 20, "kept {}", bytes.capacity());
+
+        // Large writes, window after window, keep their buffer.
+        let mut trim = BufferTrim::default();
+        for _ in 0..3 * BufferTrim::WINDOW {
+            bytes.clear();
+            bytes.resize(20 << 20, b'x');
+            trim.after_write(&mut bytes);
+        }
+        assert!(bytes.capacity() >= 20 << 20);
     }
 }
