@@ -1,5 +1,13 @@
 //! Log rotation: json_file follows a file renamed or deleted under it (as
-//! logrotate's default `create` mode does) and keeps every reading.
+//! logrotate's default `create` mode does) and keeps every reading; and its
+//! own rotation, retention and compression keep every acknowledged reading
+//! in exactly one file, through load, reloads and a kill.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use sink_e2e::*;
 
@@ -38,4 +46,263 @@ async fn a_renamed_or_deleted_file_is_followed_with_nothing_lost() {
         current,
         (20..25).map(|i| format!("r{i}")).collect::<Vec<_>>()
     );
+}
+
+/// The files of `dir`, sorted by name.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .into_string()
+                .expect("utf-8")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A file's text, decompressed with the crates by its extension; checked
+/// against the command-line tool too when it is installed.
+fn decompressed(path: &Path) -> String {
+    let file = std::fs::File::open(path).expect("open");
+    let mut text = String::new();
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(file)
+            .expect("zstd")
+            .read_to_string(&mut text)
+            .expect("zstd decodes");
+        Some("zstdcat")
+    } else if name.ends_with(".gz") {
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .expect("gzip decodes");
+        Some("zcat")
+    } else {
+        std::io::BufReader::new(file)
+            .read_to_string(&mut text)
+            .expect("read");
+        None
+    };
+    if let Some(tool) = tool
+        && let Ok(out) = std::process::Command::new(tool).arg(path).output()
+    {
+        assert!(out.status.success(), "{tool} {name} failed");
+        assert!(
+            out.stdout == text.as_bytes(),
+            "{tool} reads {name} differently"
+        );
+    }
+    text
+}
+
+/// Every reading in `dir`'s rotated files (by name) then in `active`, as
+/// sensor names in file order; every line must parse. An unfinished
+/// compression (`.tmp`) is skipped: its source is still there.
+fn names_across(dir: &Path, active: &str) -> Vec<String> {
+    let mut files: Vec<String> = listing(dir)
+        .into_iter()
+        .filter(|name| name != active && !name.ends_with(".tmp"))
+        .collect();
+    files.push(active.to_string());
+    files
+        .iter()
+        .flat_map(|file| {
+            let text = decompressed(&dir.join(file));
+            names_in(&text.lines().map(str::to_string).collect::<Vec<_>>())
+        })
+        .collect()
+}
+
+fn no_plain_rotated_or_temporary(dir: &Path, active: &str) -> bool {
+    listing(dir)
+        .iter()
+        .all(|name| name == active || name.ends_with(".zst") || name.ends_with(".gz"))
+}
+
+/// `(client, number)` of a name `c<client>-<number>`.
+fn client_and_number(name: &str) -> (String, usize) {
+    let (client, number) = name.split_once('-').expect("c<k>-<i>");
+    (client.to_string(), number.parse().expect("number"))
+}
+
+#[tokio::test]
+async fn size_rotation_under_load_keeps_every_acknowledged_reading_once() {
+    const CLIENTS: usize = 4;
+    const CALLS: usize = 1_000;
+    const PER_CALL: usize = 50;
+    const MAX_BYTES: usize = 64 * 1024;
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = data.path().join("out.json");
+    let pipeline = [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 100"),
+        json_file(
+            "file",
+            &["batch"],
+            &path.display().to_string(),
+            "rotate = { max_bytes = \"64KiB\" }\ncompression = \"zstd\"",
+        ),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start(&pipeline);
+    let address = sink.address("sensors");
+    let senders: Vec<_> = (0..CLIENTS)
+        .map(|k| {
+            tokio::spawn(async move {
+                let mut client = connect(address).await;
+                send_all(&mut client, &format!("c{k}-"), CALLS, PER_CALL).await
+            })
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for sender in senders {
+        sent.extend(sender.await.expect("sender"));
+    }
+    assert_eq!(sent.len(), 200_000);
+    sink.stop();
+
+    let written = names_across(data.path(), "out.json");
+    assert_each_once(&written, &sent);
+    // Rotated names sort in time order: each client's readings come in the
+    // order it sent them across all files.
+    let mut last: std::collections::HashMap<String, usize> = Default::default();
+    for name in &written {
+        let (client, number) = client_and_number(name);
+        if let Some(previous) = last.insert(client, number) {
+            assert!(number > previous, "{name} after number {previous}");
+        }
+    }
+    // Each rotated file reached the limit and went past it by at most one
+    // batch (100 readings of under 150 bytes).
+    let rotated: Vec<String> = listing(data.path())
+        .into_iter()
+        .filter(|name| name != "out.json" && !name.ends_with(".tmp"))
+        .collect();
+    assert!(rotated.len() > 100, "{} rotated files", rotated.len());
+    for name in &rotated {
+        let size = decompressed(&data.path().join(name)).len();
+        assert!(
+            (MAX_BYTES..MAX_BYTES + 100 * 150).contains(&size),
+            "{name}: {size} bytes"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigkill_during_compression_loses_nothing_and_the_next_start_finishes_it() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = data.path().join("out.json");
+    // A large file to rotate, so that its compression takes a while.
+    let mut before = String::new();
+    let mut expected = Vec::new();
+    for i in 0..150_000 {
+        let name = format!("pre{i}");
+        before.push_str(&format!(
+            "{{\"sensor_name\":\"{name}\",\"sensor_value\":{i},\"created_at\":null,\"received_at\":\"2026-12-01T00:00:00Z\"}}\n"
+        ));
+        expected.push(name);
+    }
+    std::fs::write(&path, before).expect("seed");
+    let pipeline = [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 1"),
+        json_file(
+            "file",
+            &["batch"],
+            &path.display().to_string(),
+            "rotate = { max_bytes = \"1MiB\" }\ncompression = \"gzip\"",
+        ),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start(&pipeline);
+    let mut client = sink.client("sensors").await;
+    expected.extend(send_all(&mut client, "new", 1, 10).await);
+    let compressing = || {
+        listing(data.path())
+            .iter()
+            .any(|name| name.ends_with(".gz.tmp"))
+    };
+    assert!(
+        wait_until(|| compressing() && sensor_names(&path).len() == 10),
+        "never saw the compression running; files: {:?}",
+        listing(data.path())
+    );
+    sink.signal(libc::SIGKILL);
+    sink.wait_exit();
+    assert!(compressing(), "the kill came too late to test anything");
+
+    let mut restarted = SinkProcess::start(&pipeline);
+    assert!(
+        wait_until(|| no_plain_rotated_or_temporary(data.path(), "out.json")),
+        "the restart did not finish the compression: {:?}",
+        listing(data.path())
+    );
+    restarted.stop();
+    assert_each_once(&names_across(data.path(), "out.json"), &expected);
+}
+
+// Several threads: the sender runs while this test blocks in `wait_until`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_turns_rotation_on_changes_it_and_switches_compression_with_nothing_lost() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let path = data.path().join("out.json");
+    let base = [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 20"),
+        json_file("file", &["batch"], &path.display().to_string(), ""),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start(&base);
+    let address = sink.address("sensors");
+    let running = Arc::new(AtomicBool::new(true));
+    let sender = {
+        let running = Arc::clone(&running);
+        tokio::spawn(async move {
+            let mut client = connect(address).await;
+            let mut sent = Vec::new();
+            let mut call = 0;
+            while running.load(Ordering::Relaxed) {
+                sent.extend(send_all(&mut client, &format!("r{call}-"), 1, 10).await);
+                call += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            sent
+        })
+    };
+    for keys in [
+        "rotate = { max_bytes = \"16KiB\" }",
+        "rotate = { max_bytes = \"8KiB\" }\ncompression = \"gzip\"",
+        "rotate = { max_bytes = \"8KiB\", every = \"1h\" }\ncompression = \"zstd\"",
+    ] {
+        let applied = sink.count_log("reload applied");
+        let text = base.replace(
+            &format!("path = \"{}\"\n", path.display()),
+            &format!("path = \"{}\"\n{keys}\n", path.display()),
+        );
+        assert_ne!(text, base);
+        std::fs::write(sink.path("pipeline.toml"), text).expect("rewrite");
+        assert!(
+            wait_until(|| sink.count_log("reload applied") > applied),
+            "{}",
+            sink.log_text()
+        );
+        // Let some files rotate under these keys.
+        let rotated = listing(data.path()).len();
+        assert!(wait_until(|| listing(data.path()).len() > rotated + 2));
+    }
+    running.store(false, Ordering::Relaxed);
+    let sent = sender.await.expect("sender");
+    assert!(wait_until(|| no_plain_rotated_or_temporary(
+        data.path(),
+        "out.json"
+    )));
+    sink.stop();
+    let files = listing(data.path());
+    assert!(files.iter().any(|name| name.ends_with(".gz")), "{files:?}");
+    assert!(files.iter().any(|name| name.ends_with(".zst")), "{files:?}");
+    assert_each_once(&names_across(data.path(), "out.json"), &sent);
 }
