@@ -761,3 +761,80 @@ pub async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     }
     condition()
 }
+
+/// The files of `dir`, sorted by name.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .into_string()
+                .expect("utf-8")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A file's text, decompressed with the crates by its extension; checked
+/// against the command-line tool too when it is installed.
+pub fn decompressed(path: &Path) -> String {
+    use std::io::Read;
+    let file = std::fs::File::open(path).expect("open");
+    let mut text = String::new();
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(file)
+            .expect("zstd")
+            .read_to_string(&mut text)
+            .expect("zstd decodes");
+        Some("zstdcat")
+    } else if name.ends_with(".gz") {
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .expect("gzip decodes");
+        Some("zcat")
+    } else {
+        std::io::BufReader::new(file)
+            .read_to_string(&mut text)
+            .expect("read");
+        None
+    };
+    if let Some(tool) = tool
+        && let Ok(out) = std::process::Command::new(tool).arg(path).output()
+    {
+        assert!(out.status.success(), "{tool} {name} failed");
+        assert!(
+            out.stdout == text.as_bytes(),
+            "{tool} reads {name} differently"
+        );
+    }
+    text
+}
+
+/// Every reading in `dir`'s rotated files (by name) then in `active`, as
+/// sensor names in file order; every line must parse. An unfinished
+/// compression (`.tmp`) is skipped: its source is still there.
+pub fn names_across(dir: &Path, active: &str) -> Vec<String> {
+    let mut files: Vec<String> = listing(dir)
+        .into_iter()
+        .filter(|name| name != active && !name.ends_with(".tmp"))
+        .collect();
+    files.push(active.to_string());
+    files
+        .iter()
+        .flat_map(|file| {
+            let text = decompressed(&dir.join(file));
+            names_in(&text.lines().map(str::to_string).collect::<Vec<_>>())
+        })
+        .collect()
+}
+
+/// Whether every rotated file of `dir` is compressed, and no compression is unfinished.
+pub fn no_plain_rotated_or_temporary(dir: &Path, active: &str) -> bool {
+    listing(dir)
+        .iter()
+        .all(|name| name == active || name.ends_with(".zst") || name.ends_with(".gz"))
+}

@@ -165,3 +165,49 @@ async fn an_outside_rename_during_a_failing_write_splits_no_line() {
     assert_each_once(&names_of(&[renamed, full]), &sent);
     tokio::time::sleep(Duration::ZERO).await;
 }
+
+#[tokio::test]
+#[ignore = "system test: run by .ci/system/20-files.sh"]
+async fn compression_failing_on_a_full_disk_warns_and_drops_no_reading() {
+    let disk = SmallDisk::new("1m");
+    let full = disk.path("out.json");
+    let path_line = format!("path = \"{}\"\n", full.display());
+    let rotating = |compression: &str| {
+        pipeline(&full, "").replace(
+            &path_line,
+            &format!(
+                "{path_line}rotate = {{ max_bytes = \"64KiB\" }}\ncompression = \"{compression}\"\n"
+            ),
+        )
+    };
+    // Rotated files pile up uncompressed until the disk is full...
+    let mut sink = SinkProcess::start(&rotating("none"));
+    let mut sent = fill_the_disk(&sink, 2).await;
+    // ...then compression is turned on: it has no room, and says so.
+    std::fs::write(sink.path("pipeline.toml"), rotating("gzip")).expect("rewrite");
+    assert!(sink.wait_log("cannot compress"), "{}", sink.log_text());
+    assert!(
+        sink.log_lines()
+            .iter()
+            .any(|line| line.contains("cannot compress") && line.contains("No space left")),
+        "no path and OS reason:\n{}",
+        sink.log_text()
+    );
+    disk.grow("16m");
+    assert!(
+        sink.wait_log("works again, after failing for"),
+        "{}",
+        sink.log_text()
+    );
+    let mut client = sink.client("sensors").await;
+    sent.extend(send_all(&mut client, "later", 20, 50).await);
+    // The next rotation's pass compresses what the full disk left.
+    let dir = disk.dir.path();
+    assert!(
+        wait_until(|| no_plain_rotated_or_temporary(dir, "out.json")),
+        "{:?}",
+        listing(dir)
+    );
+    sink.stop();
+    assert_each_once(&names_across(dir, "out.json"), &sent);
+}

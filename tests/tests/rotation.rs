@@ -3,8 +3,6 @@
 //! own rotation, retention and compression keep every acknowledged reading
 //! in exactly one file, through load, reloads and a kill.
 
-use std::io::Read;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,81 +44,6 @@ async fn a_renamed_or_deleted_file_is_followed_with_nothing_lost() {
         current,
         (20..25).map(|i| format!("r{i}")).collect::<Vec<_>>()
     );
-}
-
-/// The files of `dir`, sorted by name.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("list")
-        .map(|entry| {
-            entry
-                .expect("entry")
-                .file_name()
-                .into_string()
-                .expect("utf-8")
-        })
-        .collect();
-    names.sort();
-    names
-}
-
-/// A file's text, decompressed with the crates by its extension; checked
-/// against the command-line tool too when it is installed.
-fn decompressed(path: &Path) -> String {
-    let file = std::fs::File::open(path).expect("open");
-    let mut text = String::new();
-    let name = path.to_string_lossy();
-    let tool = if name.ends_with(".zst") {
-        zstd::stream::read::Decoder::new(file)
-            .expect("zstd")
-            .read_to_string(&mut text)
-            .expect("zstd decodes");
-        Some("zstdcat")
-    } else if name.ends_with(".gz") {
-        flate2::read::GzDecoder::new(file)
-            .read_to_string(&mut text)
-            .expect("gzip decodes");
-        Some("zcat")
-    } else {
-        std::io::BufReader::new(file)
-            .read_to_string(&mut text)
-            .expect("read");
-        None
-    };
-    if let Some(tool) = tool
-        && let Ok(out) = std::process::Command::new(tool).arg(path).output()
-    {
-        assert!(out.status.success(), "{tool} {name} failed");
-        assert!(
-            out.stdout == text.as_bytes(),
-            "{tool} reads {name} differently"
-        );
-    }
-    text
-}
-
-/// Every reading in `dir`'s rotated files (by name) then in `active`, as
-/// sensor names in file order; every line must parse. An unfinished
-/// compression (`.tmp`) is skipped: its source is still there.
-fn names_across(dir: &Path, active: &str) -> Vec<String> {
-    let mut files: Vec<String> = listing(dir)
-        .into_iter()
-        .filter(|name| name != active && !name.ends_with(".tmp"))
-        .collect();
-    files.push(active.to_string());
-    files
-        .iter()
-        .flat_map(|file| {
-            let text = decompressed(&dir.join(file));
-            names_in(&text.lines().map(str::to_string).collect::<Vec<_>>())
-        })
-        .collect()
-}
-
-fn no_plain_rotated_or_temporary(dir: &Path, active: &str) -> bool {
-    listing(dir)
-        .iter()
-        .all(|name| name == active || name.ends_with(".zst") || name.ends_with(".gz"))
 }
 
 /// `(client, number)` of a name `c<client>-<number>`.
