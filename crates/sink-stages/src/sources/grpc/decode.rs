@@ -54,14 +54,12 @@ const NANOS: u32 = 2;
 const RECURSION_LIMIT: u32 = 100;
 
 /// A decoded request: its readings, or the first timestamp that made them
-/// invalid, and the size its rate-limit cost is counted in.
+/// invalid.
 #[derive(Debug)]
 pub struct DecodedRequest {
     /// The readings in order, each stamped with the same `received_at`; or
     /// INVALID_ARGUMENT for the first out-of-range `created_at`.
     pub readings: Result<Batch, Status>,
-    /// The message's encoded size in bytes.
-    pub encoded_len: usize,
 }
 
 impl DecodedRequest {
@@ -75,7 +73,34 @@ impl DecodedRequest {
 /// reading `received_at`. Malformed bytes are INTERNAL, as tonic's prost codec
 /// answers.
 pub fn decode_request(message: &[u8], received_at: Timestamp) -> Result<DecodedRequest, Status> {
-    let mut batch = Batch::with_capacity(count_items(message));
+    decode_counted(message, received_at, count_items(message))
+}
+
+/// As [`decode_request`], but a request of more than `max_items` readings is
+/// refused with RESOURCE_EXHAUSTED before any reading is built: decoding
+/// expands (an empty item is 2 bytes on the wire and a whole [`Reading`] in
+/// memory), so the count is bounded, not only the bytes.
+pub fn decode_request_at_most(
+    message: &[u8],
+    received_at: Timestamp,
+    max_items: usize,
+) -> Result<DecodedRequest, Status> {
+    let count = count_items(message);
+    if count > max_items {
+        return Err(Status::resource_exhausted(format!(
+            "the request holds {count} readings, more than max_readings_per_call ({max_items}); send fewer per call"
+        )));
+    }
+    decode_counted(message, received_at, count)
+}
+
+/// Decodes `message`, whose `items` fields number `count` (its batch's size).
+fn decode_counted(
+    message: &[u8],
+    received_at: Timestamp,
+    count: usize,
+) -> Result<DecodedRequest, Status> {
+    let mut batch = Batch::with_capacity(count);
     let mut invalid = None;
     let mut index = 0;
     let mut buf = message;
@@ -104,7 +129,6 @@ pub fn decode_request(message: &[u8], received_at: Timestamp) -> Result<DecodedR
     }
     Ok(DecodedRequest {
         readings: invalid.map_or(Ok(batch), Err),
-        encoded_len: message.len(),
     })
 }
 
@@ -374,7 +398,6 @@ mod tests {
         match decode_request(message, received_at()) {
             Err(status) => Err((status.code(), None)),
             Ok(decoded) => {
-                assert_eq!(decoded.encoded_len, message.len());
                 let empty = decoded.is_empty();
                 let readings = decoded
                     .readings
@@ -794,7 +817,6 @@ mod tests {
         // Nothing at all: an empty request.
         let empty = decode_request(&[], received_at()).expect("valid");
         assert!(empty.is_empty());
-        assert_eq!(empty.encoded_len, 0);
 
         // An empty item: one reading with an empty name, no value and no
         // timestamp; an empty measurement is the same.

@@ -6,7 +6,9 @@
 //! is read per call and can change on reload without restarting the listener;
 //! requests are decoded straight into readings by [`decode`].
 
+mod body;
 mod decode;
+mod incoming;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -17,7 +19,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use prost::bytes::Buf;
 use serde::{Deserialize, Serialize};
 use sink_api::{
     Batch, BuildContext, ConfigError, Context, Output, SendError, Source, SourceConfig, StageError,
@@ -25,12 +26,10 @@ use sink_api::{
 };
 use sink_proto::SensorValuesResponse;
 use tokio::sync::Semaphore;
-use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tokio::time::{Instant, timeout_at};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::{NamedService, UnaryService};
-use tonic::transport::server::TcpIncoming;
-use tonic::{Code, Request, Response, Status};
-use tonic_prost::ProstEncoder;
+use tonic::server::NamedService;
+use tonic::{Code, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use self::decode::{DecodedRequest, decode_request};
@@ -66,6 +65,41 @@ pub struct GrpcConfig {
     #[serde(default = "default_max_concurrent_calls")]
     #[schemars(extend("x-restart" = true))]
     pub max_concurrent_calls: u32,
+    /// How long a client has to deliver a call's request body (the time spent
+    /// waiting for a `max_concurrent_calls` permit does not count); past it
+    /// the call fails with DEADLINE_EXCEEDED and frees its permit, so slow
+    /// clients cannot hold every permit. A duration such as "10s".
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub body_timeout: Duration,
+    /// Most readings one call may carry; more fail with RESOURCE_EXHAUSTED
+    /// before any is decoded (decoding expands: an empty item is 2 bytes on
+    /// the wire and a whole reading in memory).
+    #[serde(default = "default_max_readings_per_call")]
+    pub max_readings_per_call: usize,
+    /// Most connections open at once; beyond it new clients wait in the
+    /// listen backlog until one closes. Defaults to the soft open-file limit
+    /// (RLIMIT_NOFILE) less 64, at most 1024.
+    #[serde(default)]
+    #[schemars(extend("x-restart" = true))]
+    pub max_connections: Option<usize>,
+    /// A connection with no call open and none started or ended for this
+    /// long is closed. A duration such as "1m".
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub idle_timeout: Duration,
+    /// How often an HTTP/2 PING checks a connection that has been quiet for
+    /// this long; a client that does not answer within `keepalive_timeout`
+    /// is disconnected.
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    #[schemars(extend("x-restart" = true))]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive PING may wait for its answer.
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    #[schemars(extend("x-restart" = true))]
+    pub keepalive_timeout: Duration,
 }
 
 /// A token bucket over request bytes.
@@ -104,6 +138,37 @@ fn default_max_message_bytes() -> usize {
     4 * 1024 * 1024
 }
 
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_readings_per_call() -> usize {
+    100_000
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// HTTP/2 flow-control windows the server grants. A call waiting for a
+/// permit leaves its body unread, and what its client may send meanwhile is
+/// buffered up to these: per connection at most `CONNECTION_WINDOW` bytes,
+/// so waiting calls hold at most `max_connections` × 512 KiB in all.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 512 * 1024;
+
+/// Durations beyond this are refused: no timeout needs to be longer, and the
+/// timer arithmetic stays far from overflowing.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 impl RateLimit {
     fn burst(&self) -> u32 {
         self.burst_bytes.unwrap_or(self.bytes_per_second)
@@ -121,6 +186,46 @@ impl SourceConfig for GrpcConfig {
         }
         if self.max_message_bytes == 0 {
             return Err(ConfigError::new("max_message_bytes", "must be at least 1"));
+        }
+        if self.max_message_bytes > u32::MAX as usize {
+            return Err(ConfigError::new(
+                "max_message_bytes",
+                "must be at most 4294967295 (a gRPC message length is 32 bits)",
+            ));
+        }
+        if self.max_readings_per_call == 0 {
+            return Err(ConfigError::new(
+                "max_readings_per_call",
+                "must be at least 1",
+            ));
+        }
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::new("max_connections", "must be at least 1"));
+        }
+        for (key, value, min) in [
+            ("body_timeout", self.body_timeout, Duration::from_millis(1)),
+            ("idle_timeout", self.idle_timeout, Duration::from_millis(1)),
+            (
+                "keepalive_interval",
+                self.keepalive_interval,
+                Duration::from_millis(10),
+            ),
+            (
+                "keepalive_timeout",
+                self.keepalive_timeout,
+                Duration::from_millis(10),
+            ),
+        ] {
+            if value < min || value > MAX_TIMEOUT {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "must be between {} and 24h, not {}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(value)
+                    ),
+                ));
+            }
         }
         if let Some(limit) = &self.rate_limit {
             if limit.bytes_per_second == 0 {
@@ -140,14 +245,12 @@ impl SourceConfig for GrpcConfig {
     }
 
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
-        let listener = std::net::TcpListener::bind(listen_address(&self.address).as_ref())
-            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-            .map_err(|err| {
-                ConfigError::new(
-                    "address",
-                    format!("cannot listen on {}: {err}", self.address),
-                )
-            })?;
+        let listener = incoming::bind(&listen_address(&self.address)).map_err(|err| {
+            ConfigError::new(
+                "address",
+                format!("cannot listen on {}: {err}", self.address),
+            )
+        })?;
         let local = listener
             .local_addr()
             .map_err(|err| ConfigError::new("address", err.to_string()))?;
@@ -187,6 +290,11 @@ impl Source for GrpcSource {
             output: ArcSwapOption::from_pointee(output),
             calls: Arc::new(Semaphore::new(self.config.max_concurrent_calls as usize)),
         });
+        let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
+        let max_connections = self
+            .config
+            .max_connections
+            .unwrap_or_else(incoming::default_max_connections);
         let service = SensorService(Arc::clone(&shared));
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -204,20 +312,23 @@ impl Source for GrpcSource {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
+        let routes = tonic::service::Routes::new(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .prepare();
         let shutdown = cx.shutdown().clone();
+        let config = &self.config;
         let mut server = tokio::spawn(
             tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .max_concurrent_streams(Some(self.config.max_concurrent_calls))
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(service)
+                .max_concurrent_streams(Some(config.max_concurrent_calls))
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .http2_keepalive_interval(Some(config.keepalive_interval))
+                .http2_keepalive_timeout(Some(config.keepalive_timeout))
                 .serve_with_incoming_shutdown(
-                    // `tcp_nodelay` above applies only to listeners tonic binds
-                    // itself; without it here, Nagle's algorithm holds small
-                    // answers back until the client's delayed ACK, 40 ms later.
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    incoming::TrackCalls(routes),
+                    incoming::incoming(listener, max_connections, idle.clone()),
                     async move { shutdown.wait().await },
                 ),
         );
@@ -232,6 +343,7 @@ impl Source for GrpcSource {
                 new = params.changed() => {
                     let old = shared.limits.load();
                     shared.limits.store(Arc::new(Limits::new(&new, Some(&old))));
+                    idle.set(new.idle_timeout);
                 }
                 served = &mut server => {
                     served??;
@@ -275,6 +387,8 @@ struct Shared {
 /// The limits one call checks, swapped whole on reload.
 struct Limits {
     max_message_bytes: usize,
+    max_readings_per_call: usize,
+    body_timeout: Duration,
     when_full: WhenFull,
     rate: Option<(RateLimit, Arc<DefaultDirectRateLimiter>)>,
 }
@@ -293,6 +407,8 @@ impl Limits {
         });
         Self {
             max_message_bytes: config.max_message_bytes,
+            max_readings_per_call: config.max_readings_per_call,
+            body_timeout: config.body_timeout,
             when_full: config.when_full,
             rate,
         }
@@ -334,77 +450,65 @@ where
         if request.uri().path() != sink_proto::SEND_SENSOR_VALUES_PATH {
             return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
         }
-        let max_message_bytes = self.0.limits.load().max_message_bytes;
-        let handler = SendSensorValues(self.clone());
-        let calls = Arc::clone(&self.0.calls);
+        let service = self.clone();
         Box::pin(async move {
-            // Beyond `max_concurrent_calls`, wait here before the body is read.
-            let Ok(_permit) = calls.acquire_owned().await else {
-                return Ok(Status::unavailable("the sink is shutting down").into_http());
-            };
-            let mut grpc =
-                tonic::server::Grpc::new(SensorCodec).max_decoding_message_size(max_message_bytes);
-            let mut response = grpc.unary(handler, request).await;
-            // tonic refuses an oversize message with OUT_OF_RANGE before reading
-            // its body; the contract (like OTLP) requires RESOURCE_EXHAUSTED.
-            // The handler itself never answers OUT_OF_RANGE.
-            let headers = response.headers_mut();
-            if headers.get("grpc-status").is_some_and(|code| code == "11") {
-                headers.insert(
-                    "grpc-status",
-                    http::HeaderValue::from(Code::ResourceExhausted as i32),
-                );
-            }
-            Ok(response)
+            Ok(match service.unary(request).await {
+                Ok(response) => ok_response(response),
+                Err(status) => status.into_http(),
+            })
         })
     }
 }
 
-/// tonic's prost codec for the response; requests are decoded by
-/// [`decode::decode_request`] from one contiguous slice, straight into the
-/// readings. (Decoding through tonic's `DecodeBuf` made prost advance a
-/// `BytesMut` field by field, which the profile showed costing half as much
-/// again as the decoding itself.)
-#[derive(Debug, Clone, Copy)]
-struct SensorCodec;
-
-impl Codec for SensorCodec {
-    type Encode = SensorValuesResponse;
-    type Decode = DecodedRequest;
-    type Encoder = ProstEncoder<SensorValuesResponse>;
-    type Decoder = SensorDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::default()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        SensorDecoder
-    }
+/// The answer to a call that succeeded: the empty `SensorValuesResponse`
+/// (a 5-byte gRPC frame of length 0) and an OK status in the trailers.
+fn ok_response(_: Response<SensorValuesResponse>) -> http::Response<tonic::body::Body> {
+    let mut response = http::Response::new(tonic::body::Body::new(OkBody::Message));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response.headers_mut().insert(
+        "grpc-accept-encoding",
+        http::HeaderValue::from_static(body::ACCEPTED_ENCODINGS),
+    );
+    response
 }
 
-/// Decodes a `SensorValuesRequest` from the bytes of one whole message,
-/// stamping its readings with the time it arrived.
-#[derive(Debug)]
-struct SensorDecoder;
+/// The body of [`ok_response`]: the message, then the trailers.
+enum OkBody {
+    Message,
+    Trailers,
+    Done,
+}
 
-impl Decoder for SensorDecoder {
-    type Item = DecodedRequest;
-    type Error = Status;
+impl Body for OkBody {
+    type Data = prost::bytes::Bytes;
+    type Error = std::convert::Infallible;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        let len = src.remaining();
-        let received_at = Timestamp::now();
-        // `DecodeBuf` views one `BytesMut`, so its first chunk is the whole
-        // message; the fallback only keeps this correct should that change.
-        let decoded = if src.chunk().len() == len {
-            let decoded = decode_request(src.chunk(), received_at);
-            src.advance(len);
-            decoded
-        } else {
-            decode_request(&src.copy_to_bytes(len), received_at)
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match this {
+            Self::Message => {
+                *this = Self::Trailers;
+                http_body::Frame::data(prost::bytes::Bytes::from_static(&[0; 5]))
+            }
+            Self::Trailers => {
+                *this = Self::Done;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                http_body::Frame::trailers(trailers)
+            }
+            Self::Done => return std::task::Poll::Ready(None),
         };
-        decoded.map(Some)
+        std::task::Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Self::Done)
     }
 }
 
@@ -415,20 +519,79 @@ pub fn decode_batch(message: &[u8], received_at: Timestamp) -> Result<Batch, Sta
     decode_request(message, received_at)?.readings
 }
 
-struct SendSensorValues(SensorService);
-
-impl UnaryService<DecodedRequest> for SendSensorValues {
-    type Response = SensorValuesResponse;
-    type Future = BoxFuture<Response<SensorValuesResponse>, Status>;
-
-    fn call(&mut self, request: Request<DecodedRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.accept(request.into_inner()).await })
-    }
-}
-
 impl SensorService {
-    /// Admits the request under the limits and hands its readings on; OK means
+    /// Serves one call from its request: reads the message prefix, refuses
+    /// what the limits refuse before reading any more, takes a
+    /// `max_concurrent_calls` permit, reads the one message within
+    /// `body_timeout`, decodes it and hands it on ([`accept`](Self::accept)).
+    async fn unary<B>(
+        &self,
+        request: http::Request<B>,
+    ) -> Result<Response<SensorValuesResponse>, Status>
+    where
+        B: Body,
+        B::Error: Into<StdError>,
+    {
+        let limits = self.0.limits.load_full();
+        let (head, body) = request.into_parts();
+        let encoding = body::Encoding::from_headers(&head.headers)?;
+        let mut body = body::BodyReader::new(body);
+        // The client's time to deliver the body: it runs while its bytes are
+        // awaited, not while the call waits for a permit.
+        let started = Instant::now();
+        let too_slow = || {
+            Status::deadline_exceeded(format!(
+                "the request body did not arrive within body_timeout ({})",
+                humantime::format_duration(limits.body_timeout)
+            ))
+        };
+        let prefix = timeout_at(started + limits.body_timeout, body.prefix())
+            .await
+            .map_err(|_| too_slow())??;
+        let Some(prefix) = prefix else {
+            return Err(Status::internal("the request carries no message"));
+        };
+        if prefix.len > limits.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the message of {} bytes is larger than max_message_bytes ({})",
+                prefix.len, limits.max_message_bytes
+            )));
+        }
+        if prefix.len > 0 {
+            if self.0.output.load().is_none() {
+                return Err(Status::unavailable("the sink is shutting down"));
+            }
+            // Charged on the encoded (for a compressed message, the
+            // compressed) size, known from the prefix: refused before the
+            // body is read, let alone decoded.
+            if let Some((limit, bucket)) = &limits.rate {
+                admit(prefix.len, *limit, bucket)?;
+            }
+        }
+        let waited = Instant::now();
+        // Beyond `max_concurrent_calls`, wait here with the body unread.
+        let Ok(_permit) = Arc::clone(&self.0.calls).acquire_owned().await else {
+            return Err(Status::unavailable("the sink is shutting down"));
+        };
+        let deadline = started + limits.body_timeout + waited.elapsed();
+        let message = timeout_at(deadline, body.message(prefix))
+            .await
+            .map_err(|_| too_slow())??;
+        let message = if prefix.compressed {
+            body::decompress(encoding, &message, limits.max_message_bytes)?
+        } else {
+            message
+        };
+        let request = decode::decode_request_at_most(
+            &message,
+            Timestamp::now(),
+            limits.max_readings_per_call,
+        )?;
+        drop(message);
+        self.accept(request).await
+    }
+
+    /// Hands the readings of a request that passed the limits on; OK means
     /// they are in the pipeline. A request with an invalid timestamp is
     /// refused only once it has passed the other checks.
     async fn accept(
@@ -442,9 +605,6 @@ impl SensorService {
             return Err(Status::unavailable("the sink is shutting down"));
         };
         let limits = self.0.limits.load_full();
-        if let Some((limit, bucket)) = &limits.rate {
-            admit(request.encoded_len, *limit, bucket)?;
-        }
         let batch = request.readings?;
         let sent = match limits.when_full {
             WhenFull::Wait => output.send(batch).await,

@@ -1,0 +1,275 @@
+//! Reads the one message of a unary call's request body by hand, instead of
+//! with tonic's `Grpc::unary`, so that every limit acts before the bytes that
+//! would break it are held:
+//!
+//! - the 5-byte gRPC prefix (compression flag and length) is read first, so
+//!   an oversize message is refused (RESOURCE_EXHAUSTED) and the rate limit
+//!   charged on the encoded size before any of the body is read or decoded;
+//! - the body is collected as it arrives, in a buffer that grows with the
+//!   bytes received, never reserved at the announced length (a 5-byte prefix
+//!   announcing 1 GiB costs 5 bytes, not 1 GiB);
+//! - the caller bounds each read with a deadline (`body_timeout`);
+//! - a second message in the same unary call is refused, and nothing of the
+//!   call is accepted;
+//! - gzip and zstd messages (`grpc-encoding`) are inflated into a buffer
+//!   bounded by `max_message_bytes`, so a decompression bomb is refused.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io::Read;
+use std::pin::Pin;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tonic::codegen::http::HeaderMap;
+use tonic::codegen::{Body, StdError};
+use tonic::{Code, Status};
+
+/// Length of the gRPC message prefix: a compression flag and a big-endian u32.
+const PREFIX_LEN: usize = 5;
+
+/// The `grpc-encoding` a call's message is compressed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    Zstd,
+}
+
+/// The encodings this server inflates, for `grpc-accept-encoding`.
+pub const ACCEPTED_ENCODINGS: &str = "identity,gzip,zstd";
+
+impl Encoding {
+    /// The encoding `headers` announce; an unknown one is UNIMPLEMENTED, as
+    /// the gRPC spec asks, naming the ones accepted.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Self, Status> {
+        let Some(value) = headers.get("grpc-encoding") else {
+            return Ok(Self::Identity);
+        };
+        match value.as_bytes() {
+            b"identity" => Ok(Self::Identity),
+            b"gzip" => Ok(Self::Gzip),
+            b"zstd" => Ok(Self::Zstd),
+            other => {
+                let mut status = Status::unimplemented(format!(
+                    "grpc-encoding {:?} is not supported; use one of {ACCEPTED_ENCODINGS}",
+                    String::from_utf8_lossy(other)
+                ));
+                status.metadata_mut().insert(
+                    "grpc-accept-encoding",
+                    tonic::metadata::MetadataValue::from_static(ACCEPTED_ENCODINGS),
+                );
+                Err(status)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Encoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Identity => "identity",
+            Self::Gzip => "gzip",
+            Self::Zstd => "zstd",
+        })
+    }
+}
+
+/// The 5-byte prefix of the call's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    /// Whether the message is compressed with the call's `grpc-encoding`.
+    pub compressed: bool,
+    /// The length of the message as sent (compressed, if it is).
+    pub len: usize,
+}
+
+/// A request body, read frame by frame into a buffer that grows only with
+/// the bytes received.
+pub struct BodyReader<B> {
+    body: Pin<Box<B>>,
+    /// Bytes received and not yet taken.
+    buf: BytesMut,
+}
+
+impl<B> BodyReader<B>
+where
+    B: Body,
+    B::Error: Into<StdError>,
+{
+    pub fn new(body: B) -> Self {
+        Self {
+            body: Box::pin(body),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Reads the message prefix; `Ok(None)` when the body ends with no
+    /// message at all.
+    pub async fn prefix(&mut self) -> Result<Option<Prefix>, Status> {
+        if !self.fill(PREFIX_LEN).await? {
+            if self.buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(Status::internal(
+                "the request body ends inside a gRPC message prefix",
+            ));
+        }
+        let compressed = match self.buf[0] {
+            0 => false,
+            1 => true,
+            flag => {
+                return Err(Status::internal(format!(
+                    "bad gRPC compression flag {flag} (0 or 1)"
+                )));
+            }
+        };
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        Ok(Some(Prefix {
+            compressed,
+            len: len as usize,
+        }))
+    }
+
+    /// Reads the message `prefix` announced (the prefix must have come from
+    /// [`prefix`](Self::prefix)), then the rest of the body, which must be
+    /// empty: a unary call carries exactly one message.
+    pub async fn message(&mut self, prefix: Prefix) -> Result<Bytes, Status> {
+        let end = PREFIX_LEN + prefix.len;
+        if !self.fill(end).await? {
+            return Err(Status::internal(format!(
+                "the request body ends after {} of the {} bytes its gRPC prefix announced",
+                self.buf.len() - PREFIX_LEN,
+                prefix.len
+            )));
+        }
+        self.buf.advance(PREFIX_LEN);
+        let message = self.buf.split_to(prefix.len).freeze();
+        if self.fill(1).await? {
+            return Err(Status::internal(
+                "a unary call carries one message, this one carried more; nothing of it was accepted",
+            ));
+        }
+        Ok(message)
+    }
+
+    /// Reads data frames until at least `len` bytes are buffered (`true`) or
+    /// the body ends first (`false`). Trailers are skipped.
+    async fn fill(&mut self, len: usize) -> Result<bool, Status> {
+        while self.buf.len() < len {
+            let frame = poll_fn(|cx| self.body.as_mut().poll_frame(cx)).await;
+            let Some(frame) = frame else {
+                return Ok(false);
+            };
+            let frame = frame.map_err(|err| {
+                let err: StdError = err.into();
+                Status::cancelled(format!("the request body broke off: {err}"))
+            })?;
+            if let Ok(mut data) = frame.into_data() {
+                // Grows with what arrived, however much the prefix announced.
+                while data.has_remaining() {
+                    let chunk = data.chunk();
+                    self.buf.extend_from_slice(chunk);
+                    let taken = chunk.len();
+                    data.advance(taken);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Inflates `message`, compressed with `encoding`, refusing with
+/// RESOURCE_EXHAUSTED once it would exceed `max_bytes`: the output buffer
+/// grows with what inflates, up to that bound and no further.
+pub fn decompress(encoding: Encoding, message: &[u8], max_bytes: usize) -> Result<Bytes, Status> {
+    let mut out = Vec::new();
+    let limit = max_bytes as u64 + 1;
+    let read = match encoding {
+        Encoding::Identity => {
+            return Err(Status::internal(
+                "the message is flagged compressed but the call has no grpc-encoding",
+            ));
+        }
+        Encoding::Gzip => flate2::read::GzDecoder::new(message)
+            .take(limit)
+            .read_to_end(&mut out),
+        Encoding::Zstd => {
+            zstd::stream::read::Decoder::with_buffer(message).and_then(|mut decoder| {
+                // A zstd frame names the window its decoder must allocate; no
+                // window larger than the largest message is needed, so none
+                // larger is granted (a 20-byte frame cannot claim 128 MiB).
+                decoder.window_log_max(window_log(max_bytes))?;
+                decoder.take(limit).read_to_end(&mut out)
+            })
+        }
+    };
+    read.map_err(|err| {
+        Status::new(
+            Code::Internal,
+            format!("the {encoding} message does not decompress: {err}"),
+        )
+    })?;
+    if out.len() > max_bytes {
+        return Err(Status::resource_exhausted(format!(
+            "the {encoding} message decompresses to more than max_message_bytes ({max_bytes} bytes)"
+        )));
+    }
+    Ok(out.into())
+}
+
+/// The zstd window log that covers `max_bytes`, within what zstd allows.
+fn window_log(max_bytes: usize) -> u32 {
+    let log = usize::BITS - max_bytes.saturating_sub(1).leading_zeros();
+    log.clamp(10, 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn gzip_and_zstd_inflate_and_bombs_are_refused() {
+        let plain = vec![7u8; 100_000];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&plain).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::stream::encode_all(&plain[..], 3).unwrap();
+        for (encoding, packed) in [(Encoding::Gzip, &gz), (Encoding::Zstd, &zst)] {
+            assert_eq!(
+                decompress(encoding, packed, plain.len()).unwrap(),
+                &plain[..]
+            );
+            let bomb = decompress(encoding, packed, plain.len() - 1).unwrap_err();
+            assert_eq!(bomb.code(), Code::ResourceExhausted, "{encoding}");
+            let garbage = decompress(encoding, b"not compressed at all", 1000).unwrap_err();
+            assert_eq!(garbage.code(), Code::Internal, "{encoding}");
+        }
+        let flagged = decompress(Encoding::Identity, &gz, 1000).unwrap_err();
+        assert_eq!(flagged.code(), Code::Internal);
+    }
+
+    #[test]
+    fn window_log_covers_the_largest_message() {
+        assert_eq!(window_log(1), 10);
+        assert_eq!(window_log(4 << 20), 22);
+        assert_eq!(window_log((4 << 20) + 1), 23);
+        assert_eq!(window_log(usize::MAX), 31);
+    }
+
+    #[test]
+    fn only_known_encodings_are_accepted() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            Encoding::from_headers(&headers).unwrap(),
+            Encoding::Identity
+        );
+        headers.insert("grpc-encoding", "zstd".parse().unwrap());
+        assert_eq!(Encoding::from_headers(&headers).unwrap(), Encoding::Zstd);
+        headers.insert("grpc-encoding", "snappy".parse().unwrap());
+        let status = Encoding::from_headers(&headers).unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert!(status.metadata().get("grpc-accept-encoding").is_some());
+    }
+}

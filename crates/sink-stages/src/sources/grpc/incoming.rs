@@ -1,0 +1,475 @@
+//! The grpc source's listener and accept loop: the stream of accepted
+//! connections that the HTTP/2 server serves.
+//!
+//! Written out rather than tonic's `TcpIncoming` for four defences:
+//!
+//! - **a bounded number of connections** (`max_connections`): at the bound the
+//!   loop stops accepting, and new clients wait in the kernel's listen backlog
+//!   (1024) until a connection closes, instead of costing descriptors;
+//! - **accept errors back off** (EMFILE at the descriptor limit, ENFILE,
+//!   ENOBUFS, ...): the loop sleeps 5 ms doubling to 1 s, logs one WARN at
+//!   once and then at most one every 10 s with the count, and an INFO when
+//!   accepting works again, instead of retrying in a hot loop;
+//! - **idle connections close** (`idle_timeout`): a connection with no call
+//!   open, and none started or finished for that long, is closed (it reads
+//!   as ended); this also ends connections that never complete the HTTP/2
+//!   handshake. Keepalive pings (configured on the server) do not count as
+//!   activity;
+//! - TCP_NODELAY on every connection (small answers must not wait for Nagle).
+//!
+//! The seam: [`incoming`] yields [`Connection`]s, each an `AsyncRead +
+//! AsyncWrite` carrying its [`ConnectionInfo`] (through tonic's `Connected`,
+//! into every request's extensions). A wrapper such as a TLS acceptor takes
+//! this stream, wraps each connection, and forwards `connect_info()` so that
+//! calls are still counted against their connection.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::{Instant, Sleep};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body as ResponseBody;
+use tonic::codegen::http::{Request, Response};
+use tonic::codegen::{Body, BoxFuture, Service};
+use tonic::transport::server::Connected;
+
+/// Connections the kernel queues for `accept` (Linux caps it at somaxconn).
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// Descriptors kept back from `max_connections`' default for files, the
+/// listener and the runtime.
+const RESERVED_FDS: u64 = 64;
+
+/// The largest default `max_connections`, however high the descriptor limit.
+const MAX_DEFAULT_CONNECTIONS: u64 = 1024;
+
+/// First and longest pause after a failed `accept`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// At most one WARN about failing accepts per this long.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Binds `address` (`host:port`, the first address it resolves to that binds)
+/// with a listen backlog of [`LISTEN_BACKLOG`] rather than std's 128, so that
+/// a burst of connects waits in the kernel rather than being retried by the
+/// clients a second later. The listener is non-blocking, for tokio.
+pub fn bind(address: &str) -> io::Result<std::net::TcpListener> {
+    let mut last = None;
+    for addr in address.to_socket_addrs()? {
+        match bind_one(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("the address resolves to nothing")))
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does: a restarted sink rebinds at once despite TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// `max_connections` by default: the soft descriptor limit less
+/// [`RESERVED_FDS`], between 1 and [`MAX_DEFAULT_CONNECTIONS`].
+pub fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    soft.saturating_sub(RESERVED_FDS)
+        .clamp(1, MAX_DEFAULT_CONNECTIONS) as usize
+}
+
+/// The idle timeout, shared by every connection and changed live on reload.
+#[derive(Debug, Clone)]
+pub struct IdleTimeout(Arc<AtomicU64>);
+
+impl IdleTimeout {
+    pub fn new(timeout: Duration) -> Self {
+        Self(Arc::new(AtomicU64::new(millis(timeout))))
+    }
+
+    pub fn set(&self, timeout: Duration) {
+        self.0.store(millis(timeout), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Accepts connections from `listener` on a task of its own, at most
+/// `max_connections` open at once, until the returned stream is dropped
+/// (tonic drops it when shutdown starts, which closes the listener).
+pub fn incoming(
+    listener: TcpListener,
+    max_connections: usize,
+    idle: IdleTimeout,
+) -> ReceiverStream<io::Result<Connection>> {
+    let (sender, receiver) = mpsc::channel(1);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    tokio::spawn(async move {
+        let local = listener.local_addr().ok();
+        let mut failures = Failures::default();
+        loop {
+            // At the bound, wait here: new clients queue in the backlog.
+            let slot = tokio::select! {
+                slot = Arc::clone(&slots).acquire_owned() => slot,
+                () = sender.closed() => return,
+            };
+            let Ok(slot) = slot else { return };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = sender.closed() => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    let pause = failures.failed(&err, local);
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            };
+            failures.recovered(local);
+            // Without it, small answers wait for the client's delayed ACK.
+            let _ = stream.set_nodelay(true);
+            let connection = Connection::new(stream, remote, slot, idle.clone());
+            if sender.send(Ok(connection)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
+/// Consecutive accept failures: the backoff and the rate-limited warning.
+#[derive(Default)]
+struct Failures {
+    /// Failures since the last success.
+    count: u64,
+    /// Since when accepting fails.
+    since: Option<Instant>,
+    /// When the last WARN was logged, and failures not logged since.
+    warned: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Failures {
+    /// Counts a failure, logs it if a WARN is due, and says how long to pause.
+    fn failed(&mut self, err: &io::Error, local: Option<SocketAddr>) -> Duration {
+        let now = Instant::now();
+        self.count += 1;
+        self.since.get_or_insert(now);
+        let pause = FIRST_BACKOFF
+            .saturating_mul(1 << self.count.saturating_sub(1).min(10))
+            .min(MAX_BACKOFF);
+        if self
+            .warned
+            .is_none_or(|warned| now.duration_since(warned) >= WARN_EVERY)
+        {
+            let at = local.map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!(
+                "grpc source on {at}: accepting a connection failed: {err} ({} more failures since the last warning); retrying in {} ms{}",
+                self.unlogged,
+                pause.as_millis(),
+                if err.raw_os_error() == Some(libc::EMFILE) {
+                    "; the process is at its open-file limit (RLIMIT_NOFILE): raise it or lower max_connections"
+                } else {
+                    ""
+                }
+            );
+            self.warned = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        pause
+    }
+
+    /// Accepting works again: says so if it had failed.
+    fn recovered(&mut self, local: Option<SocketAddr>) {
+        if let Some(since) = self.since.take() {
+            let at = local.map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(
+                "grpc source on {at}: accepting connections again after {} failures over {} ms",
+                self.count,
+                since.elapsed().as_millis()
+            );
+        }
+        *self = Self::default();
+    }
+}
+
+/// What a connection tells the calls on it (a request extension, through
+/// tonic's `Connected`).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Its calls, for the idle timeout.
+    pub activity: Arc<Activity>,
+}
+
+/// The calls open on one connection and when one last started or ended.
+#[derive(Debug)]
+pub struct Activity {
+    open: AtomicUsize,
+    /// Milliseconds since [`CLOCK`].
+    last: AtomicU64,
+}
+
+/// The origin of [`Activity::last`].
+static CLOCK: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+
+fn now_millis() -> u64 {
+    millis(CLOCK.elapsed())
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            last: AtomicU64::new(now_millis()),
+        }
+    }
+
+    /// A call starts; it counts as open until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> CallGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.last.store(now_millis(), Ordering::Relaxed);
+        CallGuard(Arc::clone(self))
+    }
+
+    /// How long the connection has had no call, or `None` while one is open.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = self.last.load(Ordering::Relaxed);
+        Some(Duration::from_millis(now_millis().saturating_sub(last)))
+    }
+}
+
+/// An open call; dropping it ends the call.
+#[derive(Debug)]
+pub struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.last.store(now_millis(), Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An accepted connection: the TCP stream, its slot among
+/// `max_connections`, and its idle timer.
+pub struct Connection {
+    stream: TcpStream,
+    info: ConnectionInfo,
+    idle: IdleTimeout,
+    /// When to look at the connection's activity next.
+    check: Pin<Box<Sleep>>,
+    /// Set once idle: every later read sees the end.
+    closed: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    fn new(
+        stream: TcpStream,
+        remote: SocketAddr,
+        slot: OwnedSemaphorePermit,
+        idle: IdleTimeout,
+    ) -> Self {
+        let check = Box::pin(tokio::time::sleep(idle.get()));
+        Self {
+            stream,
+            info: ConnectionInfo {
+                remote,
+                activity: Arc::new(Activity::new()),
+            },
+            idle,
+            check,
+            closed: false,
+            _slot: slot,
+        }
+    }
+
+    /// Whether the idle timeout has passed with no call; re-arms the timer
+    /// otherwise.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.check.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let timeout = self.idle.get();
+            let wait = match self.info.activity.idle_for() {
+                Some(idle) if idle >= timeout => return true,
+                Some(idle) => timeout - idle,
+                // A call is open: look again a whole timeout later.
+                None => timeout,
+            };
+            let next = Instant::now() + wait;
+            self.check.as_mut().reset(next);
+        }
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.closed {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending => {
+                // The server always has a read pending, so this is where an
+                // idle connection is noticed: it reads as ended, and the
+                // server closes it.
+                if this.poll_idle(cx) {
+                    tracing::debug!(remote = %this.info.remote, "closing an idle connection");
+                    this.closed = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Wraps the server's routes so that every call (any service: the sensor
+/// service, health, reflection) counts as activity on its connection until
+/// its answer has been sent whole.
+#[derive(Clone)]
+pub struct TrackCalls<S>(pub S);
+
+impl<S, B> Service<Request<B>> for TrackCalls<S>
+where
+    S: Service<Request<B>, Response = Response<ResponseBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let guard = request
+            .extensions()
+            .get::<ConnectionInfo>()
+            .map(|info| info.activity.begin());
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(match guard {
+                Some(guard) => response.map(|body| {
+                    ResponseBody::new(Guarded {
+                        body,
+                        _guard: guard,
+                    })
+                }),
+                None => response,
+            })
+        })
+    }
+}
+
+/// A response body that holds its call open until it has been sent.
+struct Guarded {
+    body: ResponseBody,
+    _guard: CallGuard,
+}
+
+impl Body for Guarded {
+    type Data = <ResponseBody as Body>::Data;
+    type Error = <ResponseBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.get_mut().body).poll_frame(cx));
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
