@@ -61,8 +61,13 @@ impl Connection {
 
     /// Sends one gRPC frame (the 5-byte prefix and the message) as a unary
     /// call; `Ok` when the server answered OK.
-    pub async fn call(&self, frame: Bytes) -> Result<(), Status> {
-        let mut sender = self.sender.clone().ready().await.map_err(lost)?;
+    pub async fn call(&self, frame: Bytes) -> Result<(), Failure> {
+        let mut sender = self
+            .sender
+            .clone()
+            .ready()
+            .await
+            .map_err(Failure::ConnectionLost)?;
         let mut request = Request::new(());
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();
@@ -74,15 +79,15 @@ impl Connection {
 
         let (head, mut body) = answer.await.map_err(lost)?.into_parts();
         if head.status != StatusCode::OK {
-            return Err(Status::new(
+            return Err(Failure::Status(Status::new(
                 http_code(head.status),
                 format!("HTTP status {}", head.status),
-            ));
+            )));
         }
         // A "trailers-only" answer (an error before any message) carries the
         // status in its headers.
         if let Some(status) = status_of(&head.headers) {
-            return status;
+            return status.map_err(Failure::Status);
         }
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(lost)?;
@@ -95,7 +100,19 @@ impl Connection {
             .as_ref()
             .and_then(status_of)
             .unwrap_or_else(|| Err(Status::internal("answer without a grpc-status")))
+            .map_err(Failure::Status)
     }
+}
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The server answered with this status, or reset the call's stream
+    /// (UNAVAILABLE): the call may be retried on the same connection.
+    Status(Status),
+    /// The connection itself is gone (closed, broken, or told to go away):
+    /// every call on it would fail at once, so retrying on it only spins.
+    ConnectionLost(h2::Error),
 }
 
 /// The outcome that `headers` carry, if they have a `grpc-status`.
@@ -124,9 +141,14 @@ const TONIC_BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-/// A broken connection or stream: UNAVAILABLE, which is retried.
-fn lost(err: h2::Error) -> Status {
-    Status::unavailable(format!("HTTP/2: {err}"))
+/// A reset stream is UNAVAILABLE, which is retried; a broken or closing
+/// connection is [`Failure::ConnectionLost`].
+fn lost(err: h2::Error) -> Failure {
+    if err.is_reset() && !err.is_go_away() {
+        Failure::Status(Status::unavailable(format!("HTTP/2: {err}")))
+    } else {
+        Failure::ConnectionLost(err)
+    }
 }
 
 /// The gRPC code for an HTTP status other than 200, as the gRPC spec maps them.

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::client::Connection;
+use crate::client::{Connection, Failure};
 use crate::requests::{Encoded, Plan};
 use crate::stats::{Counters, Report, latency_histogram};
 
@@ -69,7 +69,8 @@ struct Args {
     count: Option<u64>,
 
     /// Times one call is retried after UNAVAILABLE or RESOURCE_EXHAUSTED; 0
-    /// gives up at once.
+    /// gives up at once. A lost connection is not retried: it ends the run
+    /// with an error.
     #[arg(long, default_value_t = 10)]
     max_retries: u32,
 
@@ -119,13 +120,16 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(&args)) {
-        Ok(report) => {
+        Ok((report, lost)) => {
             if args.json {
                 println!("{}", report.to_json());
             } else {
                 println!("{report}");
             }
-            if report.calls_failed == 0 {
+            if let Some(lost) = lost {
+                eprintln!("error: {lost}");
+                ExitCode::FAILURE
+            } else if report.calls_failed == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -149,6 +153,10 @@ struct Shared {
     rate: Option<f64>,
     retry: RetryPolicy,
     counters: Counters,
+    /// Set when a connection is lost: every worker stops, and the run ends
+    /// with this as its error.
+    lost: std::sync::OnceLock<String>,
+    address: String,
 }
 
 /// How a call is retried.
@@ -159,7 +167,7 @@ struct RetryPolicy {
     max_delay: Duration,
 }
 
-async fn run(args: &Args) -> anyhow::Result<Report> {
+async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
         anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
     }
@@ -195,6 +203,8 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
             max_delay: args.max_retry_delay,
         },
         counters: Counters::default(),
+        lost: std::sync::OnceLock::new(),
+        address: args.address.clone(),
     });
 
     let workers: Vec<_> = (0..args.concurrency)
@@ -217,7 +227,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         progress.abort();
     }
     let counters = &shared.counters;
-    Ok(Report {
+    let report = Report {
         elapsed,
         calls_ok: counters.calls_ok.load(Ordering::Relaxed),
         readings_acked: counters.readings_acked.load(Ordering::Relaxed),
@@ -225,7 +235,8 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         retries: counters.retries.load(Ordering::Relaxed),
         errors: counters.errors_by_code(),
         latency,
-    })
+    };
+    Ok((report, shared.lost.get().cloned()))
 }
 
 /// Opens `connections` HTTP/2 connections to `address`.
@@ -255,11 +266,15 @@ async fn run_worker(connection: Connection, shared: Arc<Shared>) -> Histogram<u6
         if shared
             .deadline
             .is_some_and(|deadline| Instant::now() >= deadline)
+            || shared.lost.get().is_some()
         {
             break;
         }
         let started = Instant::now();
-        let acknowledged = send_with_retries(&connection, request, &shared).await;
+        let Some(acknowledged) = send_with_retries(&connection, request, &shared).await else {
+            shared.counters.calls_failed.fetch_add(1, Ordering::Relaxed);
+            break;
+        };
         latency.saturating_record(started.elapsed().as_micros() as u64);
         let counters = &shared.counters;
         if acknowledged {
@@ -275,18 +290,31 @@ async fn run_worker(connection: Connection, shared: Arc<Shared>) -> Histogram<u6
 }
 
 /// Sends one call, retrying UNAVAILABLE and RESOURCE_EXHAUSTED as the
-/// server's RetryInfo says; true when the server acknowledged it.
-async fn send_with_retries(connection: &Connection, request: &Encoded, shared: &Shared) -> bool {
+/// server's RetryInfo says; true when the server acknowledged it, `None`
+/// when the connection was lost (which stops every worker: sink-load does
+/// not reconnect, and calling on a dead connection fails at once, forever).
+async fn send_with_retries(
+    connection: &Connection,
+    request: &Encoded,
+    shared: &Shared,
+) -> Option<bool> {
     let mut attempt = 0;
     loop {
         let status = match connection.call(request.frame.clone()).await {
-            Ok(()) => return true,
-            Err(status) => status,
+            Ok(()) => return Some(true),
+            Err(Failure::Status(status)) => status,
+            Err(Failure::ConnectionLost(err)) => {
+                let _ = shared.lost.set(format!(
+                    "the connection to {} was lost ({err}); stopped: sink-load does not reconnect",
+                    shared.address
+                ));
+                return None;
+            }
         };
         shared.counters.error(status.code());
         let retryable = matches!(status.code(), Code::Unavailable | Code::ResourceExhausted);
         if !retryable || attempt >= shared.retry.max_retries {
-            return false;
+            return Some(false);
         }
         attempt += 1;
         shared.counters.retries.fetch_add(1, Ordering::Relaxed);

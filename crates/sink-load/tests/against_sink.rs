@@ -144,3 +144,40 @@ inputs = ["sensors"]
         sink.log_text()
     );
 }
+
+#[test]
+fn a_lost_connection_stops_the_run_with_a_clear_error_instead_of_spinning() {
+    let sink = SinkProcess::start(&basic_pipeline("max_events = 10"));
+    let address = sink.address("sensors").to_string();
+    let load = Command::new(env!("CARGO_BIN_EXE_sink-load"))
+        .args([
+            "--address",
+            &address,
+            "--duration",
+            "60s",
+            "--max-retries",
+            "0",
+        ])
+        .args(["--concurrency", "4", "--json", "--quiet"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sink-load");
+    assert!(wait_for_lines(&sink.path("out.json"), 10), "no progress");
+    // The sink dies (SIGKILL): every call on the connection fails at once.
+    let started = std::time::Instant::now();
+    drop(sink);
+    let out = load.wait_with_output().expect("sink-load ends");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "sink-load ran on for {:?} after the sink died",
+        started.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("was lost"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a report");
+    // The calls in flight when it died, not millions.
+    let failed = report["calls_failed"].as_u64().expect("calls_failed");
+    assert!((1..=4).contains(&failed), "{report}");
+}

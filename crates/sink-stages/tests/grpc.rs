@@ -15,14 +15,13 @@ use tonic_types::StatusExt;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The config of a grpc source on `address`, every other key at its default
+/// (as a pipeline file with only `address` gives it).
 fn config(address: String) -> GrpcConfig {
-    GrpcConfig {
-        address,
-        rate_limit: None,
-        max_message_bytes: 4 * 1024 * 1024,
-        when_full: WhenFull::Wait,
-        max_concurrent_calls: 256,
-    }
+    let config: GrpcConfig =
+        toml::from_str(&format!("address = {address:?}")).expect("a minimal grpc config");
+    assert_eq!(config.when_full, WhenFull::Wait);
+    config
 }
 
 fn limited(rate: u32, burst: usize) -> Option<RateLimit> {

@@ -195,9 +195,10 @@ pub fn decompress(encoding: Encoding, message: &[u8], max_bytes: usize) -> Resul
             .read_to_end(&mut out),
         Encoding::Zstd => {
             zstd::stream::read::Decoder::with_buffer(message).and_then(|mut decoder| {
-                // A zstd frame names the window its decoder must allocate; no
-                // window larger than the largest message is needed, so none
-                // larger is granted (a 20-byte frame cannot claim 128 MiB).
+                // A zstd frame names the window its decoder must allocate: no
+                // more than the largest message needs is granted, or 8 MiB, what
+                // streaming compressors use up to level 19 (so a 20-byte frame
+                // cannot claim zstd's default of 128 MiB).
                 decoder.window_log_max(window_log(max_bytes))?;
                 decoder.take(limit).read_to_end(&mut out)
             })
@@ -217,10 +218,11 @@ pub fn decompress(encoding: Encoding, message: &[u8], max_bytes: usize) -> Resul
     Ok(out.into())
 }
 
-/// The zstd window log that covers `max_bytes`, within what zstd allows.
+/// The zstd window log that covers `max_bytes`, at least 8 MiB's and within
+/// what zstd allows.
 fn window_log(max_bytes: usize) -> u32 {
     let log = usize::BITS - max_bytes.saturating_sub(1).leading_zeros();
-    log.clamp(10, 31)
+    log.clamp(23, 31)
 }
 
 #[cfg(test)]
@@ -252,9 +254,9 @@ mod tests {
 
     #[test]
     fn window_log_covers_the_largest_message() {
-        assert_eq!(window_log(1), 10);
-        assert_eq!(window_log(4 << 20), 22);
-        assert_eq!(window_log((4 << 20) + 1), 23);
+        assert_eq!(window_log(1), 23);
+        assert_eq!(window_log(8 << 20), 23);
+        assert_eq!(window_log((8 << 20) + 1), 24);
         assert_eq!(window_log(usize::MAX), 31);
     }
 

@@ -473,3 +473,43 @@ impl Body for Guarded {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_holds_a_burst_of_connects_that_nobody_accepts() {
+        let listener = bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        // With std's backlog of 128, connects past ~129 get no answer to
+        // their SYN and wait a second for the retry.
+        let connected: Vec<_> = (0..600)
+            .map(|i| {
+                std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500))
+                    .unwrap_or_else(|err| panic!("connect {i} waited: {err}"))
+            })
+            .collect();
+        assert_eq!(connected.len(), 600);
+    }
+
+    #[test]
+    fn the_default_connection_limit_leaves_descriptors_spare() {
+        let limit = default_max_connections();
+        assert!((1..=MAX_DEFAULT_CONNECTIONS as usize).contains(&limit));
+    }
+
+    #[test]
+    fn failures_back_off_to_a_second_and_recover() {
+        let mut failures = Failures::default();
+        let err = io::Error::from_raw_os_error(libc::EMFILE);
+        let pauses: Vec<Duration> = (0..12).map(|_| failures.failed(&err, None)).collect();
+        assert_eq!(pauses[0], FIRST_BACKOFF);
+        assert_eq!(pauses[1], FIRST_BACKOFF * 2);
+        assert_eq!(pauses[11], MAX_BACKOFF);
+        // One warning logged; the other eleven wait for the next one.
+        assert_eq!(failures.unlogged, 11);
+        failures.recovered(None);
+        assert_eq!(failures.failed(&err, None), FIRST_BACKOFF);
+    }
+}

@@ -1,0 +1,450 @@
+//! The grpc source under attack, through the real binary on loopback:
+//! slowloris streams, announced-but-unsent messages, requests over the rate
+//! limit, two messages in a unary call, compressed requests and bombs, too
+//! many readings, too many or idle connections, and `accept` at the
+//! descriptor limit. Hand-crafted attacks go straight over HTTP/2 (h2).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use prost::Message;
+use sink_e2e::*;
+use tonic::Code;
+
+/// grpc (with `source` keys) -> buffered(max_events = 1) -> out.json.
+fn pipeline_with_source(source: &str) -> String {
+    [
+        grpc("sensors", source),
+        buffered("batch", &["sensors"], "max_events = 1"),
+        json_file("file", &["batch"], "out.json", ""),
+    ]
+    .concat()
+}
+
+/// An HTTP/2 connection to `address`, driven by its own task.
+async fn h2_connect(address: SocketAddr) -> SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender
+}
+
+/// One gRPC frame: the compression flag, the length, the message.
+fn frame(compressed: bool, message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![u8::from(compressed)];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// The 5-byte prefix of a message of `len` bytes, with no message after it.
+fn prefix_only(len: u32) -> Vec<u8> {
+    let mut prefix = vec![0];
+    prefix.extend_from_slice(&len.to_be_bytes());
+    prefix
+}
+
+/// Starts a `SendSensorValues` call on `sender` with `grpc-encoding`
+/// `encoding` (if any), sends `data`, and ends the request when `end`.
+/// Returns the answer to come and the stream, which must be kept for the
+/// request to stay open.
+async fn start_call(
+    sender: &SendRequest<Bytes>,
+    encoding: Option<&'static str>,
+    data: Vec<u8>,
+    end: bool,
+) -> (ResponseFuture, h2::SendStream<Bytes>) {
+    let mut sender = sender.clone().ready().await.expect("ready");
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri("http://sink/sensor.v1.SensorService/SendSensorValues")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        request = request.header("grpc-encoding", encoding);
+    }
+    let (answer, mut stream) = sender
+        .send_request(request.body(()).expect("request"), false)
+        .expect("send request");
+    stream.send_data(Bytes::from(data), end).expect("send data");
+    (answer, stream)
+}
+
+/// The gRPC status of an answer: code and message, from the trailers or, for
+/// a trailers-only answer, the headers.
+async fn status_of(answer: ResponseFuture) -> (Code, String, http::HeaderMap) {
+    let response = tokio::time::timeout(DEADLINE, answer)
+        .await
+        .expect("an answer within the deadline")
+        .expect("an HTTP/2 answer");
+    let (head, mut body) = response.into_parts();
+    let headers = if head.headers.contains_key("grpc-status") {
+        head.headers
+    } else {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("body");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        body.trailers()
+            .await
+            .expect("trailers")
+            .expect("a trailer block")
+    };
+    let status = tonic::Status::from_header_map(&headers).expect("a grpc-status");
+    (status.code(), status.message().to_owned(), headers)
+}
+
+/// Sends one whole call and returns its status.
+async fn call(
+    sender: &SendRequest<Bytes>,
+    encoding: Option<&'static str>,
+    data: Vec<u8>,
+) -> (Code, String) {
+    let (answer, _stream) = start_call(sender, encoding, data, true).await;
+    let (code, message, _) = status_of(answer).await;
+    (code, message)
+}
+
+/// A `/proc/PID/status` field, in kB.
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+#[tokio::test]
+async fn slow_clients_holding_every_permit_do_not_starve_a_good_one() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(
+        "max_concurrent_calls = 4\nbody_timeout = \"1s\"",
+    ));
+    let address = sink.address("sensors");
+    // Six attacking connections, each with 2 streams that announce a message
+    // and send 1 byte of it (they would hold every permit forever), and 2
+    // that send their headers and nothing else (a connection may open
+    // max_concurrent_calls streams).
+    let mut slow = Vec::new();
+    for _ in 0..6 {
+        let attacker = h2_connect(address).await;
+        for _ in 0..2 {
+            let mut data = prefix_only(100);
+            data.push(0x0a);
+            slow.push(start_call(&attacker, None, data, false).await);
+            slow.push(start_call(&attacker, None, Vec::new(), false).await);
+        }
+    }
+
+    let started = Instant::now();
+    let mut client = sink.client("sensors").await;
+    let names = send_all(&mut client, "good", 1, 10).await;
+    let served_in = started.elapsed();
+    // The 12 slow streams ahead of it hold the 4 permits for at most
+    // body_timeout each: three rounds of 1 s.
+    assert!(
+        served_in < Duration::from_secs(10),
+        "the good client waited {served_in:?}"
+    );
+    for (answer, _stream) in slow {
+        let (code, message, _) = status_of(answer).await;
+        assert_eq!(code, Code::DeadlineExceeded, "{message}");
+        assert!(message.contains("body_timeout"), "{message}");
+    }
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test]
+async fn an_announced_message_reserves_no_memory_before_its_bytes_arrive() {
+    const GIB: u32 = 1 << 30;
+    let mut sink = SinkProcess::start(&pipeline_with_source(&format!(
+        "max_message_bytes = {GIB}\nbody_timeout = \"1s\""
+    )));
+    let address = sink.address("sensors");
+    // A first call starts every thread the sink serves with.
+    let mut client = sink.client("sensors").await;
+    let mut names = send_all(&mut client, "before", 1, 3).await;
+    let before = proc_status_kb(sink.pid(), "VmPeak");
+    // Eight calls announce 1 GiB each and send nothing more: reserving the
+    // announced size would add 8 GiB of address space.
+    let attacker = h2_connect(address).await;
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        calls.push(start_call(&attacker, None, prefix_only(GIB - 1), false).await);
+    }
+    for (answer, _stream) in calls {
+        let (code, message, _) = status_of(answer).await;
+        assert_eq!(code, Code::DeadlineExceeded, "{message}");
+    }
+    let grown_mib = proc_status_kb(sink.pid(), "VmPeak").saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 1024,
+        "peak virtual memory grew by {grown_mib} MiB for 40 bytes received"
+    );
+    names.extend(send_all(&mut client, "after", 1, 3).await);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test]
+async fn over_the_rate_limit_a_call_is_refused_before_its_body_is_read() {
+    let probe = request("rate", 500);
+    let cost = encoded_len(&probe);
+    let mut sink = SinkProcess::start(&pipeline_with_source(&format!(
+        "rate_limit = {{ bytes_per_second = 1, burst_bytes = {} }}\nbody_timeout = \"1h\"",
+        cost + 100
+    )));
+    let address = sink.address("sensors");
+    let attacker = h2_connect(address).await;
+
+    // Over the burst: refused on the prefix alone, its body never sent.
+    let (answer, _over_burst) =
+        start_call(&attacker, None, prefix_only(cost as u32 + 101), false).await;
+    let (code, message, _) = status_of(answer).await;
+    assert_eq!(code, Code::ResourceExhausted, "{message}");
+    assert!(message.contains("can never pass"), "{message}");
+
+    // Empty the bucket, then announce what no longer fits.
+    let mut client = sink.client("sensors").await;
+    client.send_sensor_values(probe).await.expect("first call");
+    let mut refused = Vec::new();
+    for _ in 0..8 {
+        let (answer, stream) = start_call(&attacker, None, prefix_only(cost as u32), false).await;
+        let (code, message, headers) = status_of(answer).await;
+        assert_eq!(code, Code::ResourceExhausted, "{message}");
+        assert!(
+            headers.contains_key("grpc-status-details-bin"),
+            "a RetryInfo: {headers:?}"
+        );
+        refused.push(stream);
+    }
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")).len(), 500);
+}
+
+#[tokio::test]
+async fn a_unary_call_with_two_messages_is_refused_and_accepts_nothing() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let attacker = h2_connect(sink.address("sensors")).await;
+    let mut data = frame(false, &request("first", 3).encode_to_vec());
+    data.extend(frame(false, &request("second", 3).encode_to_vec()));
+    let (code, message) = call(&attacker, None, data).await;
+    assert_eq!(code, Code::Internal, "{message}");
+    assert!(message.contains("one message"), "{message}");
+
+    let mut client = sink.client("sensors").await;
+    let names = send_all(&mut client, "good", 1, 2).await;
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+fn zstd(bytes: &[u8]) -> Vec<u8> {
+    zstd::stream::encode_all(bytes, 3).expect("zstd")
+}
+
+/// A request of `count` readings, all named alike (it compresses well).
+fn repetitive(prefix: &str, count: usize) -> Vec<u8> {
+    let mut request = request(prefix, count);
+    for item in &mut request.items {
+        item.sensor_name = prefix.to_owned();
+    }
+    request.encode_to_vec()
+}
+
+#[tokio::test]
+async fn gzip_and_zstd_requests_are_accepted_at_their_compressed_cost_and_bombs_refused() {
+    let plain = repetitive("squeezed", 200);
+    let packed = [gzip(&plain), zstd(&plain)];
+    let largest = packed.iter().map(Vec::len).max().expect("two");
+    assert!(largest * 2 < plain.len(), "{largest} of {}", plain.len());
+    // The burst holds each compressed request, never the plain one.
+    let mut sink = SinkProcess::start(&pipeline_with_source(&format!(
+        "rate_limit = {{ bytes_per_second = 1000000, burst_bytes = {largest} }}\nmax_message_bytes = {}",
+        plain.len() + 10
+    )));
+    let attacker = h2_connect(sink.address("sensors")).await;
+    for (encoding, packed) in ["gzip", "zstd"].into_iter().zip(&packed) {
+        let (code, message) = call(&attacker, Some(encoding), frame(true, packed)).await;
+        assert_eq!(code, Code::Ok, "{encoding}: {message}");
+    }
+    let (code, message) = call(&attacker, None, frame(false, &plain)).await;
+    assert_eq!(code, Code::ResourceExhausted, "plain: {message}");
+    assert!(message.contains("can never pass"), "{message}");
+
+    sink.stop();
+    let names = sensor_names(&sink.path("out.json"));
+    assert_eq!(names.len(), 400);
+    assert!(names.iter().all(|name| name == "squeezed"));
+}
+
+#[tokio::test]
+async fn a_decompression_bomb_or_an_unknown_encoding_is_refused() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let attacker = h2_connect(sink.address("sensors")).await;
+    // 16 MiB of zeros in a few kB, against max_message_bytes of 4 MiB.
+    let zeros = vec![0u8; 16 << 20];
+    let bombs = [("gzip", gzip(&zeros)), ("zstd", zstd(&zeros))];
+    drop(zeros);
+    let before = proc_status_kb(sink.pid(), "VmHWM");
+    for (encoding, bomb) in &bombs {
+        assert!(bomb.len() < 64 << 10, "{encoding} bomb of {}", bomb.len());
+        let (code, message) = call(&attacker, Some(encoding), frame(true, bomb)).await;
+        assert_eq!(code, Code::ResourceExhausted, "{encoding}: {message}");
+        assert!(message.contains("decompresses to more"), "{message}");
+    }
+    let grown_mib = proc_status_kb(sink.pid(), "VmHWM").saturating_sub(before) / 1024;
+    assert!(grown_mib < 32, "resident memory grew by {grown_mib} MiB");
+    let message = request("x", 1).encode_to_vec();
+    let (code, status) = call(&attacker, Some("snappy"), frame(true, &gzip(&message))).await;
+    assert_eq!(code, Code::Unimplemented, "{status}");
+    let (code, status) = call(&attacker, None, frame(true, &gzip(&message))).await;
+    assert_eq!(code, Code::Internal, "{status}");
+    sink.stop();
+    assert!(sensor_names(&sink.path("out.json")).is_empty());
+}
+
+#[tokio::test]
+async fn a_call_over_max_readings_per_call_is_refused_whole() {
+    let mut sink = SinkProcess::start(&pipeline_with_source("max_readings_per_call = 10"));
+    let mut client = sink.client("sensors").await;
+    let refused = client
+        .send_sensor_values(request("many", 11))
+        .await
+        .expect_err("11 readings");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("max_readings_per_call"));
+    let names = send_all(&mut client, "ten", 1, 10).await;
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_free_their_slot_but_a_slow_call_is_not_idle() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(
+        "max_connections = 2\nidle_timeout = \"500ms\"\nbody_timeout = \"10s\"",
+    ));
+    let address = sink.address("sensors");
+    // Both slots taken by connections that never say a word.
+    let mut idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(address).expect("connect"))
+        .collect();
+    // The next client waits in the backlog until the idle ones are closed.
+    let started = Instant::now();
+    let mut client = sink.client("sensors").await;
+    let names = send_all(&mut client, "patient", 1, 2).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "served after {:?}",
+        started.elapsed()
+    );
+    for stream in &mut idle {
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
+        let mut rest = Vec::new();
+        // The server's preface, then the end: the sink closed it.
+        stream.read_to_end(&mut rest).expect("closed by the sink");
+    }
+    drop(client);
+
+    // A call whose body takes longer than idle_timeout keeps its connection.
+    let slow = h2_connect(address).await;
+    let message = request("slow", 2).encode_to_vec();
+    let data = frame(false, &message);
+    let (answer, mut stream) = start_call(&slow, None, data[..3].to_vec(), false).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream
+        .send_data(Bytes::copy_from_slice(&data[3..]), true)
+        .expect("rest of the body");
+    let (code, message, _) = status_of(answer).await;
+    assert_eq!(code, Code::Ok, "{message}");
+
+    sink.stop();
+    let mut expected = names;
+    expected.extend(["slow0".to_owned(), "slow1".to_owned()]);
+    assert_each_once(&sensor_names(&sink.path("out.json")), &expected);
+}
+
+/// CPU time the process has used, in clock ticks (utime + stime).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the command name (which is in parentheses).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[tokio::test]
+async fn accept_at_the_descriptor_limit_backs_off_warns_once_and_recovers() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(
+        "max_connections = 1000\nidle_timeout = \"1s\"",
+    ));
+    let address = sink.address("sensors");
+    let pid = sink.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count() as u64;
+    // Room for 10 more descriptors: the 11th accept fails with EMFILE.
+    let limit = libc::rlimit {
+        rlim_cur: open + 10,
+        rlim_max: open + 10,
+    };
+    // SAFETY: prlimit on our own child with a valid rlimit; no old value read.
+    let set = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    let idle: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(address).expect("connect"))
+        .collect();
+    assert!(
+        sink.wait_log("accepting a connection failed"),
+        "no warning; log:\n{}",
+        sink.log_text()
+    );
+    // At the limit the loop sleeps instead of spinning: well under a core.
+    let (ticks, started) = (cpu_ticks(pid), Instant::now());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let used = (cpu_ticks(pid) - ticks) as f64 / per_second / started.elapsed().as_secs_f64();
+    assert!(used < 0.3, "{:.0}% of a core at EMFILE", used * 100.0);
+    assert!(
+        sink.count_log("accepting a connection failed") <= 2,
+        "warnings are not rate-limited:\n{}",
+        sink.log_text()
+    );
+
+    // Idle connections time out, which frees descriptors: a client is
+    // served again, after those ahead of it in the backlog.
+    let mut client = sink.client("sensors").await;
+    let names = send_all(&mut client, "recovered", 1, 2).await;
+    assert!(sink.wait_log("accepting connections again"));
+    drop(idle);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
