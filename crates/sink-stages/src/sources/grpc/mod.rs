@@ -553,7 +553,7 @@ impl SensorService {
         };
         if prefix.len > limits.max_message_bytes {
             return Err(Status::resource_exhausted(format!(
-                "the message of {} bytes is larger than max_message_bytes ({})",
+                "the message of {} bytes is too large: max_message_bytes is {}",
                 prefix.len, limits.max_message_bytes
             )));
         }
