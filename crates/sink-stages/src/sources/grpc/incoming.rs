@@ -34,9 +34,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::PollSemaphore;
 use tonic::body::Body as ResponseBody;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{Body, BoxFuture, Service};
@@ -124,48 +125,77 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Accepts connections from `listener` on a task of its own, at most
-/// `max_connections` open at once, until the returned stream is dropped
-/// (tonic drops it when shutdown starts, which closes the listener).
-pub fn incoming(
+/// The connections accepted from `listener`, at most `max_connections` open
+/// at once. Accepts only when polled (as tonic's `TcpIncoming` does), so a
+/// connection accepted is always handed to the server; dropping the stream
+/// (tonic does when shutdown starts) closes the listener.
+pub fn incoming(listener: TcpListener, max_connections: usize, idle: IdleTimeout) -> Incoming {
+    Incoming {
+        local: listener.local_addr().ok(),
+        listener,
+        slots: PollSemaphore::new(Arc::new(Semaphore::new(max_connections))),
+        slot: None,
+        pause: None,
+        failures: Failures::default(),
+        idle,
+    }
+}
+
+/// See [`incoming`].
+pub struct Incoming {
     listener: TcpListener,
-    max_connections: usize,
+    local: Option<SocketAddr>,
+    /// One permit per open connection.
+    slots: PollSemaphore,
+    /// The slot the next connection takes, once one is free.
+    slot: Option<OwnedSemaphorePermit>,
+    /// The pause after a failed accept.
+    pause: Option<Pin<Box<Sleep>>>,
+    failures: Failures,
     idle: IdleTimeout,
-) -> ReceiverStream<io::Result<Connection>> {
-    let (sender, receiver) = mpsc::channel(1);
-    let slots = Arc::new(Semaphore::new(max_connections));
-    tokio::spawn(async move {
-        let local = listener.local_addr().ok();
-        let mut failures = Failures::default();
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<Connection>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
         loop {
+            if let Some(pause) = &mut this.pause {
+                ready!(pause.as_mut().poll(cx));
+                this.pause = None;
+            }
             // At the bound, wait here: new clients queue in the backlog.
-            let slot = tokio::select! {
-                slot = Arc::clone(&slots).acquire_owned() => slot,
-                () = sender.closed() => return,
+            let slot = match this.slot.take() {
+                Some(slot) => slot,
+                None => match ready!(this.slots.poll_acquire(cx)) {
+                    Some(slot) => slot,
+                    None => return Poll::Ready(None),
+                },
             };
-            let Ok(slot) = slot else { return };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = sender.closed() => return,
-            };
-            let (stream, remote) = match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    let pause = failures.failed(&err, local);
-                    tokio::time::sleep(pause).await;
-                    continue;
+            let accepted = match this.listener.poll_accept(cx) {
+                Poll::Ready(accepted) => accepted,
+                Poll::Pending => {
+                    this.slot = Some(slot);
+                    return Poll::Pending;
                 }
             };
-            failures.recovered(local);
-            // Without it, small answers wait for the client's delayed ACK.
-            let _ = stream.set_nodelay(true);
-            let connection = Connection::new(stream, remote, slot, idle.clone());
-            if sender.send(Ok(connection)).await.is_err() {
-                return;
+            match accepted {
+                Ok((stream, remote)) => {
+                    this.failures.recovered(this.local);
+                    // Without it, small answers wait for the client's delayed ACK.
+                    let _ = stream.set_nodelay(true);
+                    let connection = Connection::new(stream, remote, slot, this.idle.clone());
+                    return Poll::Ready(Some(Ok(connection)));
+                }
+                Err(err) => {
+                    this.slot = Some(slot);
+                    let pause = this.failures.failed(&err, this.local);
+                    this.pause = Some(Box::pin(tokio::time::sleep(pause)));
+                }
             }
         }
-    });
-    ReceiverStream::new(receiver)
+    }
 }
 
 /// Consecutive accept failures: the backoff and the rate-limited warning.
