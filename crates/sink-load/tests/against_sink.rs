@@ -58,11 +58,12 @@ fn acknowledged_readings_are_the_lines_written() {
 
 #[test]
 fn rate_limited_calls_are_retried_as_retry_info_says() {
-    // 10 readings of ~45 bytes each per call against 20 kB/s: the first
-    // ~40 calls pass on the burst, the rest wait for RetryInfo's delay.
+    // 10 readings of ~35 bytes each per call against 20 kB/s, with a burst
+    // of about two calls: the 8 calls sent at once cannot all pass, however
+    // slowly the machine runs, and the rest wait for RetryInfo's delay.
     let pipeline = basic_pipeline("max_events = 10").replacen(
         "address = \"127.0.0.1:0\"",
-        "address = \"127.0.0.1:0\"\nrate_limit = { bytes_per_second = 20000 }",
+        "address = \"127.0.0.1:0\"\nrate_limit = { bytes_per_second = 20000, burst_bytes = 1000 }",
         1,
     );
     let mut sink = SinkProcess::start(&pipeline);
