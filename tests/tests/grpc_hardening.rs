@@ -448,3 +448,36 @@ async fn accept_at_the_descriptor_limit_backs_off_warns_once_and_recovers() {
     sink.stop();
     assert_each_once(&sensor_names(&sink.path("out.json")), &names);
 }
+
+/// Asks for 4 MiB of send capacity on `stream`, waits until at least
+/// `expected` bytes are granted (or `within` passes), and returns the grant.
+async fn granted(stream: &mut h2::SendStream<Bytes>, expected: usize, within: Duration) -> usize {
+    stream.reserve_capacity(4 << 20);
+    let deadline = tokio::time::Instant::now() + within;
+    while stream.capacity() < expected.max(1) {
+        let more = std::future::poll_fn(|cx| stream.poll_capacity(cx));
+        match tokio::time::timeout_at(deadline, more).await {
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    stream.capacity()
+}
+
+#[tokio::test]
+async fn a_connection_can_push_at_most_512_kib_of_body_the_sink_has_not_read() {
+    // What bounds the memory of calls waiting for a permit: the HTTP/2
+    // windows the sink grants, 256 KiB per stream and 512 KiB per connection
+    // (hyper's default was 1 MiB each), whatever the calls announce.
+    let mut sink = SinkProcess::start(&pipeline_with_source("body_timeout = \"1h\""));
+    let attacker = h2_connect(sink.address("sensors")).await;
+    // Headers only: the sink reads nothing of these bodies yet.
+    let (_a, mut first) = start_call(&attacker, None, Vec::new(), false).await;
+    let (_b, mut second) = start_call(&attacker, None, Vec::new(), false).await;
+    let (_c, mut third) = start_call(&attacker, None, Vec::new(), false).await;
+    assert_eq!(granted(&mut first, 256 << 10, DEADLINE).await, 256 << 10);
+    assert_eq!(granted(&mut second, 256 << 10, DEADLINE).await, 256 << 10);
+    // The connection's window is spent: a third stream gets nothing.
+    assert_eq!(granted(&mut third, 0, Duration::from_millis(300)).await, 0);
+    sink.stop();
+}
