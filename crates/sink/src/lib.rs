@@ -26,6 +26,7 @@ pub mod runtime;
 use std::process::ExitCode;
 
 // The built-in stages register themselves when linked; naming the crate links it.
+use sink_nats as _;
 use sink_stages as _;
 
 pub use cli::run_with_args;

@@ -1,0 +1,332 @@
+//! `nats` sink: publishes every batch to a JetStream subject and counts it
+//! written only once JetStream has acknowledged storing it (PubAck).
+//!
+//! A batch becomes one message per subject (and more when it is larger than
+//! `max_batch_bytes`), each with a `Nats-Msg-Id` that stays the same across
+//! retries, so a publish retried after a lost acknowledgement is stored once
+//! (within the stream's duplicate window). While NATS cannot be reached the
+//! sink holds its batch and retries with backoff; it takes no new batch
+//! meanwhile, so backpressure reaches the sources as with a slow disk.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sink_api::{
+    BuildContext, ConfigError, Context, Input, ShutdownSignal, Sink, SinkConfig, StageError,
+};
+
+use crate::codec::{CONTENT_TYPE, Encoding, SubjectTemplate, encode};
+use crate::connect::{Connection, Credentials, NatsTls, Servers};
+
+/// Publishes every batch to a NATS JetStream stream; a batch counts as
+/// written once JetStream acknowledged storing it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSinkConfig {
+    /// NATS server URL (`"nats://127.0.0.1:4222"`) or a list of the servers of one cluster.
+    #[schemars(extend("x-restart" = true))]
+    pub url: Servers,
+    /// The JetStream stream that stores `subject`; startup fails when it does
+    /// not exist (unless `create_stream` says how to create it).
+    #[schemars(extend("x-restart" = true))]
+    pub stream: String,
+    /// Subject to publish to; `{sensor_name}` in it is replaced by each
+    /// reading's sensor name (`"telemetry.{sensor_name}"`), so consumers can
+    /// filter by sensor.
+    pub subject: String,
+    /// `"json"`: the JSON lines `json_file` writes; `"protobuf"`: a
+    /// `sensor.v1.SensorValuesRequest` per message.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Largest message payload, in bytes; a batch is split into messages
+    /// below it (and below the server's `max_payload`).
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// Credentials: `{ creds_file = "..." }`, `{ token = "..." }` or `{ user = "...", password = "..." }`.
+    #[serde(default)]
+    #[schemars(extend("x-restart" = true))]
+    pub auth: Option<Credentials>,
+    /// TLS to the servers: `{ ca = "...", cert = "...", key = "..." }`.
+    #[serde(default)]
+    #[schemars(extend("x-restart" = true))]
+    pub tls: Option<NatsTls>,
+    /// Create `stream` at startup when it does not exist, with these
+    /// settings; absent: a missing stream is an error (creating streams is
+    /// the operator's job).
+    #[serde(default)]
+    #[schemars(extend("x-restart" = true))]
+    pub create_stream: Option<CreateStream>,
+}
+
+fn default_max_batch_bytes() -> usize {
+    512 * 1024
+}
+
+/// How the sink creates a missing stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateStream {
+    /// Subjects the stream stores; default: what `subject` can produce
+    /// (`telemetry.*` for `telemetry.{sensor_name}`).
+    #[serde(default)]
+    pub subjects: Option<Vec<String>>,
+    /// Copies kept in a cluster (1, 3 or 5).
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// How long messages are kept ("0s" = until limits say otherwise).
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub max_age: Duration,
+    /// Window in which a message id is remembered, so a retried publish is stored once.
+    #[serde(default = "two_minutes", with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration"))]
+    pub duplicate_window: Duration,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn two_minutes() -> Duration {
+    Duration::from_secs(120)
+}
+
+impl NatsSinkConfig {
+    fn connection(&self, id: &str) -> Connection {
+        Connection {
+            servers: self.url.clone(),
+            auth: self.auth.clone(),
+            tls: self.tls.clone(),
+            name: id.to_string(),
+        }
+    }
+}
+
+#[typetag::serde(name = "nats")]
+impl SinkConfig for NatsSinkConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        Connection::validate(&self.url, self.auth.as_ref(), self.tls.as_ref())?;
+        SubjectTemplate::parse(&self.subject).map_err(|err| ConfigError::new("subject", err))?;
+        if self.stream.is_empty() || self.stream.contains(['.', '*', '>', ' ']) {
+            return Err(ConfigError::new(
+                "stream",
+                "must be a stream name (no `.`, `*`, `>` or spaces)",
+            ));
+        }
+        if self.max_batch_bytes < 1024 {
+            return Err(ConfigError::new("max_batch_bytes", "must be at least 1024"));
+        }
+        if let Some(create) = &self.create_stream
+            && !matches!(create.replicas, 1..=5)
+        {
+            return Err(ConfigError::new(
+                "create_stream.replicas",
+                "must be from 1 to 5",
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(&self, cx: &BuildContext) -> Result<Box<dyn Sink>, ConfigError> {
+        let connection = self.connection(&cx.id);
+        let config = self.clone();
+        connection.check_at_startup(&cx.id, |client| async move {
+            let js = jetstream::new(client);
+            if js.get_stream(&config.stream).await.is_ok() {
+                return Ok(());
+            }
+            let Some(create) = &config.create_stream else {
+                return Err(ConfigError::new(
+                    "stream",
+                    format!(
+                        "JetStream stream `{}` does not exist on {}: create it (README, \"Scale out\") or set `create_stream`",
+                        config.stream,
+                        config.url.describe()
+                    ),
+                ));
+            };
+            let subject = SubjectTemplate::parse(&config.subject).map_err(|err| ConfigError::new("subject", err))?;
+            js.create_stream(jetstream::stream::Config {
+                name: config.stream.clone(),
+                subjects: create.subjects.clone().unwrap_or_else(|| vec![subject.filter()]),
+                num_replicas: create.replicas,
+                max_age: create.max_age,
+                duplicate_window: create.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map(|_| tracing::info!("created JetStream stream `{}`", config.stream))
+            .map_err(|err| ConfigError::new("create_stream", format!("cannot create stream `{}`: {err}", config.stream)))
+        })?;
+        Ok(Box::new(NatsSink {
+            config: Arc::new(self.clone()),
+            connection,
+        }))
+    }
+}
+
+sink_api::register_stage!(sink "nats" => NatsSinkConfig);
+
+struct NatsSink {
+    config: Arc<NatsSinkConfig>,
+    connection: Connection,
+}
+
+#[async_trait]
+impl Sink for NatsSink {
+    async fn run(self: Box<Self>, mut input: Input, cx: Context) -> Result<(), StageError> {
+        let mut params = cx.params::<NatsSinkConfig>();
+        let mut config = self.config;
+        let mut subject = SubjectTemplate::parse(&config.subject)?;
+        let mut publisher = Publisher::new(self.connection, cx.id());
+        while let Some(batch) = input.recv().await {
+            if let Some(new) = params.try_changed() {
+                match SubjectTemplate::parse(&new.subject) {
+                    Ok(parsed) => subject = parsed,
+                    Err(err) => tracing::warn!(stage = cx.id(), "new `subject` refused: {err}"),
+                }
+                config = new;
+            }
+            let limit = config.max_batch_bytes.min(publisher.max_payload().await);
+            let messages = encode(&batch, &subject, config.encoding, limit);
+            publisher.publish(messages, config.encoding).await;
+        }
+        Ok(())
+    }
+}
+
+/// Room left in a message for its headers under the server's `max_payload`.
+const HEADER_ROOM: usize = 1024;
+
+/// Publishes messages until JetStream has acknowledged every one.
+struct Publisher {
+    connection: Connection,
+    stage: String,
+    js: Option<jetstream::Context>,
+    /// Unique to this process, so message ids never collide with another
+    /// sink's; the batch number and the message's place follow it.
+    instance: String,
+    batches: u64,
+    /// Never fires: a sink finishes its input whatever happens, and the
+    /// runtime's `shutdown_timeout` bounds how long it may try.
+    never: ShutdownSignal,
+}
+
+impl Publisher {
+    fn new(connection: Connection, stage: &str) -> Self {
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Self {
+            connection,
+            stage: stage.to_string(),
+            js: None,
+            instance: format!("{started:x}-{:x}", std::process::id()),
+            batches: 0,
+            never: ShutdownSignal::new(),
+        }
+    }
+
+    /// The JetStream context, connecting first if need be.
+    async fn js(&mut self) -> &jetstream::Context {
+        if self.js.is_none() {
+            let client = self
+                .connection
+                .connect_until(&self.stage, &self.never)
+                .await
+                .expect("the signal never fires");
+            self.js = Some(jetstream::new(client));
+        }
+        self.js.as_ref().expect("connected above")
+    }
+
+    /// The largest payload the server takes, less room for headers.
+    async fn max_payload(&mut self) -> usize {
+        let max = self.js().await.client().server_info().max_payload;
+        max.saturating_sub(HEADER_ROOM).max(HEADER_ROOM)
+    }
+
+    /// Publishes `messages`, all at once, then retries those not
+    /// acknowledged (same ids) with backoff until every one is stored.
+    async fn publish(&mut self, messages: Vec<crate::codec::Message>, encoding: Encoding) {
+        self.batches += 1;
+        let mut pending: Vec<(String, String, Bytes)> = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let id = format!("{}-{}-{i}", self.instance, self.batches);
+                (id, m.subject, Bytes::from(m.payload))
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        let mut failing_since = None;
+        let mut retries = 0u64;
+        while !pending.is_empty() {
+            let js = self.js().await.clone();
+            let mut acks = Vec::with_capacity(pending.len());
+            let mut failed = Vec::new();
+            let mut last_error = String::new();
+            for (id, subject, payload) in pending {
+                let message = PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(&id)
+                    .header(CONTENT_TYPE, encoding.content_type());
+                match js.send_publish(subject.clone(), message).await {
+                    Ok(ack) => acks.push(((id, subject, payload), ack)),
+                    Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                        tracing::error!(
+                            stage = self.stage,
+                            subject,
+                            "dropping a message of {} bytes: larger than the server takes ({err})",
+                            payload.len()
+                        );
+                    }
+                    Err(err) => {
+                        last_error = err.to_string();
+                        failed.push((id, subject, payload));
+                    }
+                }
+            }
+            // Awaited together: each acknowledgement's timeout runs from when
+            // it is awaited, so one after another they would add up.
+            let (messages, acks): (Vec<_>, Vec<_>) = acks.into_iter().unzip();
+            let outcomes =
+                futures_util::future::join_all(acks.into_iter().map(IntoFuture::into_future)).await;
+            for (message, outcome) in messages.into_iter().zip(outcomes) {
+                if let Err(err) = outcome {
+                    last_error = err.to_string();
+                    failed.push(message);
+                }
+            }
+            pending = failed;
+            if pending.is_empty() {
+                break;
+            }
+            failing_since.get_or_insert_with(std::time::Instant::now);
+            if retries.is_multiple_of(10) {
+                tracing::warn!(
+                    stage = self.stage,
+                    "{} messages not acknowledged by JetStream, retrying in {backoff:?}: {last_error}",
+                    pending.len()
+                );
+            }
+            retries += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        if let Some(since) = failing_since {
+            tracing::info!(
+                stage = self.stage,
+                "JetStream acknowledges again, after {:?} of failed publishes",
+                since.elapsed()
+            );
+        }
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);

@@ -1,0 +1,275 @@
+//! `nats` source: a durable JetStream pull consumer. Each message becomes a
+//! batch, and is acknowledged to JetStream only once every sink it reaches has
+//! written it, so a crash anywhere before that makes JetStream deliver it
+//! again instead of losing it (at least once). A message that cannot be
+//! decoded is terminated (`AckTerm`) and counted, never retried forever.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sink_api::{
+    BuildContext, ConfigError, Context, Output, Source, SourceConfig, StageError, Timestamp,
+};
+use tokio::task::JoinSet;
+
+use crate::codec::{CONTENT_TYPE, Encoding, decode};
+use crate::connect::{Connection, Credentials, NatsTls, Servers};
+
+/// Consumes a NATS JetStream stream through a durable pull consumer; a
+/// message is acknowledged once every sink it reaches has written it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSourceConfig {
+    /// NATS server URL (`"nats://127.0.0.1:4222"`) or a list of the servers of one cluster.
+    #[schemars(extend("x-restart" = true))]
+    pub url: Servers,
+    /// The JetStream stream to consume; startup fails when it does not exist.
+    #[schemars(extend("x-restart" = true))]
+    pub stream: String,
+    /// Name of the durable consumer, created if missing. Replicas of a
+    /// writing tier that share it share the work; each message goes to one.
+    #[schemars(extend("x-restart" = true))]
+    pub consumer: String,
+    /// Only messages on this subject (wildcards allowed: `telemetry.t1`,
+    /// `telemetry.*`); absent: the whole stream. Used when the consumer is created.
+    #[serde(default)]
+    #[schemars(extend("x-restart" = true))]
+    pub filter_subject: Option<String>,
+    /// Messages delivered but not yet acknowledged, at most; JetStream sends
+    /// no more until some are written. Bounds what this source holds.
+    #[serde(default = "default_max_ack_pending")]
+    #[schemars(extend("x-restart" = true))]
+    pub max_ack_pending: u32,
+    /// How long JetStream waits for an acknowledgement before delivering a
+    /// message again; longer than the slowest write plus the buffering delay.
+    #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    #[schemars(with = "String", extend("format" = "duration", "x-restart" = true))]
+    pub ack_wait: Duration,
+    /// Credentials: `{ creds_file = "..." }`, `{ token = "..." }` or `{ user = "...", password = "..." }`.
+    #[serde(default)]
+    #[schemars(extend("x-restart" = true))]
+    pub auth: Option<Credentials>,
+    /// TLS to the servers: `{ ca = "...", cert = "...", key = "..." }`.
+    #[serde(default)]
+    #[schemars(extend("x-restart" = true))]
+    pub tls: Option<NatsTls>,
+}
+
+fn default_max_ack_pending() -> u32 {
+    1000
+}
+
+fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[typetag::serde(name = "nats")]
+impl SourceConfig for NatsSourceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        Connection::validate(&self.url, self.auth.as_ref(), self.tls.as_ref())?;
+        for (key, name) in [("stream", &self.stream), ("consumer", &self.consumer)] {
+            if name.is_empty() || name.contains(['.', '*', '>', ' ']) {
+                return Err(ConfigError::new(
+                    key,
+                    "must be a name (no `.`, `*`, `>` or spaces)",
+                ));
+            }
+        }
+        if self.max_ack_pending == 0 {
+            return Err(ConfigError::new("max_ack_pending", "must be at least 1"));
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return Err(ConfigError::new("ack_wait", "must be at least 1s"));
+        }
+        Ok(())
+    }
+
+    fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
+        let connection = Connection {
+            servers: self.url.clone(),
+            auth: self.auth.clone(),
+            tls: self.tls.clone(),
+            name: cx.id.clone(),
+        };
+        let stream = self.stream.clone();
+        let servers = self.url.describe();
+        connection.check_at_startup(&cx.id, |client| async move {
+            match jetstream::new(client).get_stream(&stream).await {
+                Ok(_) => Ok(()),
+                Err(err) => Err(ConfigError::new(
+                    "stream",
+                    format!("JetStream stream `{stream}` is not available on {servers}: {err}"),
+                )),
+            }
+        })?;
+        Ok(Box::new(NatsSource {
+            config: self.clone(),
+            connection,
+            terminated: Arc::default(),
+        }))
+    }
+}
+
+sink_api::register_stage!(source "nats" => NatsSourceConfig);
+
+struct NatsSource {
+    config: NatsSourceConfig,
+    connection: Connection,
+    /// Messages terminated because they could not be decoded.
+    terminated: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl Source for NatsSource {
+    async fn run(self: Box<Self>, output: Output, cx: Context) -> Result<(), StageError> {
+        let stage = cx.id().to_string();
+        let shutdown = cx.shutdown().clone();
+        // One task per message in flight, acknowledging it once its batch is
+        // finished; at most `max_ack_pending` of them, as JetStream delivers no more.
+        let mut acks = JoinSet::new();
+        'connect: loop {
+            let Some(client) = self.connection.connect_until(&stage, &shutdown).await else {
+                break;
+            };
+            let consumer = match self.consumer(client).await {
+                Ok(consumer) => consumer,
+                Err(err) => {
+                    tracing::warn!(
+                        stage,
+                        "cannot open consumer `{}` on stream `{}`, retrying: {err}",
+                        self.config.consumer,
+                        self.config.stream
+                    );
+                    tokio::select! {
+                        _ = shutdown.wait() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let mut messages = match consumer.messages().await {
+                Ok(messages) => messages,
+                Err(err) => {
+                    tracing::warn!(
+                        stage,
+                        "cannot pull from consumer `{}`, retrying: {err}",
+                        self.config.consumer
+                    );
+                    continue;
+                }
+            };
+            tracing::info!(
+                stage,
+                "consuming stream `{}` as `{}`",
+                self.config.stream,
+                self.config.consumer
+            );
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break 'connect,
+                    Some(_) = acks.join_next(), if !acks.is_empty() => {}
+                    next = messages.next() => match next {
+                        Some(Ok(message)) => {
+                            if let Some(ack) = self.accept(message, &output, &stage).await {
+                                acks.spawn(ack);
+                            }
+                        }
+                        Some(Err(err)) => {
+                            tracing::warn!(stage, "pulling from `{}`: {err}", self.config.consumer);
+                        }
+                        None => continue 'connect,
+                    },
+                }
+            }
+        }
+        // No more batches from here: the stages below drain, and each message
+        // in flight is acknowledged as its batch is written.
+        drop(output);
+        while acks.join_next().await.is_some() {}
+        let terminated = self.terminated.load(Ordering::Relaxed);
+        if terminated > 0 {
+            tracing::warn!(stage, "{terminated} undecodable messages were terminated");
+        }
+        Ok(())
+    }
+}
+
+impl NatsSource {
+    async fn consumer(
+        &self,
+        client: async_nats::Client,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, String> {
+        let stream = jetstream::new(client)
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|err| err.to_string())?;
+        stream
+            .get_or_create_consumer(
+                &self.config.consumer,
+                pull::Config {
+                    durable_name: Some(self.config.consumer.clone()),
+                    filter_subject: self.config.filter_subject.clone().unwrap_or_default(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.config.ack_wait,
+                    max_ack_pending: i64::from(self.config.max_ack_pending),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|err| err.to_string())
+    }
+
+    /// Decodes `message` and hands its readings on; returns the task that
+    /// acknowledges it once they are written (or asks JetStream to deliver
+    /// it again if they cannot be). An undecodable message is terminated here.
+    async fn accept(
+        &self,
+        message: jetstream::Message,
+        output: &Output,
+        stage: &str,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let stored_at = message
+            .info()
+            .ok()
+            .and_then(|info| {
+                Timestamp::new(info.published.unix_timestamp(), info.published.nanosecond())
+            })
+            .unwrap_or_else(Timestamp::now);
+        let (message, acker) = message.split();
+        let content_type = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(CONTENT_TYPE))
+            .map(|value| value.as_str());
+        let encoding = Encoding::of_message(content_type, &message.payload);
+        let batch = match decode(encoding, &message.payload, stored_at) {
+            Ok(batch) => batch,
+            Err(err) => {
+                self.terminated.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(stage, subject = %message.subject, "terminating an undecodable message: {}", err.0);
+                if let Err(err) = acker.ack_with(AckKind::Term).await {
+                    tracing::warn!(stage, "could not terminate a message: {err}");
+                }
+                return None;
+            }
+        };
+        let written = crate::delivery::send_and_track(output, batch).await;
+        let stage = stage.to_string();
+        Some(async move {
+            let kind = if written.await {
+                AckKind::Ack
+            } else {
+                AckKind::Nak(None)
+            };
+            if let Err(err) = acker.ack_with(kind).await {
+                // JetStream delivers it again after `ack_wait`: at least once.
+                tracing::warn!(stage, "could not acknowledge a message: {err}");
+            }
+        })
+    }
+}

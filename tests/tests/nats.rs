@@ -1,0 +1,438 @@
+//! The `nats` sink and source against real `nats-server` processes (Debian's
+//! package, with JetStream): readings in through gRPC, through a JetStream
+//! stream, out to files. System tests: `.ci/system/50-nats.sh` installs the
+//! server and runs them (`cargo test -p sink-e2e --test nats -- --ignored`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use sink_e2e::*;
+
+/// A `nats-server` with JetStream, alone or as one node of a cluster.
+struct NatsServer {
+    child: Option<Child>,
+    config: PathBuf,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl NatsServer {
+    /// A server whose config and store live in `dir`; `cluster` is this node's
+    /// route port and every node's route port (none for a lone server).
+    fn start(dir: &Path, name: &str, cluster: Option<(u16, &[u16])>) -> Self {
+        let port = free_port();
+        let store = dir.join(format!("{name}-store"));
+        let mut config = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n",
+            store.display()
+        );
+        if let Some((own, all)) = cluster {
+            let routes: Vec<String> = all
+                .iter()
+                .filter(|p| **p != own)
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            config.push_str(&format!(
+                "cluster {{ name: c1\n listen: 127.0.0.1:{own}\n routes: [{}] }}\n",
+                routes.join(", ")
+            ));
+        }
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, config).expect("write nats config");
+        let mut server = Self {
+            child: None,
+            config: path,
+            port,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts (again) on the same port and store.
+    fn restart(&mut self) {
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is not installed: run .ci/system/50-nats.sh");
+        self.child = Some(child);
+        assert!(
+            wait_until(|| std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()),
+            "nats-server did not listen on {}",
+            self.port
+        );
+    }
+
+    /// SIGKILL, as a crashed node.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A three-node JetStream cluster on loopback.
+fn cluster(dir: &Path) -> Vec<NatsServer> {
+    let routes = [free_port(), free_port(), free_port()];
+    ["n1", "n2", "n3"]
+        .iter()
+        .zip(routes)
+        .map(|(name, own)| NatsServer::start(dir, name, Some((own, &routes))))
+        .collect()
+}
+
+/// Creates stream `name` on `subjects` with `replicas`, retrying while a
+/// fresh cluster elects its leader.
+async fn create_stream(urls: &[String], name: &str, subjects: &str, replicas: usize) {
+    let start = Instant::now();
+    loop {
+        let created = async {
+            let client = async_nats::connect(urls.to_vec()).await?;
+            jetstream::new(client)
+                .create_stream(jetstream::stream::Config {
+                    name: name.into(),
+                    subjects: vec![subjects.into()],
+                    num_replicas: replicas,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await?;
+            Ok::<_, async_nats::Error>(())
+        }
+        .await;
+        match created {
+            Ok(()) => return,
+            Err(err) if start.elapsed() > DEADLINE => panic!("cannot create stream {name}: {err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Empties stream `name`, so that a new consumer sees only what comes next.
+async fn purge(urls: &[String], name: &str) {
+    let client = async_nats::connect(urls.to_vec()).await.expect("connect");
+    let stream = jetstream::new(client)
+        .get_stream(name)
+        .await
+        .expect("stream");
+    stream.purge().await.expect("purge");
+}
+
+fn quoted(urls: &[String]) -> String {
+    let list: Vec<String> = urls.iter().map(|url| format!("\"{url}\"")).collect();
+    format!("[{}]", list.join(", "))
+}
+
+/// grpc -> buffered -> nats sink.
+fn ingest(urls: &[String], encoding: &str) -> String {
+    [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 100\nflush_interval = \"100ms\""),
+        stage(
+            "sinks",
+            "stream",
+            "nats",
+            &["batch"],
+            &format!(
+                "url = {}\nstream = \"TELEMETRY\"\nsubject = \"telemetry.{{sensor_name}}\"\nencoding = \"{encoding}\"",
+                quoted(urls)
+            ),
+        ),
+    ]
+    .concat()
+}
+
+/// nats source (redelivering after 2 s without acknowledgement) -> buffered -> json_file at `out`.
+fn writer(urls: &[String], consumer: &str, filter: &str, out: &Path) -> String {
+    let filter = if filter.is_empty() {
+        String::new()
+    } else {
+        format!("filter_subject = \"{filter}\"\n")
+    };
+    [
+        stage(
+            "sources",
+            "stream",
+            "nats",
+            &[],
+            &format!(
+                "url = {}\nstream = \"TELEMETRY\"\nconsumer = \"{consumer}\"\nack_wait = \"2s\"\n{filter}",
+                quoted(urls)
+            ),
+        ),
+        buffered("batch", &["stream"], "max_events = 500\nflush_interval = \"100ms\""),
+        json_file("file", &["batch"], &out.display().to_string(), ""),
+    ]
+    .concat()
+}
+
+/// The sensor names in `path`, or none when it does not exist yet.
+fn names_at(path: &Path) -> Vec<String> {
+    if path.exists() {
+        sensor_names(path)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Waits until `path` holds every one of `expected` (duplicates aside).
+fn wait_for_names(path: &Path, expected: &[String]) -> bool {
+    let want: std::collections::BTreeSet<&String> = expected.iter().collect();
+    wait_until(|| {
+        let have = names_at(path);
+        let have: std::collections::BTreeSet<&String> = have.iter().collect();
+        want.is_subset(&have)
+    })
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn readings_round_trip_through_jetstream_in_both_encodings() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+
+    for (round, encoding) in ["json", "protobuf"].into_iter().enumerate() {
+        purge(&urls, "TELEMETRY").await;
+        let out = dir.path().join(format!("all-{encoding}.json"));
+        let only_t1 = dir.path().join(format!("t1-{encoding}.json"));
+        let mut ingest = SinkProcess::start(&ingest(&urls, encoding));
+        let mut all = SinkProcess::start(&writer(&urls, &format!("all{round}"), "", &out));
+        let mut filtered = SinkProcess::start(&writer(
+            &urls,
+            &format!("t1only{round}"),
+            &format!("telemetry.{encoding}1"),
+            &only_t1,
+        ));
+        let mut client = ingest.client("sensors").await;
+        let sent = send_all(&mut client, encoding, 40, 50).await;
+        ingest.stop();
+        assert!(wait_for_names(&out, &sent), "not every reading arrived");
+        all.stop();
+        filtered.stop();
+        assert_each_once(&names_at(&out), &sent);
+        assert_eq!(
+            names_at(&only_t1),
+            [format!("{encoding}1")],
+            "the consumer filtered on the sensor's subject"
+        );
+        let lines = json_lines(&out);
+        assert!(lines.iter().all(|line| line["received_at"].is_string()));
+        if encoding == "json" {
+            assert_eq!(lines[0]["created_at"], "2026-11-28T10:00:00Z");
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_missing_stream_is_refused_at_startup_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), "solo", None);
+    let refused = run_sink(&ingest(&[server.url()], "json"), &[], &[]);
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("sinks.stream")
+            && refused.stderr.contains("`TELEMETRY` does not exist"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_killed_node_of_three_loses_no_acknowledged_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path());
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 3).await;
+    let out = dir.path().join("out.json");
+    let mut ingest = SinkProcess::start(&ingest(&urls, "json"));
+    let mut writer = SinkProcess::start(&writer(&urls, "files", "", &out));
+    let mut client = ingest.client("sensors").await;
+
+    let mut acknowledged = Vec::new();
+    for call in 0..300 {
+        if call == 100 {
+            nodes[0].kill();
+        }
+        if call == 200 {
+            nodes[0].restart();
+        }
+        let request = request_range("c", call * 20..(call + 1) * 20);
+        let names: Vec<String> = request
+            .items
+            .iter()
+            .map(|i| i.sensor_name.clone())
+            .collect();
+        if client.send_sensor_values(request).await.is_ok() {
+            acknowledged.extend(names);
+        }
+    }
+    ingest.stop();
+    assert!(
+        wait_for_names(&out, &acknowledged),
+        "an acknowledged reading is missing"
+    );
+    writer.stop();
+    assert!(acknowledged.len() >= 5000, "most calls were acknowledged");
+    assert_each_once(&names_at(&out), &acknowledged);
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_killed_writer_is_refilled_by_redelivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let out = dir.path().join("out.json");
+    let pipeline = writer(&urls, "files", "", &out);
+
+    let mut ingest = SinkProcess::start(&ingest(&urls, "protobuf"));
+    let mut client = ingest.client("sensors").await;
+    let first = send_all(&mut client, "a", 50, 100).await;
+    let mut writer = SinkProcess::start(&pipeline);
+    assert!(
+        wait_until(|| !names_at(&out).is_empty()),
+        "the writer wrote nothing"
+    );
+    writer.signal(libc::SIGKILL);
+    writer.wait_exit();
+    let second = send_all(&mut client, "b", 50, 100).await;
+    ingest.stop();
+
+    let mut writer = SinkProcess::start(&pipeline);
+    let all: Vec<String> = first.into_iter().chain(second).collect();
+    assert!(
+        wait_for_names(&out, &all),
+        "redelivery did not fill the gap"
+    );
+    writer.stop();
+    let written = names_at(&out);
+    let unique: std::collections::BTreeSet<&String> = written.iter().collect();
+    assert_eq!(unique.len(), all.len(), "nothing but the readings sent");
+    // At least once: what the killed writer had written but not yet
+    // acknowledged comes again, and nothing else does.
+    let duplicates = written.len() - unique.len();
+    assert!(
+        duplicates <= 1000,
+        "{duplicates} duplicates: more than a max_ack_pending's worth"
+    );
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn nats_down_at_start_and_mid_run_delays_but_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Start the sinks before the server: they must come up and wait.
+    let mut server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    server.kill();
+
+    let out = dir.path().join("out.json");
+    let mut ingest = SinkProcess::start(&ingest(&urls, "json"));
+    assert!(
+        ingest.wait_log("not reachable at startup"),
+        "{}",
+        ingest.log_text()
+    );
+    let mut writer = SinkProcess::start(&writer(&urls, "files", "", &out));
+    let mut client = ingest.client("sensors").await;
+    let before = send_all(&mut client, "down", 10, 10).await;
+
+    server.restart();
+    assert!(
+        wait_for_names(&out, &before),
+        "nothing flowed once NATS came up"
+    );
+
+    server.kill();
+    let during = send_all(&mut client, "mid", 10, 10).await;
+    assert!(
+        ingest.wait_log("not acknowledged by JetStream"),
+        "{}",
+        ingest.log_text()
+    );
+    server.restart();
+    ingest.stop();
+    let all: Vec<String> = before.into_iter().chain(during).collect();
+    assert!(
+        wait_for_names(&out, &all),
+        "readings sent while NATS was down are missing"
+    );
+    writer.stop();
+    assert_each_once(&names_at(&out), &all);
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_poison_message_is_terminated_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    for payload in [&b"{not json"[..], &[0xff, 0xff, 0xff][..]] {
+        js.publish("telemetry.poison", payload.to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let out = dir.path().join("out.json");
+    let mut writer = SinkProcess::start(&writer(&urls, "files", "", &out));
+    let mut ingest = SinkProcess::start(&ingest(&urls, "json"));
+    let mut client = ingest.client("sensors").await;
+    let sent = send_all(&mut client, "good", 5, 10).await;
+    ingest.stop();
+    assert!(
+        wait_for_names(&out, &sent),
+        "good readings after the poison are missing"
+    );
+    assert_eq!(
+        writer.count_log("terminating an undecodable message"),
+        2,
+        "{}",
+        writer.log_text()
+    );
+    writer.stop();
+    assert!(
+        writer
+            .log_text()
+            .contains("2 undecodable messages were terminated")
+    );
+    assert_each_once(&names_at(&out), &sent);
+    // Terminated, not redelivered: the consumer has nothing pending.
+    let stream = js.get_stream("TELEMETRY").await.unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer("files").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+}
