@@ -175,7 +175,7 @@ impl Source for NatsSource {
                     Some(_) = acks.join_next(), if !acks.is_empty() => {}
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
-                            if let Some(ack) = self.accept(message, &output, &stage).await {
+                            if let Some(ack) = self.accept(message, &output, &cx).await {
                                 acks.spawn(ack);
                             }
                         }
@@ -231,8 +231,9 @@ impl NatsSource {
         &self,
         message: jetstream::Message,
         output: &Output,
-        stage: &str,
+        cx: &Context,
     ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let stage = cx.id();
         let stored_at = message
             .info()
             .ok()
@@ -258,7 +259,13 @@ impl NatsSource {
                 return None;
             }
         };
-        let written = crate::delivery::send_and_track(output, batch).await;
+        if batch.is_empty() {
+            if let Err(err) = acker.ack().await {
+                tracing::warn!(stage, "could not acknowledge an empty message: {err}");
+            }
+            return None;
+        }
+        let written = crate::delivery::send_and_track(cx, output, batch).await;
         let stage = stage.to_string();
         Some(async move {
             let kind = if written.await {
