@@ -29,12 +29,18 @@ impl NatsServer {
     /// A server whose config and store live in `dir`; `cluster` is this node's
     /// route port and every node's route port (none for a lone server).
     fn start(dir: &Path, name: &str, cluster: Option<(u16, &[u16])>) -> Self {
+        Self::start_with(dir, name, cluster, "")
+    }
+
+    /// As [`start`](Self::start), with `extra` lines in the server's config.
+    fn start_with(dir: &Path, name: &str, cluster: Option<(u16, &[u16])>, extra: &str) -> Self {
         let port = free_port();
         let store = dir.join(format!("{name}-store"));
         let mut config = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n",
             store.display()
         );
+        config.push_str(extra);
         if let Some((own, all)) = cluster {
             let routes: Vec<String> = all
                 .iter()
@@ -445,4 +451,47 @@ async fn a_poison_message_is_terminated_and_counted() {
     let info = consumer.info().await.unwrap();
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_pending, 0);
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_token_is_sent_and_a_wrong_one_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start_with(
+        dir.path(),
+        "solo",
+        None,
+        "authorization { token: \"s3cret\" }\n",
+    );
+    let urls = vec![server.url()];
+    let with_token = |token: &str| {
+        ingest(&urls, "json").replace(
+            "encoding = \"json\"",
+            &format!("encoding = \"json\"\nauth = {{ token = \"{token}\" }}\ncreate_stream = {{}}"),
+        )
+    };
+    let refused = run_sink(&with_token("wrong"), &[], &[]);
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("key `auth`") && refused.stderr.contains("credentials refused"),
+        "{}",
+        refused.stderr
+    );
+
+    let out = dir.path().join("out.json");
+    let mut ingest = SinkProcess::start(&with_token("s3cret"));
+    let reader = writer(&urls, "files", "", &out).replace(
+        "ack_wait = \"2s\"",
+        "ack_wait = \"2s\"\nauth = { token = \"s3cret\" }",
+    );
+    let mut writer = SinkProcess::start(&reader);
+    let mut client = ingest.client("sensors").await;
+    let sent = send_all(&mut client, "tok", 5, 20).await;
+    ingest.stop();
+    assert!(
+        wait_for_names(&out, &sent),
+        "readings did not pass an authenticating server"
+    );
+    writer.stop();
+    assert_each_once(&names_at(&out), &sent);
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions};
+use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions};
 use serde::{Deserialize, Serialize};
 use sink_api::{ConfigError, ShutdownSignal};
 
@@ -72,6 +72,18 @@ pub struct NatsTls {
     /// PEM private key of `cert`.
     #[serde(default)]
     pub key: Option<PathBuf>,
+}
+
+/// Why a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    /// The credentials cannot be read, or the servers refuse them: a mistake
+    /// in the file, reported at startup.
+    #[error("credentials refused: {0}")]
+    Credentials(std::io::Error),
+    /// The servers cannot be reached (now): retried.
+    #[error("{0}")]
+    Unreachable(ConnectError),
 }
 
 /// Where and how a stage connects; built from its config.
@@ -157,12 +169,17 @@ impl Connection {
     }
 
     /// Connects once; the error says why not.
-    pub async fn connect(&self) -> Result<Client, String> {
-        let options = self.options().await.map_err(|err| err.to_string())?;
+    pub async fn connect(&self) -> Result<Client, Refused> {
+        let options = self.options().await.map_err(Refused::Credentials)?;
         options
             .connect(self.servers.list())
             .await
-            .map_err(|err| err.to_string())
+            .map_err(|err| match err.kind() {
+                ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                    Refused::Credentials(std::io::Error::other(err))
+                }
+                _ => Refused::Unreachable(err),
+            })
     }
 
     /// Connects, retrying with backoff until it succeeds or shutdown starts
@@ -217,6 +234,10 @@ impl Connection {
                     runtime.block_on(async {
                         match connection.connect().await {
                             Ok(client) => check(client).await,
+                            Err(err @ Refused::Credentials(_)) => Err(ConfigError::new(
+                                "auth",
+                                format!("NATS ({}): {err}", connection.servers.describe()),
+                            )),
                             Err(err) => {
                                 tracing::warn!(stage, "NATS ({}) is not reachable at startup; the stage will keep retrying: {err}", connection.servers.describe());
                                 Ok(())
