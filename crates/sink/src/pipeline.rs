@@ -40,6 +40,11 @@ pub struct Settings {
     /// Capacity, in batches, of every stage input channel without a `capacity`. Topology.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+    /// Bytes the batches in flight may hold in all (decoded size, reserved by
+    /// the sources per call, released once every sink has finished the
+    /// batch). Live.
+    #[serde(default = "default_memory_limit")]
+    pub memory_limit: u64,
 }
 
 impl Default for Settings {
@@ -48,6 +53,7 @@ impl Default for Settings {
             log_level: LogLevel::default(),
             shutdown_timeout: default_shutdown_timeout(),
             channel_capacity: default_channel_capacity(),
+            memory_limit: default_memory_limit(),
         }
     }
 }
@@ -63,6 +69,15 @@ const MAX_CAPACITY: usize = 1 << 20;
 fn default_channel_capacity() -> usize {
     1024
 }
+
+/// 256 MiB: a hundred thousand times a typical call of 100 readings, and
+/// one 4 MiB request of empty items (about 170 MB decoded) still passes.
+fn default_memory_limit() -> u64 {
+    256 << 20
+}
+
+/// Below this, ordinary calls would be refused as larger than the whole limit.
+const MIN_MEMORY_LIMIT: u64 = 1 << 20;
 
 /// A log level as written in `settings.log_level` or `--log-level`.
 ///
@@ -221,6 +236,16 @@ impl Pipeline {
                 None,
                 Some("settings.channel_capacity".into()),
                 format!("must be from 1 to {MAX_CAPACITY} batches"),
+            );
+        }
+        if settings.memory_limit < MIN_MEMORY_LIMIT {
+            errors.push(
+                None,
+                Some("settings.memory_limit".into()),
+                format!(
+                    "{} bytes is too small: at least {MIN_MEMORY_LIMIT} bytes (\"1MiB\")",
+                    settings.memory_limit
+                ),
             );
         }
 

@@ -98,6 +98,9 @@ impl Plan {
         if old.settings.shutdown_timeout != new.settings.shutdown_timeout {
             plan.settings.push("shutdown_timeout");
         }
+        if old.settings.memory_limit != new.settings.memory_limit {
+            plan.settings.push("memory_limit");
+        }
         for id in old.stages.keys().filter(|id| !new.stages.contains_key(*id)) {
             let kind = old.stages[id].kind;
             plan.needs_restart

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sink_api::{
-    AnyConfig, BatchSender, BuildContext, Context, Input, Output, ParamSender, ShutdownSignal,
-    StageError, StageKind,
+    AnyConfig, BatchSender, BuildContext, Context, Input, MemoryBudget, Output, ParamSender,
+    ShutdownSignal, StageError, StageKind,
 };
 use tokio::task::JoinSet;
 
@@ -23,6 +23,8 @@ pub struct Running {
     params: HashMap<String, ParamSender>,
     accepted: Vec<(String, Arc<AtomicU64>)>,
     written: Vec<(String, Arc<AtomicU64>)>,
+    /// `settings.memory_limit`, shared by every stage.
+    memory: MemoryBudget,
 }
 
 /// How a pipeline ended.
@@ -107,6 +109,7 @@ impl Running {
             params: HashMap::new(),
             accepted: Vec::new(),
             written: Vec::new(),
+            memory: MemoryBudget::new(pipeline.settings.memory_limit),
         };
         let Pipeline { stages, .. } = pipeline;
         for (stage, built) in stages.into_iter().zip(built) {
@@ -116,6 +119,7 @@ impl Running {
                 StageConfig::Sink(config) => Arc::from(config.into_any()),
             };
             let (cx, params) = Context::new(&stage.id, running.shutdown.clone(), initial);
+            let cx = cx.with_memory(running.memory.clone());
             running.params.insert(stage.id.clone(), params);
             let output = outputs.get(&stage.id).cloned().unwrap_or_default();
             let input = inputs.remove(&stage.id);
@@ -158,6 +162,12 @@ impl Running {
         tokio::time::timeout_at(deadline, sender.applied(version))
             .await
             .is_ok()
+    }
+
+    /// Applies a new `settings.memory_limit`: lowered, it binds as what is
+    /// held now is released.
+    pub fn set_memory_limit(&self, bytes: u64) {
+        self.memory.set_limit(bytes);
     }
 
     /// Waits until a stage ends with an error (`Some`), or all stages end (`None`).

@@ -6,6 +6,7 @@
 //! is read per call and can change on reload without restarting the listener;
 //! requests are decoded straight into readings by [`decode`].
 
+mod acks;
 mod body;
 mod decode;
 mod incoming;
@@ -21,8 +22,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use sink_api::{
-    Batch, BuildContext, ConfigError, Context, Output, SendError, Source, SourceConfig, StageError,
-    Timestamp,
+    Batch, BuildContext, ConfigError, Context, MemoryBudget, Output, Reservation, Source,
+    SourceConfig, StageError, Timestamp,
 };
 use sink_proto::SensorValuesResponse;
 use tokio::sync::Semaphore;
@@ -32,6 +33,8 @@ use tonic::server::NamedService;
 use tonic::{Code, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+pub use self::acks::Acknowledge;
+use self::acks::{AckStats, Handoff};
 use self::decode::{DecodedRequest, decode_request};
 
 /// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
@@ -100,6 +103,12 @@ pub struct GrpcConfig {
     #[schemars(with = "String", extend("format" = "duration"))]
     #[schemars(extend("x-restart" = true))]
     pub keepalive_timeout: Duration,
+    /// When a call is answered OK: `"accepted"`, once its readings are in the
+    /// pipeline; `"written"`, once every sink they reach has written them
+    /// (UNAVAILABLE if any could not: the client retries, delivery is at least
+    /// once). Calls waiting count against `max_concurrent_calls`.
+    #[serde(default)]
+    pub acknowledge: Acknowledge,
 }
 
 /// A token bucket over request bytes.
@@ -289,6 +298,10 @@ impl Source for GrpcSource {
             limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
             output: ArcSwapOption::from_pointee(output),
             calls: Arc::new(Semaphore::new(self.config.max_concurrent_calls as usize)),
+            memory: cx.memory().clone(),
+            acks: AckStats::default(),
+            stage: cx.id().into(),
+            started: std::time::Instant::now(),
         });
         let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
         let max_connections = self
@@ -371,9 +384,34 @@ impl Source for GrpcSource {
             "grpc source on {} stopped accepting",
             self.local
         );
+        // Calls still in flight (waiting for room, or for their readings to
+        // be written) are answered before the source ends, so that the
+        // process does not exit under them: each holds a permit until then.
+        let waiting = shared
+            .acks
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if waiting > 0 {
+            tracing::info!(
+                stage = cx.id(),
+                "{waiting} call(s) wait for their readings to be written"
+            );
+        }
+        let _all = shared
+            .calls
+            .acquire_many(self.config.max_concurrent_calls)
+            .await;
+        // Give the server a moment to write those last answers (it ends once
+        // every connection has finished; a client that keeps one open cannot
+        // hold shutdown up beyond this).
+        let _ = tokio::time::timeout(ANSWER_GRACE, server).await;
         Ok(())
     }
 }
+
+/// How long the server may take, after the last call is answered at
+/// shutdown, to write the answers out and close its connections.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// What every call of one source shares: its limits and its output, each
 /// swapped whole (on reload, and at shutdown) without a lock on the call path.
@@ -382,6 +420,11 @@ struct Shared {
     output: ArcSwapOption<Output>,
     /// One permit per call being decoded or held: `max_concurrent_calls`.
     calls: Arc<Semaphore>,
+    /// The pipeline's `settings.memory_limit`.
+    memory: MemoryBudget,
+    acks: AckStats,
+    stage: Arc<str>,
+    started: std::time::Instant,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -390,6 +433,7 @@ struct Limits {
     max_readings_per_call: usize,
     body_timeout: Duration,
     when_full: WhenFull,
+    acknowledge: Acknowledge,
     rate: Option<(RateLimit, Arc<DefaultDirectRateLimiter>)>,
 }
 
@@ -410,6 +454,7 @@ impl Limits {
             max_readings_per_call: config.max_readings_per_call,
             body_timeout: config.body_timeout,
             when_full: config.when_full,
+            acknowledge: config.acknowledge,
             rate,
         }
     }
@@ -573,6 +618,18 @@ impl SensorService {
         let Ok(_permit) = Arc::clone(&self.0.calls).acquire_owned().await else {
             return Err(Status::unavailable("the sink is shutting down"));
         };
+        // The most the message can decode to, reserved before it is read
+        // (waiting or refusing per `when_full`, as at a full channel), so
+        // that what decoding holds is bounded too; cut to the real size once
+        // decoded.
+        let raw_len = if prefix.compressed {
+            limits.max_message_bytes
+        } else {
+            prefix.len
+        };
+        let bound = acks::decoded_bound(raw_len, limits.max_readings_per_call);
+        let bound = bound.min(self.0.memory.limit());
+        let memory = acks::reserve(&self.0.memory, bound, limits.when_full).await?;
         let deadline = started + limits.body_timeout + waited.elapsed();
         let message = timeout_at(deadline, body.message(prefix))
             .await
@@ -587,16 +644,20 @@ impl SensorService {
             Timestamp::now(),
             limits.max_readings_per_call,
         )?;
+        let decoded_len = message.len();
         drop(message);
-        self.accept(request).await
+        self.accept(request, memory, decoded_len).await
     }
 
-    /// Hands the readings of a request that passed the limits on; OK means
-    /// they are in the pipeline. A request with an invalid timestamp is
-    /// refused only once it has passed the other checks.
+    /// Admits the request under the limits and hands its readings on; OK means
+    /// they are in the pipeline, or written with `acknowledge = "written"`. A
+    /// request with an invalid timestamp is refused only once it has passed
+    /// the other checks.
     async fn accept(
         &self,
         request: DecodedRequest,
+        memory: Reservation,
+        message_len: usize,
     ) -> Result<Response<SensorValuesResponse>, Status> {
         if request.is_empty() {
             return Ok(Response::new(SensorValuesResponse {}));
@@ -606,19 +667,26 @@ impl SensorService {
         };
         let limits = self.0.limits.load_full();
         let batch = request.readings?;
-        let sent = match limits.when_full {
-            WhenFull::Wait => output.send(batch).await,
-            WhenFull::Reject => output.try_send(batch),
+        let bytes = acks::decoded_bytes(batch.len(), message_len);
+        let memory = if memory.bytes() >= bytes {
+            let mut memory = memory;
+            memory.shrink_to(bytes);
+            memory
+        } else {
+            // At most the whole limit was reserved before decoding; it takes
+            // more (and is refused as too large).
+            drop(memory);
+            acks::reserve(&self.0.memory, bytes, limits.when_full).await?
         };
-        match sent {
-            Ok(()) => Ok(Response::new(SensorValuesResponse {})),
-            Err(SendError::Full(_)) => Err(retry_status(
-                Code::Unavailable,
-                "the pipeline is full; retry later".into(),
-                FULL_RETRY_DELAY,
-            )),
-            Err(SendError::Closed(_)) => Err(Status::unavailable("the pipeline is shutting down")),
-        }
+        let handoff = Handoff {
+            output,
+            when_full: limits.when_full,
+            acknowledge: limits.acknowledge,
+            stats: &self.0.acks,
+            stage: &self.0.stage,
+            epoch: self.0.started,
+        };
+        handoff.send(batch, memory).await
     }
 }
 
