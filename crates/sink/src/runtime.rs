@@ -14,6 +14,10 @@ use tokio::task::JoinSet;
 
 use crate::pipeline::{Pipeline, PipelineError, PipelineErrors, StageConfig};
 
+/// How long a timed-out shutdown waits, once it has cut the processors and
+/// sinks, for the sources to answer the calls that waited for them.
+const ANSWER_WAITING_CALLS: Duration = Duration::from_secs(2);
+
 /// A pipeline whose stages are running.
 pub struct Running {
     shutdown: ShutdownSignal,
@@ -25,6 +29,9 @@ pub struct Running {
     written: Vec<(String, Arc<AtomicU64>)>,
     /// `settings.memory_limit`, shared by every stage.
     memory: MemoryBudget,
+    /// The processors and sinks, cut first when shutdown times out, so that
+    /// the sources can still answer the calls that waited for them.
+    downstream: Vec<tokio::task::AbortHandle>,
 }
 
 /// How a pipeline ended.
@@ -110,6 +117,7 @@ impl Running {
             accepted: Vec::new(),
             written: Vec::new(),
             memory: MemoryBudget::new(pipeline.settings.memory_limit),
+            downstream: Vec::new(),
         };
         let Pipeline { stages, .. } = pipeline;
         for (stage, built) in stages.into_iter().zip(built) {
@@ -131,14 +139,20 @@ impl Running {
                         .tasks
                         .spawn(async move { (id, source.run(output, cx).await) })
                 }
-                (Built::Processor(processor), Some(input)) => running
-                    .tasks
-                    .spawn(async move { (id, processor.run(input, output, cx).await) }),
+                (Built::Processor(processor), Some(input)) => {
+                    let task = running
+                        .tasks
+                        .spawn(async move { (id, processor.run(input, output, cx).await) });
+                    running.downstream.push(task.clone());
+                    task
+                }
                 (Built::Sink(sink), Some(input)) => {
                     running.written.push((id.clone(), input.handled_counter()));
-                    running
+                    let task = running
                         .tasks
-                        .spawn(async move { (id, sink.run(input, cx).await) })
+                        .spawn(async move { (id, sink.run(input, cx).await) });
+                    running.downstream.push(task.clone());
+                    task
                 }
                 (_, None) => unreachable!("every processor and sink was given an input above"),
             };
@@ -221,6 +235,16 @@ impl Running {
                     accepted.saturating_sub(written)
                 );
             }
+            // What the cut stages held fails its acknowledgements; the
+            // sources answer the calls that waited for it (UNAVAILABLE, so
+            // that clients retry) before the process exits.
+            for stage in &self.downstream {
+                stage.abort();
+            }
+            let _ = tokio::time::timeout(ANSWER_WAITING_CALLS, async {
+                while self.tasks.join_next().await.is_some() {}
+            })
+            .await;
             return Ending::TimedOut;
         }
         if failed {
