@@ -291,3 +291,33 @@ async fn a_shutdown_timeout_that_cuts_the_drain_answers_unavailable() {
     }
     assert!(!sink.wait_exit().success());
 }
+
+#[tokio::test]
+async fn a_json_file_whose_writes_fail_gets_the_call_unavailable() {
+    let pipeline = [
+        grpc("sensors", "acknowledge = \"written\""),
+        json_file("file", &["sensors"], "out.json", ""),
+    ]
+    .concat();
+    let sink = SinkProcess::start(&pipeline);
+    let mut client = sink.client("sensors").await;
+    client
+        .send_sensor_values(request("before", 2))
+        .await
+        .expect("written while the path works");
+    // The file is replaced by a directory: every write from now on fails.
+    let out = sink.path("out.json");
+    std::fs::remove_file(&out).expect("remove out.json");
+    std::fs::create_dir(&out).expect("a directory in its place");
+    let answer =
+        tokio::time::timeout(DEADLINE, client.send_sensor_values(request("after", 2))).await;
+    let status = answer
+        .unwrap_or_else(|_| panic!("no answer; log:\n{}", sink.log_text()))
+        .expect_err("OK although the write failed");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        sink.wait_log("failed, retrying"),
+        "log:\n{}",
+        sink.log_text()
+    );
+}

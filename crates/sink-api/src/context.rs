@@ -336,11 +336,12 @@ impl Input {
         Ok(self.take(batch))
     }
 
-    /// Marks every batch taken since the last [`recv`](Self::recv) failed:
-    /// they could not be written (a sink whose write failed; it may still
-    /// retry, and the sources' clients retry what failed).
+    /// Marks every batch taken since the last [`recv`](Self::recv) failed,
+    /// and lets go of them: they could not be written (a sink whose write
+    /// failed; it may keep retrying, and the sources' clients retry what
+    /// failed). Their sources hear so as soon as no other copy is pending.
     pub fn fail_taken(&mut self) {
-        for token in &self.taken {
+        for token in self.taken.drain(..) {
             token.fail();
         }
     }

@@ -366,7 +366,7 @@ impl Reloader {
             return;
         }
         self.logs.apply(new.settings.log_level);
-        running.set_memory_limit(new.settings.memory_limit);
+        running.set_memory_limit(new.settings.memory_limit.0);
         let described = plan.describe_live();
         // Stages apply between batches; one busy with a batch (or waiting for
         // its next one, if it checks per batch) confirms later.

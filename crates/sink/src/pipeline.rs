@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use sink_api::{ConfigError, ProcessorConfig, SinkConfig, SourceConfig, StageKind};
+use sink_api::{ByteSize, ConfigError, ProcessorConfig, SinkConfig, SourceConfig, StageKind};
 use toml::{Table, Value};
 
 /// The section of the README that explains linking a stage crate, named in
@@ -44,7 +44,7 @@ pub struct Settings {
     /// the sources per call, released once every sink has finished the
     /// batch). Live.
     #[serde(default = "default_memory_limit")]
-    pub memory_limit: u64,
+    pub memory_limit: ByteSize,
 }
 
 impl Default for Settings {
@@ -72,8 +72,8 @@ fn default_channel_capacity() -> usize {
 
 /// 256 MiB: a hundred thousand times a typical call of 100 readings, and
 /// one 4 MiB request of empty items (about 170 MB decoded) still passes.
-fn default_memory_limit() -> u64 {
-    256 << 20
+fn default_memory_limit() -> ByteSize {
+    ByteSize(256 << 20)
 }
 
 /// Below this, ordinary calls would be refused as larger than the whole limit.
@@ -238,13 +238,13 @@ impl Pipeline {
                 format!("must be from 1 to {MAX_CAPACITY} batches"),
             );
         }
-        if settings.memory_limit < MIN_MEMORY_LIMIT {
+        if settings.memory_limit.0 < MIN_MEMORY_LIMIT {
             errors.push(
                 None,
                 Some("settings.memory_limit".into()),
                 format!(
                     "{} bytes is too small: at least {MIN_MEMORY_LIMIT} bytes (\"1MiB\")",
-                    settings.memory_limit
+                    settings.memory_limit.0
                 ),
             );
         }

@@ -116,7 +116,7 @@ impl Running {
             params: HashMap::new(),
             accepted: Vec::new(),
             written: Vec::new(),
-            memory: MemoryBudget::new(pipeline.settings.memory_limit),
+            memory: MemoryBudget::new(pipeline.settings.memory_limit.0),
             downstream: Vec::new(),
         };
         let Pipeline { stages, .. } = pipeline;

@@ -117,7 +117,7 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
                     writer.move_target(false).await;
                 }
                 writer.encode(batch, &mut input);
-                writer.write(&mut params).await?;
+                writer.write(&mut params, &mut input).await?;
                 // Every batch encoded above is now written (and synced, if the
                 // config asks): the sink is done with them, which the next
                 // `input.recv()` reports.
@@ -255,7 +255,10 @@ impl<C: LineSinkConfig> Writer<C> {
     /// A failed write is cut back to its last whole line and retries resume
     /// there, so no line is split or written twice. A reload that moves the
     /// target while writes fail takes the rest of the write with it.
-    async fn write(&mut self, params: &mut Params<C>) -> Result<(), StageError> {
+    /// The batches being written fail their acknowledgements at the first
+    /// failure (`input.fail_taken()`), so that waiting clients retry at once
+    /// rather than wait out the retries (at least once).
+    async fn write(&mut self, params: &mut Params<C>, input: &mut Input) -> Result<(), StageError> {
         let mut backoff = Duration::from_millis(100);
         let mut written = 0;
         loop {
@@ -291,6 +294,7 @@ impl<C: LineSinkConfig> Writer<C> {
                 }
             };
             self.failing_since.get_or_insert_with(Instant::now);
+            input.fail_taken();
             tracing::warn!(
                 stage = self.stage,
                 "writing to {} failed, retrying in {backoff:?}: {err}",

@@ -1,0 +1,139 @@
+//! `settings.memory_limit`: the readings in flight are bounded in bytes, so a
+//! flood of requests that decode to far more than they weigh (empty items)
+//! cannot take the machine's memory.
+
+use sink_e2e::*;
+use sink_proto::{SensorValue, SensorValuesRequest};
+use tonic::Code;
+
+/// A request of `count` empty items: 2 bytes each on the wire, a whole
+/// reading (about 80 bytes) each decoded.
+fn empty_items(count: usize) -> SensorValuesRequest {
+    SensorValuesRequest {
+        items: vec![SensorValue::default(); count],
+    }
+}
+
+/// The peak resident memory of `pid`, in bytes, from /proc.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_whole_limit_is_resource_exhausted() {
+    let pipeline = format!(
+        "[settings]\nmemory_limit = \"16MiB\"\n{}",
+        [
+            grpc("sensors", ""),
+            json_file("file", &["sensors"], "out.json", ""),
+        ]
+        .concat()
+    );
+    let mut sink = SinkProcess::start(&pipeline);
+    let mut client = sink.client("sensors").await;
+    // 1 MiB of empty items decodes to about 45 MB.
+    let status = client
+        .send_sensor_values(empty_items(512 * 1024))
+        .await
+        .expect_err("accepted beyond the whole memory limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("memory_limit"), "{status:?}");
+    // Ordinary calls pass.
+    client
+        .send_sensor_values(request("fits", 100))
+        .await
+        .expect("a small call");
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")).len(), 100);
+}
+
+#[test]
+fn memory_limit_takes_units_and_refuses_too_small_a_limit() {
+    let pipeline = |limit: &str| {
+        format!(
+            "[settings]\nmemory_limit = {limit}\n{}",
+            [
+                grpc("sensors", ""),
+                json_file("file", &["sensors"], "out.json", ""),
+            ]
+            .concat()
+        )
+    };
+    assert_refused(
+        &pipeline("\"100KiB\""),
+        &[],
+        &["settings.memory_limit", "too small"],
+    );
+    assert_refused(&pipeline("\"lots\""), &[], &["settings.memory_limit"]);
+    let run = run_sink(&pipeline("\"512MiB\""), &["validate"], &[]);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+}
+
+/// Twelve 1 MiB requests of empty items (half a million readings, about
+/// 45 MB, each decoded) from four clients at once into a sink that is stuck
+/// with the first. With a 64 MiB limit, only that one is held and the others
+/// are refused (`when_full = "reject"`; `"wait"` would hold them unread);
+/// without it, all twelve (over 500 MB) would sit in the sink's channel.
+/// Calls are decoded before they reserve their memory, so
+/// `max_concurrent_calls` bounds what is decoded at once: the stated bound is
+/// the limit plus four decoded calls and the process's own 20 MB or so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_items_into_a_stuck_sink_stays_within_the_bound() {
+    const BOUND: u64 = 320 << 20;
+    let pipeline = format!(
+        "[settings]\nmemory_limit = \"64MiB\"\n{}",
+        [
+            grpc(
+                "sensors",
+                "max_concurrent_calls = 4\nwhen_full = \"reject\""
+            ),
+            stage(
+                "sinks",
+                "stuck",
+                "blackhole",
+                &["sensors"],
+                "delay_per_batch = \"1h\"",
+            ),
+        ]
+        .concat()
+    );
+    let sink = SinkProcess::start(&pipeline);
+    let address = sink.address("sensors");
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = connect(address).await;
+                let mut answers = Vec::new();
+                for _ in 0..3 {
+                    let request = empty_items(512 * 1024 - 8);
+                    answers.push(client.send_sensor_values(request).await.map(|_| ()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut oks = 0;
+    for client in clients {
+        for answer in client.await.expect("client task") {
+            match answer {
+                Ok(()) => oks += 1,
+                Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+            }
+        }
+    }
+    let peak = peak_rss(sink.pid());
+    eprintln!("{oks} of 12 calls accepted; peak RSS {} MiB", peak >> 20);
+    assert_eq!(oks, 1, "more than the limit was let in");
+    assert!(
+        peak < BOUND,
+        "peak RSS {} MiB over {} MiB",
+        peak >> 20,
+        BOUND >> 20
+    );
+}
