@@ -19,6 +19,9 @@ use sink_api::{Batch, Context, Input, Params, StageError, Timestamp};
 /// Waiting batches are added to one write until it holds this many bytes.
 const COALESCE_BYTES: usize = 1 << 20;
 
+/// The shortest time between two wake-ups of a target with no batch.
+const MIN_WAKE_GAP: Duration = Duration::from_secs(1);
+
 /// The encode buffer starts this large and is never shrunk below it.
 const INITIAL_BUFFER: usize = 64 * 1024;
 
@@ -99,11 +102,21 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
         bytes: Vec::with_capacity(INITIAL_BUFFER),
         stage: cx.id().to_string(),
         failing_since: None,
+        last_wake: None,
         trim: BufferTrim::default(),
     };
     writer.open_for.applied(&mut lock(&writer.target));
     loop {
-        let wake = writer.open_for.wake_at(&lock(&writer.target));
+        // At most one wake-up a second: a target whose wish cannot be met
+        // (a rotation failing) must not spin the loop.
+        let wake =
+            writer
+                .open_for
+                .wake_at(&lock(&writer.target))
+                .map(|at| match writer.last_wake {
+                    Some(last) => at.max(last + MIN_WAKE_GAP),
+                    None => at,
+                });
         tokio::select! {
             // New parameters first: a config handed over before a batch applies to it.
             biased;
@@ -161,6 +174,8 @@ struct Writer<C: LineSinkConfig> {
     stage: String,
     /// Since when writes have been failing, to say how long once one works.
     failing_since: Option<Instant>,
+    /// When the target was last woken without a batch.
+    last_wake: Option<SystemTime>,
     trim: BufferTrim,
 }
 
@@ -240,6 +255,7 @@ impl<C: LineSinkConfig> Writer<C> {
 
     /// Lets the target rotate on time when no batch comes.
     async fn wake(&mut self) -> Result<(), StageError> {
+        self.last_wake = Some(SystemTime::now());
         let config = Arc::clone(&self.open_for);
         let target = Arc::clone(&self.target);
         let prepared =
