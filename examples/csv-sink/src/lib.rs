@@ -24,9 +24,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sink_api::{BuildContext, ConfigError, Context, Input, Reading, Sink, SinkConfig, StageError};
+use sink_api::{
+    BuildContext, ConfigError, Context, Input, Reading, Sink, SinkConfig, StageError, async_trait,
+};
 use tokio::io::AsyncWriteExt;
 
 /// Appends one CSV row per reading to a file:
@@ -51,7 +52,7 @@ pub struct CsvFileConfig {
 /// The first line of every file `csv_file` starts.
 pub const HEADER: &str = "sensor_name,sensor_value,created_at,received_at\n";
 
-#[typetag::serde(name = "csv_file")]
+#[sink_api::stage(name = "csv_file")]
 impl SinkConfig for CsvFileConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.path.as_os_str().is_empty() {
@@ -73,8 +74,6 @@ impl SinkConfig for CsvFileConfig {
         }))
     }
 }
-
-sink_api::register_stage!(sink "csv_file" => CsvFileConfig);
 
 /// Opens `path` for appending, creating it and its directories as needed, and
 /// writes the header only into an empty file, so that appending to an earlier
