@@ -87,7 +87,13 @@ fn compare(typetag: &[Tagged], catalogue: &[&StageInfo]) -> Vec<String> {
         if infos.len() > 1 {
             let crates: Vec<String> = infos
                 .iter()
-                .map(|info| format!("`{}` in crate {}", (info.config_type)().name, info.crate_name))
+                .map(|info| {
+                    format!(
+                        "`{}` in crate {}",
+                        (info.config_type)().name,
+                        info.crate_name
+                    )
+                })
                 .collect();
             problems.push(format!(
                 "{kind} `{name}` is in the catalogue {} times: {}",
@@ -175,7 +181,8 @@ where
     for name in names {
         let type_name = Cell::new(None);
         let outcome = tag_as::<T>(name, &type_name);
-        let duplicate = matches!(&outcome, Err(Probe::Other(message)) if message.contains("non-unique"));
+        let duplicate =
+            matches!(&outcome, Err(Probe::Other(message)) if message.contains("non-unique"));
         out.push(Tagged {
             kind,
             name,
@@ -361,7 +368,10 @@ mod tests {
         let (a, b) = (info(StageKind::Sink, "x"), info(StageKind::Sink, "x"));
         let problems = compare(&[tag(StageKind::Sink, "x", "FilterConfig")], &[&a, &b]);
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].contains("in the catalogue 2 times"), "{problems:?}");
+        assert!(
+            problems[0].contains("in the catalogue 2 times"),
+            "{problems:?}"
+        );
     }
 
     #[test]

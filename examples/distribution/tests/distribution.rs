@@ -171,7 +171,10 @@ fn describe_shows_the_filter_keys_as_live() {
 #[test]
 fn describe_says_required_for_a_key_without_default() {
     let dir = tempfile_dir();
-    for (name, key) in [("scale", "factor (integer, "), ("csv_file", "path (string, ")] {
+    for (name, key) in [
+        ("scale", "factor (integer, "),
+        ("csv_file", "path (string, "),
+    ] {
         let out = run(sink_custom(), &["describe", name], dir.path());
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
@@ -212,7 +215,7 @@ fn plain_sink_refuses_a_custom_type_and_points_at_the_readme() {
 /// The README, and the files its walkthrough quotes. `include_str!` makes
 /// cargo rebuild this test whenever one of them changes.
 const README: &str = include_str!("../../../README.md");
-const QUOTED_FILES: [(&str, &str); 10] = [
+const QUOTED_FILES: [(&str, &str); 11] = [
     ("Cargo.toml", include_str!("../../../Cargo.toml")),
     (
         "examples/scale-processor/Cargo.toml",
@@ -221,6 +224,10 @@ const QUOTED_FILES: [(&str, &str); 10] = [
     (
         "examples/scale-processor/src/lib.rs",
         include_str!("../../scale-processor/src/lib.rs"),
+    ),
+    (
+        "examples/outside-workspace/Cargo.toml",
+        include_str!("../../outside-workspace/Cargo.toml"),
     ),
     (
         "examples/filter-processor/Cargo.toml",

@@ -17,6 +17,9 @@ fn a_type_with_two_names_stops_the_binary_naming_both() {
                 && errors.contains("Mismatched"),
             "{command:?}: {errors}"
         );
-        assert!(out.stdout.is_empty(), "{command:?}: printed before refusing");
+        assert!(
+            out.stdout.is_empty(),
+            "{command:?}: printed before refusing"
+        );
     }
 }

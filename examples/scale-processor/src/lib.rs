@@ -46,8 +46,8 @@ impl MapReadings for ScaleConfig {
 mod tests {
     use std::time::Duration;
 
-    use sink_api::{Batch, MapBatch};
     use sink_api::testkit::{Harness, check_processor_maps, readings};
+    use sink_api::{Batch, MapBatch};
 
     use super::*;
 
@@ -65,7 +65,11 @@ mod tests {
     async fn a_new_factor_applies_from_the_next_batch() {
         const WAIT: Duration = Duration::from_secs(5);
         let values = |batch: Option<Batch>| -> Vec<Option<i64>> {
-            batch.expect("a batch came out").iter().map(|r| r.value).collect()
+            batch
+                .expect("a batch came out")
+                .iter()
+                .map(|r| r.value)
+                .collect()
         };
         let mut stage = Harness::processor(ScaleConfig { factor: 2 }).expect("builds");
         stage.send(readings("t", 1..3)).await;
