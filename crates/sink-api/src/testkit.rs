@@ -47,9 +47,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Acknowledgement, Batch, BatchSender, BuildContext, ConfigError, ConfigType, Context,
-    Delivery, Input, Output, ParamSender, ProcessorConfig, Reading, ShutdownSignal, SinkConfig,
-    SourceConfig, StageError, StageKind, Timestamp, Token,
+    Acknowledgement, Batch, BatchSender, BuildContext, ConfigError, ConfigType, Context, Delivery,
+    Input, Output, ParamSender, ProcessorConfig, Reading, ShutdownSignal, SinkConfig, SourceConfig,
+    StageError, StageKind, Timestamp, Token,
 };
 
 /// A batch of readings made up for a test: for each `i` in `range`, the
@@ -438,8 +438,8 @@ fn expect_tokens_carried(out: &[Batch], calls: &[(Call, Acknowledgement)], name:
     for batch in out.iter().filter(|batch| !batch.is_empty()) {
         assert!(
             !batch.tokens().is_empty(),
-            "`{name}` sent a batch without the acknowledgement tokens of the batches its \
-             readings came in: forward, merge and split batches with `Output::send`, \
+            "`{name}` lost the acknowledgement tokens of a batch: it sent readings without \
+             the tokens of the batches they came in: forward, merge and split batches with `Output::send`, \
              `Batch::append` and `split_off`, or `carry_tokens_of` the batch a new one is \
              built from"
         );

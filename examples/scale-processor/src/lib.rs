@@ -46,8 +46,8 @@ impl MapReadings for ScaleConfig {
 mod tests {
     use std::time::Duration;
 
+    use sink_api::MapBatch;
     use sink_api::testkit::{Harness, check_processor_maps, readings};
-    use sink_api::{Batch, MapBatch};
 
     use super::*;
 
@@ -64,7 +64,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_factor_applies_from_the_next_batch() {
         const WAIT: Duration = Duration::from_secs(5);
-        let values = |batch: Option<Batch>| -> Vec<Option<i64>> {
+        let values = |batch: Option<Vec<Reading>>| -> Vec<Option<i64>> {
             batch
                 .expect("a batch came out")
                 .iter()
