@@ -1,7 +1,7 @@
 //! The handles a running stage is given: its input, its output, the shutdown
 //! signal and its live parameters.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,12 +28,16 @@ pub struct Context {
     params: watch::Receiver<Versioned>,
     applied: Arc<watch::Sender<u64>>,
     memory: MemoryBudget,
+    /// The type of the stage's config: the only type its parameters come as.
+    config_type: TypeId,
 }
 
 impl Context {
     /// A context for stage `id`, and the sender through which its new
     /// parameters reach it. The runtime and the test kit make these.
     pub fn new(id: &str, shutdown: ShutdownSignal, initial: AnyConfig) -> (Self, ParamSender) {
+        // Of the config, not of the `Arc` holding it.
+        let config_type = Any::type_id(&*initial);
         let (sender, params) = watch::channel((0, initial));
         let (applied, applied_receiver) = watch::channel(0);
         let cx = Self {
@@ -42,6 +46,7 @@ impl Context {
             params,
             applied: Arc::new(applied),
             memory: MemoryBudget::unlimited(),
+            config_type,
         };
         let sender = ParamSender {
             sender,
@@ -92,9 +97,27 @@ impl Context {
     /// reloaded. Only changes of live keys arrive here: a change to a key the
     /// stage marks `x-restart` is refused as a topology change.
     ///
-    /// A config counts as applied once the stage asks for the next one (calls
-    /// [`Params::changed`] or [`Params::try_changed`] again); the runtime logs
-    /// a reload as applied when every stage it changed has done so.
+    /// A config counts as applied once the stage has taken it with
+    /// [`Params::try_changed`], or asks for the next one after taking it with
+    /// [`Params::changed`]; the runtime logs a reload as applied when every
+    /// stage it changed has done so.
+    ///
+    /// # Panics
+    ///
+    /// When `C` is not the stage's own config type (the type whose `build`
+    /// made the stage): parameters of any other type would never arrive. The
+    /// message names both types, so the first test run shows the mistake.
+    ///
+    /// ```should_panic
+    /// # use std::sync::Arc;
+    /// # use sink_api::{Context, ShutdownSignal};
+    /// struct MyConfig;
+    /// struct OtherConfig;
+    ///
+    /// let (cx, _) = Context::new("demo", ShutdownSignal::new(), Arc::new(MyConfig));
+    /// let _ = cx.params::<MyConfig>(); // fine
+    /// let _ = cx.params::<OtherConfig>(); // panics: not this stage's config
+    /// ```
     ///
     /// ```
     /// # async fn demo(cx: sink_api::Context) {
@@ -110,7 +133,23 @@ impl Context {
     /// # let _ = threshold;
     /// # }
     /// ```
+    #[track_caller]
     pub fn params<C: Any + Send + Sync>(&self) -> Params<C> {
+        if TypeId::of::<C>() != self.config_type {
+            let own = crate::registered_stages()
+                .map(|info| (info.config_type)())
+                .find(|config| config.id == self.config_type)
+                .map_or_else(
+                    || "the type whose `build` made it".to_string(),
+                    |config| format!("`{}`", config.name),
+                );
+            panic!(
+                "stage `{}` asked for its live parameters as `{}`, which is not its config \
+                 type; they arrive only as {own}",
+                self.id,
+                std::any::type_name::<C>(),
+            );
+        }
         Params {
             taken: self.params.borrow().0,
             receiver: self.params.clone(),
@@ -175,7 +214,9 @@ impl<C: Any + Send + Sync> Params<C> {
     ///
     /// For a stage that needs its parameters only when a batch comes (a
     /// filter, a file writer): checking once per batch needs no `select!`, and
-    /// a config handed over before a batch is sent applies to that batch.
+    /// a config handed over before a batch is sent applies to that batch. The
+    /// config returned counts as applied at once: the stage applies it to the
+    /// batch in hand.
     ///
     /// ```
     /// # async fn demo(mut input: sink_api::Input, cx: sink_api::Context) {
@@ -193,12 +234,14 @@ impl<C: Any + Send + Sync> Params<C> {
     /// # }
     /// ```
     pub fn try_changed(&mut self) -> Option<Arc<C>> {
-        self.acknowledge();
         // `has_changed` errs only once the runtime is gone: nothing new then.
-        if !self.receiver.has_changed().unwrap_or(false) {
-            return None;
-        }
-        self.take()
+        let new = if self.receiver.has_changed().unwrap_or(false) {
+            self.take()
+        } else {
+            None
+        };
+        self.acknowledge();
+        new
     }
 
     /// Marks the latest config taken, and returns it if it is of type `C`.
@@ -208,7 +251,7 @@ impl<C: Any + Send + Sync> Params<C> {
         latest.downcast::<C>().ok()
     }
 
-    /// The stage asks for more, so it has applied all it took before.
+    /// Confirms every config the stage has taken.
     fn acknowledge(&self) {
         let taken = self.taken;
         self.applied.send_if_modified(|applied| {
@@ -644,6 +687,28 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), sender.applied(version))
             .await
             .expect("confirmed once the stage asked again");
+    }
+
+    #[tokio::test]
+    async fn try_changed_confirms_what_it_returns_at_once() {
+        let (cx, sender) = Context::new("x", ShutdownSignal::new(), Arc::new(1_u32));
+        let mut params = cx.params::<u32>();
+        let version = sender.send(Arc::new(2_u32));
+        assert_eq!(params.try_changed().as_deref(), Some(&2));
+        tokio::time::timeout(Duration::from_secs(5), sender.applied(version))
+            .await
+            .expect("confirmed as it was taken");
+    }
+
+    #[test]
+    fn params_of_another_type_panic_naming_both() {
+        let (cx, _sender) = Context::new("hot", ShutdownSignal::new(), Arc::new(1_u32));
+        let panic = std::panic::catch_unwind(|| cx.params::<String>()).expect_err("panics");
+        let message = panic.downcast_ref::<String>().expect("a message");
+        assert!(
+            message.contains("stage `hot`") && message.contains("`alloc::string::String`"),
+            "{message}"
+        );
     }
 
     #[tokio::test]

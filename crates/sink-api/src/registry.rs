@@ -4,6 +4,7 @@
 //! Each entry is generated from the config type's own JSON schema (derived with
 //! `schemars`), so the documentation a user reads cannot drift from the code.
 
+use std::any::{Any, TypeId};
 use std::fmt;
 
 use serde_json::Value;
@@ -51,7 +52,8 @@ impl fmt::Display for StageKind {
     }
 }
 
-/// One registered stage type. Create it with [`register_stage!`](crate::register_stage).
+/// One registered stage type. Create it with [`#[stage]`](macro@crate::stage)
+/// (or the older [`register_stage!`](crate::register_stage)).
 #[derive(Debug)]
 pub struct StageInfo {
     /// Its section.
@@ -62,16 +64,53 @@ pub struct StageInfo {
     pub crate_name: &'static str,
     /// The JSON schema of its config type.
     pub schema: fn() -> schemars::Schema,
+    /// Its config type, which the runtime checks against the type that
+    /// `typetag` knows by the same name.
+    pub config_type: fn() -> ConfigType,
+}
+
+/// Which Rust type a stage type's config is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigType {
+    /// Its [`TypeId`].
+    pub id: TypeId,
+    /// Its path, as [`std::any::type_name`] gives it.
+    pub name: &'static str,
+}
+
+impl ConfigType {
+    /// The config type `C`.
+    ///
+    /// ```
+    /// let t = sink_api::ConfigType::of::<u8>();
+    /// assert_eq!(t.name, "u8");
+    /// ```
+    pub fn of<C: Any>() -> Self {
+        Self {
+            id: TypeId::of::<C>(),
+            name: std::any::type_name::<C>(),
+        }
+    }
+
+    /// Its name without the module path: `FilterConfig`.
+    pub fn short_name(&self) -> &'static str {
+        let path = self.name.split('<').next().unwrap_or(self.name);
+        path.rsplit("::").next().unwrap_or(path)
+    }
 }
 
 inventory::collect!(StageInfo);
 
 /// Registers a stage type's description under its `type` name, next to its
-/// `#[typetag::serde(name = ...)]` impl. The description is the config type's
-/// doc comment; each key's doc comment, type and default come from its schema.
-/// Mark a key that cannot change while running with
-/// `#[schemars(extend("x-restart" = true))]`: a reload that changes it is then
-/// refused as a topology change.
+/// `#[typetag::serde(name = ...)]` impl: the older, two-step registration.
+/// [`#[stage(name = ...)]`](macro@crate::stage) does both steps under one name
+/// and is the way to register a new type; this macro stays for crates that use
+/// it, and the runtime refuses to start when the two names disagree.
+///
+/// The description is the config type's doc comment; each key's doc comment,
+/// type and default come from its schema. Mark a key that cannot change while
+/// running with `#[schemars(extend("x-restart" = true))]`: a reload that
+/// changes it is then refused as a topology change.
 ///
 /// ```
 /// #[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
@@ -104,6 +143,7 @@ macro_rules! register_stage {
                 name: $name,
                 crate_name: env!("CARGO_PKG_NAME"),
                 schema: || $crate::schemars::schema_for!($config),
+                config_type: $crate::ConfigType::of::<$config>,
             }
         }
     };

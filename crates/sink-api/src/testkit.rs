@@ -1,13 +1,20 @@
 //! A test kit for stage authors: run one stage in a unit test with in-memory
 //! input and output, send it batches, hand it new parameters, shut it down, and
-//! collect what came out. [`check_processor`] and [`check_sink`] are the
-//! conformance checks every stage should pass.
+//! collect what came out. The conformance checks every stage should pass take
+//! the property they verify, what must come out of what went in:
+//!
+//! - a processor: [`check_processor_maps`] (each reading comes out changed as
+//!   the test says, or dropped), [`check_processor`] (each reading that passes
+//!   comes out, by name), or [`check_processor_with`] (any property of all
+//!   that came out);
+//! - a sink: [`check_sink_with`] (what it wrote, read back however the test
+//!   likes: rows, a count, a sum) or [`check_sink`] (the names it wrote).
 //!
 //! ```
 //! use sink_api::testkit::{Harness, readings};
-//! # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+//! # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 //! # struct Pass;
-//! # #[typetag::serde(name = "testkit_doc_pass")]
+//! # #[sink_api::stage(name = "testkit_doc_pass")]
 //! # impl sink_api::ProcessorConfig for Pass {
 //! #     fn build(&self, _: &sink_api::BuildContext) -> Result<Box<dyn sink_api::Processor>, sink_api::ConfigError> {
 //! #         Ok(Box::new(PassStage))
@@ -32,6 +39,7 @@
 
 use std::any::Any;
 use std::collections::BTreeSet;
+use std::fmt::Debug;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,12 +47,26 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Acknowledgement, Batch, BatchSender, BuildContext, ConfigError, Context, Delivery, Input,
-    Output, ParamSender, ProcessorConfig, Reading, ShutdownSignal, SinkConfig, SourceConfig,
-    StageError, Timestamp, Token,
+    Acknowledgement, Batch, BatchSender, BuildContext, ConfigError, ConfigType, Context, Delivery,
+    Input, Output, ParamSender, ProcessorConfig, Reading, ShutdownSignal, SinkConfig, SourceConfig,
+    StageError, StageKind, Timestamp, Token,
 };
 
-/// Readings named `<prefix><i>` with value `i`, for `i` in `range`.
+/// A batch of readings made up for a test: for each `i` in `range`, the
+/// reading named `<prefix><i>` with value `i`, created `i` seconds after
+/// 2026-11-28T10:00:00Z (Unix time 1 795 860 000), all received now (one
+/// `received_at` for the whole batch).
+///
+/// ```
+/// use sink_api::testkit::readings;
+///
+/// let batch = readings("t", 5..7);
+/// assert_eq!(batch.len(), 2);
+/// assert_eq!(batch[0].sensor_name, "t5");
+/// assert_eq!(batch[0].value, Some(5));
+/// assert_eq!(batch[1].created_at.unwrap().to_string(), "2026-11-28T10:00:06Z");
+/// assert_eq!(batch[0].received_at, batch[1].received_at);
+/// ```
 pub fn readings(prefix: &str, range: Range<i64>) -> Batch {
     let received_at = Timestamp::now();
     range
@@ -63,6 +85,8 @@ pub struct Harness {
     output: Input,
     shutdown: ShutdownSignal,
     params: ParamSender,
+    /// The stage's config type, the only type [`update`](Self::update) takes.
+    config_type: ConfigType,
     task: JoinHandle<Result<(), StageError>>,
 }
 
@@ -109,6 +133,7 @@ impl Harness {
             output,
             shutdown,
             params,
+            config_type: ConfigType::of::<C>(),
             task,
         }
     }
@@ -129,12 +154,55 @@ impl Harness {
 
     /// Hands the stage a new config, as a reload would, and returns its number
     /// for [`applied`](Self::applied).
+    ///
+    /// # Panics
+    ///
+    /// When `C` is not the type the stage was built from: a reload never hands
+    /// a stage another type.
+    #[track_caller]
     pub fn update<C: Any + Send + Sync>(&self, config: C) -> u64 {
+        let given = ConfigType::of::<C>();
+        assert!(
+            given == self.config_type,
+            "update with a `{}`, but the stage was built from a `{}`",
+            given.name,
+            self.config_type.name
+        );
         self.params.send(Arc::new(config))
     }
 
-    /// Whether the stage applied config number `version` (asked for the next
-    /// one, as the runtime's reload confirmation counts it) within `within`.
+    /// Whether the stage applied config number `version` within `within`, as
+    /// the runtime's reload confirmation counts it: a stage that takes its
+    /// parameters with `try_changed()` confirms as it takes them (with the
+    /// next batch), one waiting on `changed()` once it asks for the next.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use sink_api::testkit::{Harness, readings};
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    /// # struct Scale { factor: i64 }
+    /// # #[sink_api::stage(name = "applied_doc_scale")]
+    /// # impl sink_api::ProcessorConfig for Scale {
+    /// #     fn build(&self, _: &sink_api::BuildContext) -> Result<Box<dyn sink_api::Processor>, sink_api::ConfigError> {
+    /// #         Ok(sink_api::map_processor(self))
+    /// #     }
+    /// # }
+    /// # impl sink_api::MapReadings for Scale {
+    /// #     fn map_reading(&self, r: &mut sink_api::Reading) -> bool {
+    /// #         r.value = r.value.map(|v| v * self.factor);
+    /// #         true
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// const WAIT: Duration = Duration::from_secs(5);
+    /// let mut stage = Harness::processor(Scale { factor: 1 }).unwrap();
+    /// let version = stage.update(Scale { factor: 10 });
+    /// stage.send(readings("t", 1..2)).await;
+    /// assert_eq!(stage.next_batch(WAIT).await.unwrap()[0].value, Some(10));
+    /// assert!(stage.applied(version, WAIT).await);
+    /// # }
+    /// ```
     pub async fn applied(&self, version: u64, within: Duration) -> bool {
         tokio::time::timeout(within, self.params.applied(version))
             .await
@@ -188,33 +256,200 @@ impl Harness {
     }
 }
 
-/// Conformance check for a processor: across batches, a reload mid-stream
-/// and a shutdown, every reading that `keeps` selects comes out exactly once,
-/// none other does, and nothing is left behind; every reading comes out in a
-/// batch that carries the [`Token`] of the batch it went in with (so
-/// acknowledgements follow it), and every token resolves as written once the
-/// output is; and if the type declares live keys, the stage confirms the
-/// reload (by asking for its next config).
+/// The readings every conformance check sends: `readings("conformance-",
+/// 0..1000)`, in batches of 97.
+fn conformance_readings() -> Batch {
+    readings("conformance-", 0..1000)
+}
+
+/// Conformance check for a processor, given the property it must have: the
+/// stage is fed [`readings`]`("conformance-", 0..1000)` in batches (each
+/// carrying a [`Token`], as a source's call would), handed its config again
+/// midway as a reload would, and shut down; then `observed` of every reading
+/// it sent must equal `expected` of every reading it was sent. It also checks
+/// that the type is registered under one name; that a type with live keys
+/// confirms the reload (takes its new config); that every batch out carries
+/// the tokens of the batches its readings came in (traced by sensor name,
+/// where the stage keeps names), so acknowledgements follow the readings; and
+/// that every token resolves as written once the output is.
+///
+/// ```
+/// # use sink_api::{MapReadings, Reading};
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// # struct Total {}
+/// # #[sink_api::stage(name = "check_doc_total")]
+/// # impl sink_api::ProcessorConfig for Total {
+/// #     fn build(&self, _: &sink_api::BuildContext) -> Result<Box<dyn sink_api::Processor>, sink_api::ConfigError> {
+/// #         Ok(sink_api::map_processor(self))
+/// #     }
+/// # }
+/// # impl MapReadings for Total {
+/// #     fn map_reading(&self, _: &mut Reading) -> bool { true }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sink_api::testkit::check_processor_with;
+///
+/// // Whatever it does to batches, the values must add up to the same.
+/// let sum = |readings: &[Reading]| readings.iter().filter_map(|r| r.value).sum::<i64>();
+/// check_processor_with(Total {}, sum, sum).await;
+/// # }
+/// ```
+pub async fn check_processor_with<C, T>(
+    config: C,
+    expected: impl FnOnce(&[Reading]) -> T,
+    observed: impl FnOnce(&[Reading]) -> T,
+) where
+    C: ProcessorConfig + Clone,
+    T: PartialEq + Debug,
+{
+    let name = config.typetag_name();
+    assert_registered::<C>(StageKind::Processor, name);
+    let sent = conformance_readings();
+    let stage = Harness::processor(config.clone()).expect("config builds");
+    let calls = send_reloading_midway(&stage, &sent, config, name).await;
+    let out = stage.finish_batches().await.expect("stage ends cleanly");
+    expect_tokens_carried(&out, &calls, name);
+    let out: Vec<Reading> = out.into_iter().flat_map(Batch::into_readings).collect();
+    expect_written(calls, name).await;
+    let (expected, observed) = (expected(&sent), observed(&out));
+    assert!(
+        observed == expected,
+        "what came out is not what should have\n  came out: {observed:?}\n  expected: {expected:?}"
+    );
+}
+
+/// Conformance check for a processor that changes or drops each reading on
+/// its own (see [`check_processor_with`] for the run): each reading `r` sent
+/// must come out exactly once as `map(r)`, compared whole, or not at all
+/// when `map(r)` is `None`; in any order, and nothing else may.
+///
+/// ```
+/// # use sink_api::{MapReadings, Reading};
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// # struct Negate {}
+/// # #[sink_api::stage(name = "check_doc_negate")]
+/// # impl sink_api::ProcessorConfig for Negate {
+/// #     fn build(&self, _: &sink_api::BuildContext) -> Result<Box<dyn sink_api::Processor>, sink_api::ConfigError> {
+/// #         Ok(sink_api::map_processor(self))
+/// #     }
+/// # }
+/// # impl MapReadings for Negate {
+/// #     fn map_reading(&self, r: &mut Reading) -> bool {
+/// #         r.value = r.value.map(|v| -v);
+/// #         r.value != Some(0)
+/// #     }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sink_api::testkit::check_processor_maps;
+///
+/// check_processor_maps(Negate {}, |reading| {
+///     let value = -reading.value?;
+///     (value != 0).then(|| sink_api::Reading { value: Some(value), ..reading.clone() })
+/// })
+/// .await;
+/// # }
+/// ```
+pub async fn check_processor_maps<C: ProcessorConfig + Clone>(
+    config: C,
+    map: impl Fn(&Reading) -> Option<Reading>,
+) {
+    let expected = |sent: &[Reading]| sorted(sent.iter().filter_map(&map).collect());
+    check_processor_with(config, expected, |out| sorted(out.to_vec())).await;
+}
+
+/// Conformance check for a processor that drops readings but changes none
+/// (see [`check_processor_with`] for the run): every reading that `keeps`
+/// selects must come out exactly once, and no other, compared by sensor name.
 pub async fn check_processor<C: ProcessorConfig + Clone>(
     config: C,
     keeps: impl Fn(&Reading) -> bool,
 ) {
-    let sent = readings("conformance-", 0..1000);
-    let expected: BTreeSet<String> = sent
-        .iter()
-        .filter(|r| keeps(r))
-        .map(|r| r.sensor_name.clone())
-        .collect();
-    let stage = Harness::processor(config.clone()).expect("config builds");
+    let names = |readings: &mut dyn Iterator<Item = &Reading>| -> Vec<String> {
+        let mut names: Vec<String> = readings.map(|r| r.sensor_name.clone()).collect();
+        names.sort();
+        names
+    };
+    let expected = |sent: &[Reading]| names(&mut sent.iter().filter(|r| keeps(r)));
+    check_processor_with(config, expected, |out| names(&mut out.iter())).await;
+}
+
+/// Conformance check for a sink, given what it must have written: the stage
+/// is fed [`readings`]`("conformance-", 0..1000)` in batches, handed its config
+/// again midway as a reload would, and shut down; then what `written` reads
+/// back from where the sink writes must equal `expected` of every reading
+/// sent. It also checks that the type is registered under one name, that a
+/// type with live keys confirms the reload, and that every batch's [`Token`]
+/// resolved as written.
+///
+/// ```no_run
+/// # async fn demo(config: impl sink_api::SinkConfig + Clone, count_in_file: impl FnOnce() -> usize) {
+/// use sink_api::testkit::check_sink_with;
+///
+/// // A sink that only counts: the count it wrote must be the number sent.
+/// check_sink_with(config, |sent| sent.len(), count_in_file).await;
+/// # }
+/// ```
+pub async fn check_sink_with<C, T>(
+    config: C,
+    expected: impl FnOnce(&[Reading]) -> T,
+    written: impl FnOnce() -> T,
+) where
+    C: SinkConfig + Clone,
+    T: PartialEq + Debug,
+{
     let name = config.typetag_name();
+    assert_registered::<C>(StageKind::Sink, name);
+    let sent = conformance_readings();
+    let stage = Harness::sink(config.clone()).expect("config builds");
     let calls = send_reloading_midway(&stage, &sent, config, name).await;
-    let out = stage.finish_batches().await.expect("stage ends cleanly");
-    for batch in &out {
+    stage.finish().await.expect("stage ends cleanly");
+    expect_written(calls, name).await;
+    let (expected, written) = (expected(&sent), written());
+    assert!(
+        written == expected,
+        "the sink did not write what it should have\n   written: {written:?}\n  expected: {expected:?}"
+    );
+}
+
+/// Conformance check for a sink that writes each reading's sensor name (see
+/// [`check_sink_with`] for the run): `written` must list the name of every
+/// reading sent exactly once, in any order.
+pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> Vec<String>) {
+    let names = |sent: &[Reading]| {
+        let mut names: Vec<String> = sent.iter().map(|r| r.sensor_name.clone()).collect();
+        names.sort();
+        names
+    };
+    let written = || {
+        let mut names = written();
+        names.sort();
+        names
+    };
+    check_sink_with(config, names, written).await;
+}
+
+/// Checks that each batch that came out carries the token of every batch its
+/// readings went in with (found by sensor name; a reading renamed on the way
+/// cannot be traced, but its batch must carry some token).
+#[track_caller]
+fn expect_tokens_carried(out: &[Batch], calls: &[(Call, Acknowledgement)], name: &str) {
+    for batch in out.iter().filter(|batch| !batch.is_empty()) {
+        assert!(
+            !batch.tokens().is_empty(),
+            "`{name}` lost the acknowledgement tokens of a batch: it sent readings without \
+             the tokens of the batches they came in: forward, merge and split batches with `Output::send`, \
+             `Batch::append` and `split_off`, or `carry_tokens_of` the batch a new one is \
+             built from"
+        );
         for reading in batch.iter() {
-            let ((token, _), _) = calls
+            let Some(((token, _), _)) = calls
                 .iter()
                 .find(|((_, names), _)| names.contains(&reading.sensor_name))
-                .expect("a reading that was sent");
+            else {
+                continue;
+            };
             assert!(
                 batch.tokens().iter().any(|carried| carried.same_as(token)),
                 "`{name}` lost the acknowledgement token of `{}`'s batch: forward, merge \
@@ -224,31 +459,43 @@ pub async fn check_processor<C: ProcessorConfig + Clone>(
             );
         }
     }
-    let out: Vec<Reading> = out.into_iter().flat_map(Batch::into_readings).collect();
-    expect_written(calls, name).await;
-    let names: Vec<String> = out.into_iter().map(|r| r.sensor_name).collect();
-    let unique: BTreeSet<String> = names.iter().cloned().collect();
-    assert_eq!(unique.len(), names.len(), "a reading came out twice");
-    assert_eq!(unique, expected, "readings lost or let through wrongly");
 }
 
-/// Conformance check for a sink: 1000 readings in batches, a reload
-/// mid-stream, then shutdown; `written` must then list each reading's sensor
-/// name exactly once, every batch's [`Token`] must have resolved as written,
-/// and if the type declares live keys, the stage must have confirmed the
-/// reload.
-pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> Vec<String>) {
-    let sent = readings("conformance-", 0..1000);
-    let stage = Harness::sink(config.clone()).expect("config builds");
-    let name = config.typetag_name();
-    let calls = send_reloading_midway(&stage, &sent, config, name).await;
-    stage.finish().await.expect("stage ends cleanly");
-    expect_written(calls, name).await;
-    let mut names = written();
-    names.sort();
-    let mut expected: Vec<String> = sent.into_iter().map(|r| r.sensor_name).collect();
-    expected.sort();
-    assert_eq!(names, expected, "the sink lost or repeated readings");
+/// `readings` in a fixed order, for comparing two collections whatever order
+/// they came in.
+fn sorted(mut readings: Vec<Reading>) -> Vec<Reading> {
+    readings.sort_by(|a, b| {
+        (&a.sensor_name, a.value, a.created_at, a.received_at).cmp(&(
+            &b.sensor_name,
+            b.value,
+            b.created_at,
+            b.received_at,
+        ))
+    });
+    readings
+}
+
+/// Fails the test unless the config type `C`, known to typetag as `name`, is
+/// in the catalogue under the same name: what the runtime checks at startup,
+/// here for the one type under test.
+#[track_caller]
+fn assert_registered<C: Any>(kind: StageKind, name: &str) {
+    let config = ConfigType::of::<C>();
+    let listed = crate::registered_stages().find(|info| info.kind == kind && info.name == name);
+    match listed.map(|info| (info.config_type)()) {
+        Some(listed) if listed == config => {}
+        Some(listed) => panic!(
+            "{kind} `{name}` is `{}` for typetag but `{}` in the catalogue (register_stage!): \
+             register each type once, with #[sink_api::stage(name = \"...\")]",
+            config.name, listed.name
+        ),
+        None => panic!(
+            "`{}` is registered with typetag as {kind} `{name}` but is not in the catalogue \
+             under that name, so `sink list` and `sink describe` miss it: register it with \
+             #[sink_api::stage(name = \"{name}\")] instead of #[typetag::serde]",
+            config.name
+        ),
+    }
 }
 
 /// One batch the checks sent, as a call of a source would: its token, the
@@ -321,14 +568,14 @@ mod tests {
     use serde::{Deserialize, Serialize};
 
     use super::*;
-    use crate::{Processor, StageError};
+    use crate::{MapReadings, Processor, StageError};
 
     /// Sends every reading as a batch of its own: more batches than the
     /// harness's output channel holds.
-    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
     struct Split;
 
-    #[typetag::serde(name = "testkit_split")]
+    #[crate::stage(name = "testkit_split")]
     impl ProcessorConfig for Split {
         fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
             Ok(Box::new(SplitStage))
@@ -361,14 +608,67 @@ mod tests {
         threshold: i64,
     }
 
-    #[typetag::serde(name = "testkit_deaf")]
+    #[crate::stage(name = "testkit_deaf")]
     impl ProcessorConfig for Deaf {
         fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
             Ok(Box::new(SplitStage))
         }
     }
 
-    crate::register_stage!(processor "testkit_deaf" => Deaf);
+    /// Multiplies each value by `factor`, live.
+    #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+    struct Times {
+        /// The factor.
+        factor: i64,
+    }
+
+    #[crate::stage(name = "testkit_times")]
+    impl ProcessorConfig for Times {
+        fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+            Ok(crate::map_processor(self))
+        }
+    }
+
+    impl MapReadings for Times {
+        fn map_reading(&self, reading: &mut Reading) -> bool {
+            reading.value = reading.value.map(|v| v * self.factor);
+            true
+        }
+    }
+
+    /// Registered twice by hand, under two names.
+    #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+    struct TwoNames {}
+
+    #[typetag::serde(name = "testkit_tagged")]
+    impl ProcessorConfig for TwoNames {
+        fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+            Ok(crate::map_processor(&Times { factor: 1 }))
+        }
+    }
+
+    crate::register_stage!(processor "testkit_listed" => TwoNames);
+
+    /// Asks for its parameters as a type that is not its config.
+    #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+    struct Confused {}
+
+    #[crate::stage(name = "testkit_confused")]
+    impl ProcessorConfig for Confused {
+        fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
+            Ok(Box::new(ConfusedStage))
+        }
+    }
+
+    struct ConfusedStage;
+
+    #[async_trait]
+    impl Processor for ConfusedStage {
+        async fn run(self: Box<Self>, _: Input, _: Output, cx: Context) -> Result<(), StageError> {
+            let _ = cx.params::<Times>();
+            Ok(())
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     #[should_panic(expected = "never took its new config")]
@@ -377,10 +677,10 @@ mod tests {
     }
 
     /// Rebuilds each batch from its readings, dropping the tokens.
-    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
     struct Rebuild;
 
-    #[typetag::serde(name = "testkit_rebuild")]
+    #[crate::stage(name = "testkit_rebuild")]
     impl ProcessorConfig for Rebuild {
         fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
             Ok(Box::new(RebuildStage))
@@ -412,10 +712,10 @@ mod tests {
     }
 
     /// Splits every batch in two, through the API: conforms.
-    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
     struct Halve;
 
-    #[typetag::serde(name = "testkit_halve")]
+    #[crate::stage(name = "testkit_halve")]
     impl ProcessorConfig for Halve {
         fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
             Ok(Box::new(HalveStage))
@@ -444,6 +744,57 @@ mod tests {
     #[tokio::test]
     async fn conformance_passes_a_stage_that_splits_through_the_api() {
         check_processor(Halve, |_| true).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "typetag as processor `testkit_tagged` but is not in the catalogue")]
+    async fn conformance_catches_a_type_with_two_names() {
+        check_processor(TwoNames {}, |_| true).await;
+    }
+
+    #[tokio::test]
+    async fn asking_for_another_type_s_params_fails_the_stage_naming_both() {
+        let stage = Harness::processor(Confused {}).expect("builds");
+        let err = stage.finish().await.expect_err("the stage panicked");
+        let err = err.to_string();
+        assert!(
+            err.contains("as `sink_api::testkit::tests::Times`")
+                && err.contains("`sink_api::testkit::tests::Confused`"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "update with a `sink_api::testkit::tests::Deaf`")]
+    async fn an_update_of_another_type_is_refused() {
+        let stage = Harness::processor(Times { factor: 2 }).expect("builds");
+        stage.update(Deaf { threshold: 1 });
+    }
+
+    #[tokio::test]
+    async fn a_transform_conforms_and_its_reload_shows_as_applied_with_its_batch() {
+        check_processor_maps(Times { factor: 3 }, |r| {
+            Some(Reading {
+                value: r.value.map(|v| v * 3),
+                ..r.clone()
+            })
+        })
+        .await;
+
+        // The natural test: update, send, read, and the update is applied.
+        const WAIT: Duration = Duration::from_secs(5);
+        let mut stage = Harness::processor(Times { factor: 1 }).expect("builds");
+        let version = stage.update(Times { factor: 10 });
+        stage.send(readings("t", 2..3)).await;
+        let out = stage.next_batch(WAIT).await.expect("a batch");
+        assert_eq!(out[0].value, Some(20));
+        assert!(stage.applied(version, Duration::ZERO).await);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "what came out is not what should have")]
+    async fn a_transform_check_compares_values() {
+        check_processor_maps(Times { factor: 3 }, |r| Some(r.clone())).await;
     }
 
     #[tokio::test]

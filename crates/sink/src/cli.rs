@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sink_api::registered_stages;
+use sink_api::{KeyInfo, registered_stages};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::DEFAULT_PIPELINE;
@@ -91,6 +91,12 @@ pub fn run_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             };
         }
     };
+    // A binary with a half-registered stage type would run it under a name
+    // `describe` does not know and change its restart-only keys live.
+    if let Err(errors) = sink_api::check_registrations() {
+        eprintln!("error: {errors}");
+        return ExitCode::FAILURE;
+    }
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(cli.pipeline.as_deref(), cli.log_level),
         Command::Validate { against } => validate(cli.pipeline.as_deref(), against.as_deref()),
@@ -181,10 +187,10 @@ fn list(verbose: bool) {
         if verbose {
             for key in info.keys() {
                 out!(
-                    "    {:<28} {:<20} default {:<12} {}",
+                    "    {:<28} {:<20} {:<20} {}",
                     key.name,
                     key.value_type,
-                    key.default.as_deref().unwrap_or("(required)"),
+                    default_or_required(&key),
                     if key.live { "live" } else { "restart" }
                 );
             }
@@ -210,10 +216,10 @@ fn describe(name: &str) -> ExitCode {
     );
     for key in info.keys() {
         out!(
-            "{} ({}, default {}, {})\n    {}\n",
+            "{} ({}, {}, {})\n    {}\n",
             key.name,
             key.value_type,
-            key.default.as_deref().unwrap_or("required"),
+            default_or_required(&key),
             if key.live { "live" } else { "needs a restart" },
             key.doc
         );
@@ -223,6 +229,13 @@ fn describe(name: &str) -> ExitCode {
         info.example_toml(&format!("my_{}", info.name)).trim_end()
     );
     ExitCode::SUCCESS
+}
+
+/// `default <value>`, or `required` for a key without a default.
+fn default_or_required(key: &KeyInfo) -> String {
+    key.default
+        .as_ref()
+        .map_or_else(|| "required".into(), |default| format!("default {default}"))
 }
 
 /// `sink run`: loads, starts, serves (reloading on file change or SIGHUP)

@@ -10,7 +10,7 @@
 //! It is kept short for the walkthrough: a write that fails (a full disk)
 //! ends the stage with an error naming the file, which stops the pipeline.
 //! The built-in `json_file` retries the rest of the batch with backoff
-//! instead; a sink meant for production should too.
+//! instead ([`sink_api::backoff`]); a sink meant for production should too.
 //!
 //! ```toml
 //! [sinks.table]
@@ -24,9 +24,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sink_api::{BuildContext, ConfigError, Context, Input, Reading, Sink, SinkConfig, StageError};
+use sink_api::{
+    BuildContext, ConfigError, Context, Input, Reading, Sink, SinkConfig, StageError, async_trait,
+};
 use tokio::io::AsyncWriteExt;
 
 /// Appends one CSV row per reading to a file:
@@ -51,7 +52,7 @@ pub struct CsvFileConfig {
 /// The first line of every file `csv_file` starts.
 pub const HEADER: &str = "sensor_name,sensor_value,created_at,received_at\n";
 
-#[typetag::serde(name = "csv_file")]
+#[sink_api::stage(name = "csv_file")]
 impl SinkConfig for CsvFileConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.path.as_os_str().is_empty() {
@@ -73,8 +74,6 @@ impl SinkConfig for CsvFileConfig {
         }))
     }
 }
-
-sink_api::register_stage!(sink "csv_file" => CsvFileConfig);
 
 /// Opens `path` for appending, creating it and its directories as needed, and
 /// writes the header only into an empty file, so that appending to an earlier
@@ -183,7 +182,7 @@ pub fn encode_row(reading: &Reading, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use sink_api::Timestamp;
-    use sink_api::testkit::{Harness, check_sink, readings};
+    use sink_api::testkit::{Harness, check_sink_with, readings};
 
     use super::*;
 
@@ -240,7 +239,17 @@ mod tests {
     async fn conforms_to_the_stage_contract() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("nested/out.csv");
-        check_sink(config(&path), || names(&path)).await;
+        // Each reading sent is one whole row, in the order sent.
+        let expected = |sent: &[Reading]| -> Vec<String> {
+            sent.iter()
+                .map(|reading| {
+                    let mut row = Vec::new();
+                    encode_row(reading, &mut row);
+                    String::from_utf8_lossy(&row).trim_end().to_string()
+                })
+                .collect()
+        };
+        check_sink_with(config(&path), expected, || rows(&path)).await;
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
-//! `sink-custom`: the `sink` command line with two more stage types, `filter`
-//! and `csv_file`, linked in beside the built-in ones.
+//! `sink-custom`: the `sink` command line with three more stage types,
+//! `scale`, `filter` and `csv_file`, linked in beside the built-in ones.
 //!
 //! Each stage crate must be named here. Stage types register themselves at
 //! link time (`typetag` and `inventory` collect them from the linked object
@@ -10,6 +10,7 @@
 
 use sink_example_csv as _;
 use sink_example_filter as _;
+use sink_example_scale as _;
 
 fn main() -> std::process::ExitCode {
     sink::run()

@@ -129,6 +129,7 @@ fn list_shows_the_custom_types_only_in_the_distribution() {
             .to_string()
     };
     assert!(row("processor", "filter").contains("sink-example-filter"));
+    assert!(row("processor", "scale").contains("sink-example-scale"));
     assert!(row("sink", "csv_file").contains("sink-example-csv"));
     // The built-in types are all there too.
     for built_in in ["grpc", "buffered", "json_file", "stdout"] {
@@ -141,6 +142,12 @@ fn list_shows_the_custom_types_only_in_the_distribution() {
     assert!(plain.contains("json_file"), "{plain}");
     assert!(
         !plain.contains("filter") && !plain.contains("csv_file"),
+        "{plain}"
+    );
+    assert!(
+        !plain
+            .lines()
+            .any(|line| line.split_whitespace().nth(1) == Some("scale")),
         "{plain}"
     );
 }
@@ -159,6 +166,24 @@ fn describe_shows_the_filter_keys_as_live() {
         !text.contains("restart"),
         "every filter key is live:\n{text}"
     );
+}
+
+#[test]
+fn describe_says_required_for_a_key_without_default() {
+    let dir = tempfile_dir();
+    for (name, key) in [
+        ("scale", "factor (integer, "),
+        ("csv_file", "path (string, "),
+    ] {
+        let out = run(sink_custom(), &["describe", name], dir.path());
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("{key}required, live)")),
+            "{name}:\n{text}"
+        );
+        assert!(!text.contains("default required"), "{name}:\n{text}");
+    }
 }
 
 #[test]
@@ -190,8 +215,20 @@ fn plain_sink_refuses_a_custom_type_and_points_at_the_readme() {
 /// The README, and the files its walkthrough quotes. `include_str!` makes
 /// cargo rebuild this test whenever one of them changes.
 const README: &str = include_str!("../../../README.md");
-const QUOTED_FILES: [(&str, &str); 8] = [
+const QUOTED_FILES: [(&str, &str); 11] = [
     ("Cargo.toml", include_str!("../../../Cargo.toml")),
+    (
+        "examples/scale-processor/Cargo.toml",
+        include_str!("../../scale-processor/Cargo.toml"),
+    ),
+    (
+        "examples/scale-processor/src/lib.rs",
+        include_str!("../../scale-processor/src/lib.rs"),
+    ),
+    (
+        "examples/outside-workspace/Cargo.toml",
+        include_str!("../../outside-workspace/Cargo.toml"),
+    ),
     (
         "examples/filter-processor/Cargo.toml",
         include_str!("../../filter-processor/Cargo.toml"),

@@ -1,12 +1,11 @@
 //! # sink-example-filter: a custom processor, `filter`
 //!
 //! Keeps the readings whose sensor name matches a glob and whose value lies in
-//! a range, and drops the rest. It shows what a stage crate outside the sink's
-//! own crates needs: a config type that `pipeline.toml` names with
-//! `type = "filter"` and that checks itself in `validate`; a running stage
-//! whose every key changes live through [`Context::params`]; registration for
-//! `sink list`; and unit tests on [`sink_api::testkit`]. The README's "Write
-//! your own stage" walks through this file.
+//! a range, and drops the rest. It shows a config that checks itself in
+//! `validate`, and a processor that is only a per-reading decision: the
+//! config implements [`MapReadings`], and [`sink_api::map_processor`] runs it,
+//! applying every key live. The README's "Write your own stage" builds the
+//! simpler `scale` the same way.
 //!
 //! ```toml
 //! [processors.hot]
@@ -17,14 +16,9 @@
 //! ```
 
 use std::str::Chars;
-use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sink_api::{
-    BuildContext, ConfigError, Context, Input, Output, Processor, ProcessorConfig, Reading,
-    StageError,
-};
+use sink_api::{BuildContext, ConfigError, MapReadings, Processor, ProcessorConfig, Reading};
 
 /// Keeps readings whose sensor name matches `sensors` but no `exclude` glob,
 /// and whose value lies between `min` and `max`; drops the rest.
@@ -118,7 +112,7 @@ impl FilterConfig {
     }
 }
 
-#[typetag::serde(name = "filter")]
+#[sink_api::stage(name = "filter")]
 impl ProcessorConfig for FilterConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.sensors.is_empty() {
@@ -139,42 +133,15 @@ impl ProcessorConfig for FilterConfig {
     }
 
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Processor>, ConfigError> {
-        Ok(Box::new(Filter {
-            config: Arc::new(self.clone()),
-        }))
+        Ok(sink_api::map_processor(self))
     }
 }
 
-sink_api::register_stage!(processor "filter" => FilterConfig);
-
-/// The running `filter`: its state is only the config in force.
-struct Filter {
-    config: Arc<FilterConfig>,
-}
-
-#[async_trait]
-impl Processor for Filter {
-    async fn run(
-        self: Box<Self>,
-        mut input: Input,
-        output: Output,
-        cx: Context,
-    ) -> Result<(), StageError> {
-        let mut config = self.config;
-        let mut params = cx.params::<FilterConfig>();
-        while let Some(mut batch) = input.recv().await {
-            // A reload applies from the next batch on: filtering does nothing
-            // between batches, so there is nothing to wake up for.
-            if let Some(new) = params.try_changed() {
-                config = new;
-            }
-            batch.retain(|reading| config.keeps(reading));
-            // An empty batch would only wake the stages downstream for nothing.
-            if !batch.is_empty() {
-                output.send(batch).await?;
-            }
-        }
-        Ok(())
+/// The running `filter` is [`sink_api::map_processor`] keeping what
+/// [`FilterConfig::keeps`] keeps, with the config in force.
+impl MapReadings for FilterConfig {
+    fn map_reading(&self, reading: &mut Reading) -> bool {
+        self.keeps(reading)
     }
 }
 
