@@ -185,7 +185,7 @@ fn list(verbose: bool) {
                     key.name,
                     key.value_type,
                     key.default.as_deref().unwrap_or("(required)"),
-                    if key.live { "live" } else { "restart" }
+                    key.liveness()
                 );
             }
         }
@@ -214,7 +214,7 @@ fn describe(name: &str) -> ExitCode {
             key.name,
             key.value_type,
             key.default.as_deref().unwrap_or("required"),
-            if key.live { "live" } else { "needs a restart" },
+            key.liveness(),
             key.doc
         );
     }
