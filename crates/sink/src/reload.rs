@@ -286,4 +286,28 @@ path = "a.json"
                 .any(|c| c.contains("channel_capacity"))
         );
     }
+
+    #[test]
+    fn tls_on_or_off_needs_a_restart_but_its_files_change_live() {
+        let address = "address = \"127.0.0.1:0\"";
+        let with = |cert: &str| {
+            BASE.replace(
+                address,
+                &format!("{address}\ntls = {{ cert = \"{cert}\", key = \"a.key\" }}"),
+            )
+        };
+        let on = Plan::between(&snapshot(BASE), &snapshot(&with("a.crt")));
+        assert_eq!(
+            on.needs_restart,
+            ["sources.in: key `tls` cannot be added while running (its contents can change)"]
+        );
+        let off = Plan::between(&snapshot(&with("a.crt")), &snapshot(BASE));
+        assert!(
+            off.needs_restart[0].contains("`tls` cannot be removed"),
+            "{off:?}"
+        );
+        let moved = Plan::between(&snapshot(&with("a.crt")), &snapshot(&with("b.crt")));
+        assert!(moved.needs_restart.is_empty(), "{moved:?}");
+        assert_eq!(moved.stages["in"], ["tls"]);
+    }
 }
