@@ -412,3 +412,41 @@ fn a_certificate_near_expiry_is_warned_about_with_the_days_left() {
     assert!(sink.wait_log("expires in 5 days"), "{}", sink.log_text());
     sink.stop();
 }
+
+#[test]
+fn sink_health_asks_over_mutual_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.server(1, 365.0).write(certs.path(), "server");
+    let ca_file = ca.write(certs.path(), "ca.crt");
+    let (client_cert, client_key) = ca.client("probe").write(certs.path(), "client");
+    let mut sink = SinkProcess::start(&tls_pipeline(&format!(
+        "{}, client_ca = \"{}\"",
+        cert_and_key(&cert, &key),
+        ca_file.display()
+    )));
+    let address = sink.address("sensors").to_string();
+    let health = |extra: &[&std::path::Path]| {
+        let mut command = std::process::Command::new(sink_binary());
+        command.args(["health", "--address", &address, "--tls-ca"]);
+        command.arg(&ca_file);
+        if let [cert, key] = extra {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
+        command.output().expect("run sink health")
+    };
+    let good = health(&[&client_cert, &client_key]);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).contains("SERVING"));
+    let refused = health(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    sink.stop();
+}
