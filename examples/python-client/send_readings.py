@@ -10,6 +10,12 @@ left unset) and no timestamp.
     pip install grpcio grpcio-tools
     python3 examples/python-client/send_readings.py --address 127.0.0.1:8000 --count 10
 
+Over TLS, trusting the CA that signed the sink's certificate (--tls-ca), and
+with a client certificate when the sink requires one (--tls-cert, --tls-key):
+
+    python3 examples/python-client/send_readings.py --address 127.0.0.1:8443 \
+        --tls-ca tls/ca.crt --tls-cert tls/client.crt --tls-key tls/client.key
+
 It prints one line per call and exits non-zero if a call fails.
 """
 
@@ -62,18 +68,49 @@ def readings(pb, prefix, count):
     return items
 
 
+def open_channel(args):
+    """A plaintext channel, or a TLS one when any --tls-* option is given."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return grpc.insecure_channel(args.address)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        sys.exit("--tls-cert and --tls-key go together")
+
+    def read(path):
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            sys.exit(f"cannot read {path}: {err}")
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.tls_ca),
+        private_key=read(args.tls_key),
+        certificate_chain=read(args.tls_cert),
+    )
+    options = []
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    return grpc.secure_channel(args.address, credentials, options)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--address", default="127.0.0.1:8000")
     parser.add_argument("--count", type=int, default=10, help="readings to send")
     parser.add_argument("--per-call", type=int, default=5, help="readings per call")
     parser.add_argument("--prefix", default="py-")
+    parser.add_argument("--tls-ca", help="PEM CA certificates to trust (TLS; default: the system's)")
+    parser.add_argument("--tls-cert", help="PEM client certificate, for a sink that requires one")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name",
+                        help="name to verify the sink's certificate against (default: the address's host)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as out_dir:
         pb, pb_grpc = compile_proto(out_dir)
         items = readings(pb, args.prefix, args.count)
-        with grpc.insecure_channel(args.address) as channel:
+        with open_channel(args) as channel:
             stub = pb_grpc.SensorServiceStub(channel)
             for start in range(0, len(items), args.per_call):
                 call = items[start:start + args.per_call]

@@ -3,6 +3,8 @@
 //! calls, read the files it wrote, signal it, and wait on conditions with
 //! deadlines rather than fixed sleeps.
 
+pub mod tls;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -700,12 +702,20 @@ pub async fn health_of(
     address: SocketAddr,
     service: &str,
 ) -> Result<tonic_health::pb::health_check_response::ServingStatus, tonic::Status> {
-    use tonic_health::pb::health_check_response::ServingStatus;
     let channel = Channel::from_shared(format!("http://{address}"))
         .expect("uri")
         .connect()
         .await
         .expect("connect");
+    health_on(channel, service).await
+}
+
+/// The health service's answer for `service` over `channel`.
+pub async fn health_on(
+    channel: Channel,
+    service: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, tonic::Status> {
+    use tonic_health::pb::health_check_response::ServingStatus;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let response = client
         .check(tonic_health::pb::HealthCheckRequest {
@@ -717,15 +727,20 @@ pub async fn health_of(
 
 /// The services that gRPC server reflection (v1) at `address` lists.
 pub async fn reflected_services(address: SocketAddr) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     let channel = Channel::from_shared(format!("http://{address}"))
         .expect("uri")
         .connect()
         .await
         .expect("connect");
+    reflected_services_on(channel).await
+}
+
+/// The services that gRPC server reflection (v1) lists over `channel`.
+pub async fn reflected_services_on(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     let mut client = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),

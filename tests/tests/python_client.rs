@@ -3,11 +3,15 @@
 //! sends readings with a 0 value, no value and no timestamp, and every one is
 //! written exactly as DESIGN.md says.
 //!
+//! The same client over TLS and mutual TLS (`grpc.ssl_channel_credentials`),
+//! with certificates made in the test.
+//!
 //! Needs `pip install grpcio grpcio-tools`. Without them the test says so and
 //! passes, unless SINK_REQUIRE_PYTHON_CLIENT is set (CI sets it).
 
 use std::process::Command;
 
+use sink_e2e::tls::TestCa;
 use sink_e2e::*;
 
 fn python_has_grpc() -> bool {
@@ -17,17 +21,21 @@ fn python_has_grpc() -> bool {
         .is_ok_and(|status| status.success())
 }
 
-#[test]
-fn a_python_grpcio_client_is_understood() {
-    if !python_has_grpc() {
-        assert!(
-            std::env::var_os("SINK_REQUIRE_PYTHON_CLIENT").is_none(),
-            "python3 with grpcio and grpcio-tools is required here"
-        );
-        eprintln!("skipped: `pip install grpcio grpcio-tools` to run the Python client test");
-        return;
+/// Whether the test can run; fails where it must (CI), skips elsewhere.
+fn python_ready() -> bool {
+    if python_has_grpc() {
+        return true;
     }
-    let mut sink = SinkProcess::start(&basic_pipeline("max_events = 5"));
+    assert!(
+        std::env::var_os("SINK_REQUIRE_PYTHON_CLIENT").is_none(),
+        "python3 with grpcio and grpcio-tools is required here"
+    );
+    eprintln!("skipped: `pip install grpcio grpcio-tools` to run the Python client test");
+    false
+}
+
+/// Runs the Python client against `sink` with `extra` options; it must succeed.
+fn run_client(sink: &SinkProcess, extra: &[&str]) {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/python-client/send_readings.py"
@@ -43,13 +51,24 @@ fn a_python_grpcio_client_is_understood() {
             "--per-call",
             "5",
         ])
+        .args(extra)
         .output()
         .expect("run the Python client");
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{}\nsink log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sink.log_text()
     );
+}
+
+#[test]
+fn a_python_grpcio_client_is_understood() {
+    if !python_ready() {
+        return;
+    }
+    let mut sink = SinkProcess::start(&basic_pipeline("max_events = 5"));
+    run_client(&sink, &[]);
     sink.stop();
 
     let lines = json_lines(&sink.path("out.json"));
@@ -68,4 +87,44 @@ fn a_python_grpcio_client_is_understood() {
     );
     assert!(by_name("py-2")["created_at"].is_null());
     assert_eq!(by_name("py-24")["sensor_value"], 24);
+}
+
+#[test]
+fn a_python_grpcio_client_sends_over_tls_and_mutual_tls() {
+    if !python_ready() {
+        return;
+    }
+    let certs = tempfile::tempdir().expect("temp dir");
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.server(1, 365.0).write(certs.path(), "server");
+    let ca_file = ca.write(certs.path(), "ca.crt");
+    let (client_cert, client_key) = ca.client("python").write(certs.path(), "client");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (ca_file, client_cert, client_key) =
+        (path(&ca_file), path(&client_cert), path(&client_key));
+    let tls = format!("cert = \"{}\", key = \"{}\"", path(&cert), path(&key));
+    let mtls = format!("{tls}, client_ca = \"{ca_file}\"");
+    let trusting = ["--tls-ca", ca_file.as_str()];
+    let certified = [
+        "--tls-ca",
+        &ca_file,
+        "--tls-cert",
+        &client_cert,
+        "--tls-key",
+        &client_key,
+        "--tls-server-name",
+        "localhost",
+    ];
+    for (table, client) in [(tls, &trusting[..]), (mtls, &certified[..])] {
+        let pipeline = [
+            grpc("sensors", &format!("tls = {{ {table} }}\n")),
+            buffered("batch", &["sensors"], "max_events = 5"),
+            json_file("file", &["batch"], "out.json", ""),
+        ]
+        .concat();
+        let mut sink = SinkProcess::start(&pipeline);
+        run_client(&sink, client);
+        sink.stop();
+        assert_eq!(json_lines(&sink.path("out.json")).len(), 25, "{table}");
+    }
 }

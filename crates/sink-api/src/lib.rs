@@ -55,6 +55,7 @@ mod registry;
 mod size;
 pub mod testkit;
 mod token;
+pub mod watch;
 
 pub use batch::Batch;
 pub use config::{

@@ -111,6 +111,9 @@ inventory::collect!(StageInfo);
 /// type and default come from its schema. Mark a key that cannot change while
 /// running with `#[schemars(extend("x-restart" = true))]`: a reload that
 /// changes it is then refused as a topology change.
+/// An optional key whose value changes live but whose presence does not
+/// (adding or removing it would rebuild the stage) is marked
+/// `#[schemars(extend("x-restart" = "presence"))]`.
 ///
 /// ```
 /// #[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
@@ -167,8 +170,23 @@ pub struct KeyInfo {
     pub default: Option<String>,
     /// Whether a reload applies it without a restart.
     pub live: bool,
+    /// Whether adding or removing it needs a restart even though a change of
+    /// its value applies live (`x-restart = "presence"`; the grpc `tls` table).
+    pub presence_needs_restart: bool,
     /// Its doc comment.
     pub doc: String,
+}
+
+impl KeyInfo {
+    /// What a reload can do with the key, in words: `live`, `needs a restart`,
+    /// or `live; adding or removing it needs a restart`.
+    pub fn liveness(&self) -> &'static str {
+        match (self.live, self.presence_needs_restart) {
+            (false, _) => "needs a restart",
+            (true, false) => "live",
+            (true, true) => "live; adding or removing it needs a restart",
+        }
+    }
 }
 
 impl StageInfo {
@@ -196,6 +214,15 @@ impl StageInfo {
         self.keys()
             .into_iter()
             .filter(|key| !key.live)
+            .map(|key| key.name)
+            .collect()
+    }
+
+    /// Keys whose value changes live but which a reload cannot add or remove.
+    pub fn presence_restart_keys(&self) -> Vec<String> {
+        self.keys()
+            .into_iter()
+            .filter(|key| key.presence_needs_restart)
             .map(|key| key.name)
             .collect()
     }
@@ -251,6 +278,8 @@ fn collect_keys(object: &Value, root: &Value, prefix: &str, live: bool, keys: &m
                 .map(json_to_toml)
                 .or_else(|| (!required.contains(&name.as_str())).then(|| "(none)".into())),
             live: live && property.get("x-restart") != Some(&Value::Bool(true)),
+            presence_needs_restart: property.get("x-restart")
+                == Some(&Value::String("presence".into())),
             doc: property
                 .get("description")
                 .and_then(Value::as_str)

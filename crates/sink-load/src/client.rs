@@ -18,8 +18,11 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue, TE};
 use http::{Method, Request, StatusCode, Uri};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tonic::{Code, Status};
+
+use crate::tls::Tls;
 
 /// How long connecting may take before sink-load gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,12 +35,17 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `address` (`host:port` or `http://host:port`).
-    pub async fn open(address: &str) -> anyhow::Result<Self> {
-        let authority = address.strip_prefix("http://").unwrap_or(address);
-        let uri: Uri = format!("http://{authority}{}", sink_proto::SEND_SENSOR_VALUES_PATH)
-            .parse()
-            .with_context(|| format!("bad address {address}"))?;
+    /// Connects to `address` (`host:port`, `http://host:port` or
+    /// `https://host:port`), over TLS with `tls`.
+    pub async fn open(address: &str, tls: Option<&Tls>) -> anyhow::Result<Self> {
+        let authority = authority(address);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let uri: Uri = format!(
+            "{scheme}://{authority}{}",
+            sink_proto::SEND_SENSOR_VALUES_PATH
+        )
+        .parse()
+        .with_context(|| format!("bad address {address}"))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
             .await
             .map_err(|_| anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}"))
@@ -45,17 +53,17 @@ impl Connection {
             .with_context(|| format!("cannot connect to {authority}"))?;
         // Small requests and answers must not wait for Nagle's algorithm.
         tcp.set_nodelay(true)?;
-        let (sender, connection) = h2::client::Builder::new()
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
-            .handshake(tcp)
-            .await
-            .with_context(|| format!("HTTP/2 handshake with {authority} failed"))?;
-        // The connection is driven by its own task; once it fails, every call
-        // on it fails with the error, which the caller counts.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let sender = match tls {
+            None => http2(tcp, authority).await?,
+            Some(tls) => {
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(tcp))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}"))
+                    .and_then(|handshake| Ok(handshake?))
+                    .with_context(|| format!("TLS handshake with {authority} failed"))?;
+                http2(stream, authority).await?
+            }
+        };
         Ok(Self { sender, uri })
     }
 
@@ -102,6 +110,33 @@ impl Connection {
             .unwrap_or_else(|| Err(Status::internal("answer without a grpc-status")))
             .map_err(Failure::Status)
     }
+}
+
+/// The `host:port` of `address`, without a scheme.
+pub fn authority(address: &str) -> &str {
+    address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .unwrap_or(address)
+}
+
+/// The HTTP/2 handshake over `io`; the connection is then driven by its own
+/// task, and once it fails, every call on it fails with the error, which the
+/// caller counts.
+async fn http2<T>(io: T, authority: &str) -> anyhow::Result<SendRequest<Bytes>>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20)
+        .handshake(io)
+        .await
+        .with_context(|| format!("HTTP/2 handshake with {authority} failed"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
 }
 
 /// Why a call failed.

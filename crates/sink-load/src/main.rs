@@ -11,6 +11,7 @@
 mod client;
 mod requests;
 mod stats;
+mod tls;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,9 +35,13 @@ use crate::stats::{Counters, Report, latency_histogram};
 #[derive(Debug, Parser)]
 #[command(name = "sink-load", version, about)]
 struct Args {
-    /// The sink's gRPC address, `host:port` (or a full `http://` URI).
+    /// The sink's gRPC address, `host:port` (or a full `http://` or
+    /// `https://` URI).
     #[arg(long, default_value = "127.0.0.1:8000")]
     address: String,
+
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 
     /// Readings in each call.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -171,7 +176,7 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
         anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
     }
-    let connections = connect_all(&args.address, args.connections).await?;
+    let connections = connect_all(&args.address, &args.tls, args.connections).await?;
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -239,11 +244,20 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     Ok((report, shared.lost.get().cloned()))
 }
 
-/// Opens `connections` HTTP/2 connections to `address`.
-async fn connect_all(address: &str, connections: u64) -> anyhow::Result<Vec<Connection>> {
+/// Opens `connections` HTTP/2 connections to `address`, over TLS if `tls` says so.
+async fn connect_all(
+    address: &str,
+    tls: &tls::TlsArgs,
+    connections: u64,
+) -> anyhow::Result<Vec<Connection>> {
+    let authority = client::authority(address);
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _port)| host);
+    let tls = tls.client(host)?;
     let mut opened = Vec::with_capacity(connections as usize);
     for _ in 0..connections {
-        opened.push(Connection::open(address).await?);
+        opened.push(Connection::open(address, tls.as_ref()).await?);
     }
     Ok(opened)
 }

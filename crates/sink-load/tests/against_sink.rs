@@ -182,3 +182,59 @@ fn a_lost_connection_stops_the_run_with_a_clear_error_instead_of_spinning() {
     let failed = report["calls_failed"].as_u64().expect("calls_failed");
     assert!((1..=4).contains(&failed), "{report}");
 }
+
+#[test]
+fn sends_over_mutual_tls_with_the_tls_options() {
+    use sink_e2e::tls::TestCa;
+    let certs = tempfile::tempdir().expect("temp dir");
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.server(1, 365.0).write(certs.path(), "server");
+    let ca_file = ca.write(certs.path(), "ca.crt");
+    let (client_cert, client_key) = ca.client("sink-load").write(certs.path(), "client");
+    let pipeline = basic_pipeline("max_events = 10").replace(
+        "address = \"127.0.0.1:0\"",
+        &format!(
+            "address = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}",
+            cert.display(),
+            key.display(),
+            ca_file.display()
+        ),
+    );
+    let mut sink = SinkProcess::start(&pipeline);
+    let address = sink.address("sensors").to_string();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (out, report) = sink_load(&[
+        "--address",
+        &address,
+        "--count",
+        "500",
+        "--readings-per-call",
+        "100",
+        "--connections",
+        "2",
+        "--tls-ca",
+        &path(&ca_file),
+        "--tls-cert",
+        &path(&client_cert),
+        "--tls-key",
+        &path(&client_key),
+        "--tls-server-name",
+        "localhost",
+    ]);
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["readings_acknowledged"], 500);
+    sink.stop();
+    assert_eq!(json_lines(&sink.path("out.json")).len(), 500);
+
+    // Without the client certificate, the sink refuses every call.
+    let mut sink = SinkProcess::start(&pipeline);
+    let address = sink.address("sensors").to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_sink-load"))
+        .args(["--address", &address, "--count", "10", "--max-retries", "0"])
+        .args(["--tls-ca", &path(&ca_file), "--quiet"])
+        .output()
+        .expect("run sink-load");
+    assert!(!out.status.success());
+    sink.stop();
+    assert!(!sink.path("out.json").exists() || json_lines(&sink.path("out.json")).is_empty());
+}

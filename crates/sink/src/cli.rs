@@ -191,7 +191,7 @@ fn list(verbose: bool) {
                     key.name,
                     key.value_type,
                     default_or_required(&key),
-                    if key.live { "live" } else { "restart" }
+                    key.liveness()
                 );
             }
         }
@@ -220,7 +220,7 @@ fn describe(name: &str) -> ExitCode {
             key.name,
             key.value_type,
             default_or_required(&key),
-            if key.live { "live" } else { "needs a restart" },
+            key.liveness(),
             key.doc
         );
     }

@@ -9,11 +9,12 @@
 //! beside the server.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -37,6 +38,51 @@ pub(crate) struct HealthArgs {
     /// How long each address may take to answer, e.g. `500ms` or `3s`.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+
+    /// PEM file of the CA that signed the sink's certificate: asks over TLS.
+    /// Needed for a grpc source with `tls`.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate, for a source with `tls.client_ca`.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Name the sink's certificate must carry; default: the host asked.
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+}
+
+impl HealthArgs {
+    /// The TLS client the `--tls-*` options ask for, if any.
+    fn tls(&self) -> Result<Option<ClientTlsConfig>, String> {
+        if self.tls_ca.is_none()
+            && self.tls_cert.is_none()
+            && self.tls_key.is_none()
+            && self.tls_server_name.is_none()
+        {
+            return Ok(None);
+        }
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+        };
+        let ca = self
+            .tls_ca
+            .as_ref()
+            .ok_or("TLS needs --tls-ca: the CA certificate (PEM) that signed the sink's")?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.domain_name(name);
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// Exit code of `sink health` for anything but SERVING everywhere (a
@@ -75,9 +121,16 @@ pub(crate) fn run(
             return ExitCode::from(EXIT_UNHEALTHY);
         }
     };
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(EXIT_UNHEALTHY);
+        }
+    };
     let mut healthy = true;
     for target in &targets {
-        match runtime.block_on(check(target, &args.service, args.timeout)) {
+        match runtime.block_on(check(target, &args.service, args.timeout, tls.clone())) {
             Ok(()) => println!("{target}: SERVING"),
             Err(why) => {
                 eprintln!("{target}: unhealthy: {why}");
@@ -123,15 +176,26 @@ fn dial_address(listen: &str) -> String {
 }
 
 /// Asks `target` once; `Err` says why it is not healthy.
-async fn check(target: &str, service: &str, timeout: Duration) -> Result<(), String> {
+async fn check(
+    target: &str,
+    service: &str,
+    timeout: Duration,
+    tls: Option<ClientTlsConfig>,
+) -> Result<(), String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = if target.contains("://") {
         target.to_string()
     } else {
-        format!("http://{target}")
+        format!("{scheme}://{target}")
     };
-    let endpoint = Endpoint::from_shared(uri)
+    let mut endpoint = Endpoint::from_shared(uri)
         .map_err(|err| format!("not an address: {err}"))?
         .connect_timeout(timeout);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|err| format!("TLS: {}", error_chain(&err)))?;
+    }
     // One deadline for all of it: connecting, the call, and a server that
     // accepts the connection but never answers.
     let asked = tokio::time::timeout(timeout, async {

@@ -9,22 +9,13 @@
 //! `x-restart`) is refused with one line naming it; the pipeline runs on.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecursiveMode, Watcher};
-use sink_api::{AnyConfig, StageKind, registered_stages};
-use tokio::sync::mpsc;
+pub use sink_api::watch::FileWatcher;
+use sink_api::{AnyConfig, StageInfo, StageKind, registered_stages};
 use toml::Table;
 
 use crate::pipeline::{Pipeline, Settings, StageConfig};
-
-/// How long the file must be quiet before a burst of events becomes one reload.
-const QUIET: Duration = Duration::from_millis(200);
-/// The longest a burst may defer a reload.
-const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// What a pipeline looks like, without its configs: enough to tell what a
 /// new version of the file changes.
@@ -132,12 +123,30 @@ impl Plan {
                 ));
             }
             let changed = changed_keys(&old_stage.params, &new_stage.params);
-            let fixed = restart_keys(new_stage.kind, &new_stage.type_name);
+            let info = stage_info(new_stage.kind, &new_stage.type_name);
+            let fixed = info.map(StageInfo::restart_keys).unwrap_or_default();
             let (restart, live): (Vec<String>, Vec<String>) =
                 changed.into_iter().partition(|key| fixed.contains(key));
             for key in restart {
                 plan.needs_restart
                     .push(format!("{name}: key `{key}` cannot change while running"));
+            }
+            let presence = info
+                .map(StageInfo::presence_restart_keys)
+                .unwrap_or_default();
+            let (restart, live): (Vec<String>, Vec<String>) = live.into_iter().partition(|key| {
+                presence.contains(key)
+                    && old_stage.params.contains_key(key) != new_stage.params.contains_key(key)
+            });
+            for key in restart {
+                let done = if new_stage.params.contains_key(&key) {
+                    "added"
+                } else {
+                    "removed"
+                };
+                plan.needs_restart.push(format!(
+                    "{name}: key `{key}` cannot be {done} while running (its contents can change)"
+                ));
             }
             if !live.is_empty() {
                 plan.stages.insert(id.clone(), live);
@@ -171,12 +180,9 @@ fn changed_keys(old: &Table, new: &Table) -> Vec<String> {
         .collect()
 }
 
-/// The keys that type `type_name` of `kind` marks as needing a restart.
-fn restart_keys(kind: StageKind, type_name: &str) -> Vec<String> {
-    registered_stages()
-        .find(|info| info.kind == kind && info.name == type_name)
-        .map(|info| info.restart_keys())
-        .unwrap_or_default()
+/// The registered description of type `type_name` of `kind`.
+fn stage_info(kind: StageKind, type_name: &str) -> Option<&'static StageInfo> {
+    registered_stages().find(|info| info.kind == kind && info.name == type_name)
 }
 
 /// The new configs of the stages `plan` changes, ready to hand over.
@@ -196,77 +202,10 @@ pub fn configs_to_apply(plan: &Plan, pipeline: Pipeline) -> Vec<(String, AnyConf
         .collect()
 }
 
-/// Watches `file` through its parent directory, so that every way of replacing
-/// it is seen: written in place, renamed over by an editor, deleted and
-/// recreated, or swapped as a Kubernetes ConfigMap mount (where the file is a
-/// symlink into `..data`, itself a symlink replaced atomically). Each burst of
-/// events arrives as one message once the directory has been quiet for a moment.
-pub struct FileWatcher {
-    _watcher: notify::RecommendedWatcher,
-    changes: mpsc::Receiver<()>,
-}
-
-impl FileWatcher {
-    /// Starts watching `file`.
-    pub fn start(file: &Path) -> notify::Result<Self> {
-        let directory = match file.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = file.file_name().map(|name| name.to_os_string());
-        let (events, mut raw) = mpsc::channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                // Reading the file (ours included) is no change; closing it
-                // after writing is, and marks the end of an in-place write.
-                let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
-                if matches!(event.kind, EventKind::Access(_)) && event.kind != written {
-                    return;
-                }
-                let relevant = event.paths.iter().any(|path| {
-                    let file_name = path.file_name();
-                    file_name == name.as_deref()
-                        || file_name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
-                });
-                if relevant {
-                    // A full channel already holds a pending change: nothing is lost.
-                    let _ = events.try_send(());
-                }
-            })?;
-        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
-
-        let (debounced, changes) = mpsc::channel(1);
-        tokio::spawn(async move {
-            while raw.recv().await.is_some() {
-                let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
-                loop {
-                    let quiet_until = (tokio::time::Instant::now() + QUIET).min(deadline);
-                    match tokio::time::timeout_at(quiet_until, raw.recv()).await {
-                        Ok(Some(())) if tokio::time::Instant::now() < deadline => continue,
-                        Ok(None) => return,
-                        _ => break,
-                    }
-                }
-                if debounced.send(()).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Self {
-            _watcher: watcher,
-            changes,
-        })
-    }
-
-    /// The next debounced change.
-    pub async fn changed(&mut self) -> Option<()> {
-        self.changes.recv().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn snapshot(text: &str) -> Snapshot {
@@ -349,5 +288,29 @@ path = "a.json"
                 .iter()
                 .any(|c| c.contains("channel_capacity"))
         );
+    }
+
+    #[test]
+    fn tls_on_or_off_needs_a_restart_but_its_files_change_live() {
+        let address = "address = \"127.0.0.1:0\"";
+        let with = |cert: &str| {
+            BASE.replace(
+                address,
+                &format!("{address}\ntls = {{ cert = \"{cert}\", key = \"a.key\" }}"),
+            )
+        };
+        let on = Plan::between(&snapshot(BASE), &snapshot(&with("a.crt")));
+        assert_eq!(
+            on.needs_restart,
+            ["sources.in: key `tls` cannot be added while running (its contents can change)"]
+        );
+        let off = Plan::between(&snapshot(&with("a.crt")), &snapshot(BASE));
+        assert!(
+            off.needs_restart[0].contains("`tls` cannot be removed"),
+            "{off:?}"
+        );
+        let moved = Plan::between(&snapshot(&with("a.crt")), &snapshot(&with("b.crt")));
+        assert!(moved.needs_restart.is_empty(), "{moved:?}");
+        assert_eq!(moved.stages["in"], ["tls"]);
     }
 }

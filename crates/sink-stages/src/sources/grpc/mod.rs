@@ -1,6 +1,7 @@
 //! `grpc`: the original service's `sensor.v1.SensorService/SendSensorValues`,
 //! with a byte-rate limit, a message-size limit and backpressure, plus the
-//! standard health service and server reflection on the same port.
+//! standard health service and server reflection on the same port, in
+//! plaintext or over TLS ([`tls`]).
 //!
 //! The service is written out here rather than generated so that every limit
 //! is read per call and can change on reload without restarting the listener;
@@ -10,6 +11,7 @@ mod acks;
 mod body;
 mod decode;
 mod incoming;
+mod tls;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -36,6 +38,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub use self::acks::Acknowledge;
 use self::acks::{AckStats, Handoff};
 use self::decode::{DecodedRequest, decode_request};
+pub use self::tls::{HandshakeFailures, TlsConfig};
 
 /// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
 /// wire-compatible with the original Go service) and serves the gRPC health
@@ -109,6 +112,13 @@ pub struct GrpcConfig {
     /// once). Calls waiting count against `max_concurrent_calls`.
     #[serde(default)]
     pub acknowledge: Acknowledge,
+    /// TLS, and with `client_ca` mutual TLS, on the listener (health and
+    /// reflection included); absent means plaintext. Turning it on or off
+    /// needs a restart; new contents of its files, or other files named
+    /// here, apply live to new connections.
+    #[serde(default)]
+    #[schemars(extend("x-restart" = "presence"))]
+    pub tls: Option<TlsConfig>,
 }
 
 /// A token bucket over request bytes.
@@ -236,6 +246,9 @@ impl SourceConfig for GrpcConfig {
                 ));
             }
         }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         if let Some(limit) = &self.rate_limit {
             if limit.bytes_per_second == 0 {
                 return Err(ConfigError::new(
@@ -254,6 +267,8 @@ impl SourceConfig for GrpcConfig {
     }
 
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Source>, ConfigError> {
+        // Bad TLS files refuse the start, before the port is taken.
+        let tls = self.tls.as_ref().map(tls::Tls::load).transpose()?;
         let listener = incoming::bind(&listen_address(&self.address)).map_err(|err| {
             ConfigError::new(
                 "address",
@@ -267,6 +282,7 @@ impl SourceConfig for GrpcConfig {
             config: self.clone(),
             listener,
             local,
+            tls,
         }))
     }
 }
@@ -286,6 +302,7 @@ struct GrpcSource {
     config: GrpcConfig,
     listener: std::net::TcpListener,
     local: SocketAddr,
+    tls: Option<tls::Tls>,
 }
 
 #[async_trait]
@@ -293,7 +310,19 @@ impl Source for GrpcSource {
     async fn run(self: Box<Self>, output: Output, cx: Context) -> Result<(), StageError> {
         let listener = tokio::net::TcpListener::from_std(self.listener)?;
         // Said here rather than at build: a later stage's build may still fail.
-        tracing::info!(stage = cx.id(), "grpc source listening on {}", self.local);
+        tracing::info!(
+            stage = cx.id(),
+            "grpc source listening on {}{}",
+            self.local,
+            match &self.config.tls {
+                None => "",
+                Some(tls) if tls.client_ca.is_some() => " (TLS, client certificates required)",
+                Some(_) => " (TLS)",
+            }
+        );
+        let tls = self
+            .tls
+            .map(|tls| tls.start(cx.id(), cx.shutdown().clone()));
         let shared = Arc::new(Shared {
             limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
             output: ArcSwapOption::from_pointee(output),
@@ -341,7 +370,10 @@ impl Source for GrpcSource {
                 .http2_keepalive_timeout(Some(config.keepalive_timeout))
                 .serve_with_incoming_shutdown(
                     incoming::TrackCalls(routes),
-                    incoming::incoming(listener, max_connections, idle.clone()),
+                    tls::Incoming::new(
+                        incoming::incoming(listener, max_connections, idle.clone()),
+                        tls.as_ref().map(tls::Running::handshaker),
+                    ),
                     async move { shutdown.wait().await },
                 ),
         );
@@ -357,6 +389,15 @@ impl Source for GrpcSource {
                     let old = shared.limits.load();
                     shared.limits.store(Arc::new(Limits::new(&new, Some(&old))));
                     idle.set(new.idle_timeout);
+                    match (&tls, &new.tls) {
+                        (Some(running), Some(config)) => running.update(config),
+                        (None, None) => {}
+                        // The runtime refuses this edit (`x-restart = "presence"`).
+                        _ => tracing::warn!(
+                            stage = cx.id(),
+                            "turning TLS on or off needs a restart; the listener keeps its mode"
+                        ),
+                    }
                 }
                 served = &mut server => {
                     served??;
@@ -379,9 +420,13 @@ impl Source for GrpcSource {
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        let failed = tls
+            .as_ref()
+            .map(|tls| format!("; {} TLS handshakes failed", tls.failures().count()))
+            .unwrap_or_default();
         tracing::info!(
             stage = cx.id(),
-            "grpc source on {} stopped accepting",
+            "grpc source on {} stopped accepting{failed}",
             self.local
         );
         // Calls still in flight (waiting for room, or for their readings to
