@@ -133,7 +133,10 @@ async fn a_timed_out_shutdown_on_a_full_disk_leaves_no_partial_line() {
 
     // With room again, a restart appends whole lines after the old ones.
     disk.grow("8m");
-    let mut restarted = SinkProcess::start(&text);
+    // A healthy shutdown can take about a second (the source's grace for its
+    // last answers), as long as the first run's deliberately short timeout.
+    let healthy = pipeline(&full, "shutdown_timeout = \"10s\"");
+    let mut restarted = SinkProcess::start(&healthy);
     let mut client = restarted.client("sensors").await;
     let sent = send_all(&mut client, "after", 10, 10).await;
     restarted.stop();
