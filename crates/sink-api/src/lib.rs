@@ -36,6 +36,7 @@ mod batch;
 mod config;
 mod context;
 pub mod json;
+pub mod metrics;
 mod reading;
 mod registry;
 mod size;
@@ -48,8 +49,8 @@ pub use config::{
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError, ShutdownSignal,
-    channel,
+    AnyConfig, BatchSender, ChannelFill, Context, Input, Output, ParamSender, Params, SendError,
+    ShutdownSignal, channel,
 };
 pub use reading::{Reading, Timestamp};
 pub use registry::{KeyInfo, StageInfo, StageKind, registered_stages};

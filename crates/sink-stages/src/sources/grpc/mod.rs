@@ -9,6 +9,7 @@
 mod body;
 mod decode;
 mod incoming;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -33,6 +34,7 @@ use tonic::{Code, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use self::decode::{DecodedRequest, decode_request};
+use self::metrics::GrpcMetrics;
 
 /// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
 /// wire-compatible with the original Go service) and serves the gRPC health
@@ -289,6 +291,7 @@ impl Source for GrpcSource {
             limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
             output: ArcSwapOption::from_pointee(output),
             calls: Arc::new(Semaphore::new(self.config.max_concurrent_calls as usize)),
+            metrics: GrpcMetrics::new(cx.metrics()),
         });
         let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
         let max_connections = self
@@ -382,6 +385,7 @@ struct Shared {
     output: ArcSwapOption<Output>,
     /// One permit per call being decoded or held: `max_concurrent_calls`.
     calls: Arc<Semaphore>,
+    metrics: GrpcMetrics,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -451,11 +455,14 @@ where
             return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
         }
         let service = self.clone();
+        let started = std::time::Instant::now();
         Box::pin(async move {
-            Ok(match service.unary(request).await {
+            let response = match service.unary(request).await {
                 Ok(response) => ok_response(response),
                 Err(status) => status.into_http(),
-            })
+            };
+            service.0.metrics.answered(started, &response);
+            Ok(response)
         })
     }
 }
@@ -565,7 +572,8 @@ impl SensorService {
             // compressed) size, known from the prefix: refused before the
             // body is read, let alone decoded.
             if let Some((limit, bucket)) = &limits.rate {
-                admit(prefix.len, *limit, bucket)?;
+                admit(prefix.len, *limit, bucket)
+                    .inspect_err(|_| self.0.metrics.rate_limited(prefix.len))?;
             }
         }
         let waited = Instant::now();
@@ -577,6 +585,7 @@ impl SensorService {
         let message = timeout_at(deadline, body.message(prefix))
             .await
             .map_err(|_| too_slow())??;
+        self.0.metrics.request(prefix.len);
         let message = if prefix.compressed {
             body::decompress(encoding, &message, limits.max_message_bytes)?
         } else {
@@ -598,6 +607,7 @@ impl SensorService {
         &self,
         request: DecodedRequest,
     ) -> Result<Response<SensorValuesResponse>, Status> {
+        self.0.metrics.request(request.encoded_len);
         if request.is_empty() {
             return Ok(Response::new(SensorValuesResponse {}));
         }
