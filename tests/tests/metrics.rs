@@ -152,7 +152,7 @@ async fn metrics_are_openmetrics_when_asked_for_and_health_answers() {
 }
 
 #[tokio::test]
-async fn rate_limited_calls_and_their_readings_are_counted() {
+async fn rate_limited_calls_and_their_bytes_are_counted() {
     // The burst holds one call but not two of the same size.
     let per_call = 100;
     let burst = encoded_len(&request("a", per_call)) * 3 / 2;
@@ -191,8 +191,8 @@ async fn rate_limited_calls_and_their_readings_are_counted() {
         Some(1.0)
     );
     assert_eq!(
-        metric_in(&samples, "sink_grpc_rate_limited_readings_total", &[]),
-        Some(per_call as f64)
+        metric_in(&samples, "sink_grpc_rate_limited_bytes_total", &[]),
+        Some(encoded_len(&request("b", per_call)) as f64)
     );
     assert_eq!(
         metric_in(

@@ -607,7 +607,6 @@ impl SensorService {
         &self,
         request: DecodedRequest,
     ) -> Result<Response<SensorValuesResponse>, Status> {
-        self.0.metrics.request(request.encoded_len);
         if request.is_empty() {
             return Ok(Response::new(SensorValuesResponse {}));
         }
