@@ -286,32 +286,18 @@ async fn a_new_api_address_is_refused_as_needing_a_restart() {
 }
 
 #[tokio::test]
-async fn failing_writes_are_counted_and_a_rotated_file_is_reopened() {
-    // /dev/full takes the open and fails every write with ENOSPC.
+async fn a_file_rotated_by_another_program_is_reopened_and_counted() {
     let pipeline = [
         API,
-        "[settings]\nshutdown_timeout = \"1s\"\n",
         &grpc("sensors", ""),
         &buffered("batch", &["sensors"], "max_events = 1"),
-        &json_file("full", &["batch"], "/dev/full", ""),
         &json_file("file", &["batch"], "out.json", ""),
     ]
     .concat();
-    let mut sink = SinkProcess::start(&pipeline);
+    let sink = SinkProcess::start(&pipeline);
     let mut client = sink.client("sensors").await;
     send_all(&mut client, "w", 1, 3).await;
     assert!(wait_for_lines(&sink.path("out.json"), 3));
-    // Each retry counts: the second proves the count goes on.
-    sink.wait_metric("sink_write_errors_total", &stage_labels("full"), 2.0);
-    assert_eq!(
-        sink.metric("sink_bytes_written_total", &stage_labels("full")),
-        Some(0.0)
-    );
-    assert_eq!(
-        sink.metric("sink_write_errors_total", &stage_labels("file")),
-        Some(0.0)
-    );
-
     // Rotation: the file is renamed away, and the next write makes a new one.
     std::fs::rename(sink.path("out.json"), sink.path("out.json.1")).expect("rotate");
     send_all(&mut client, "x", 1, 2).await;
@@ -321,13 +307,92 @@ async fn failing_writes_are_counted_and_a_rotated_file_is_reopened() {
         + std::fs::metadata(sink.path("out.json.1"))
             .expect("old")
             .len();
+    sink.wait_metric(
+        "sink_bytes_written_total",
+        &stage_labels("file"),
+        written as f64,
+    );
     assert_eq!(
         sink.metric("sink_bytes_written_total", &stage_labels("file")),
         Some(written as f64)
     );
-    // The full sink never drains: shutdown times out, as it must.
-    sink.signal(libc::SIGTERM);
-    assert!(!sink.wait_exit().success());
+    assert_eq!(
+        sink.metric("sink_write_errors_total", &stage_labels("file")),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn failing_writes_are_counted() {
+    // The process's stdout is /dev/full: every write of the stdout sink
+    // fails with ENOSPC and is retried.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let api = format!("127.0.0.1:{port}");
+    let pipeline = [
+        format!("[api]\naddress = \"{api}\"\n[settings]\nshutdown_timeout = \"1s\"\n"),
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 1"),
+        stdout_sink("console", &["batch"], ""),
+    ]
+    .concat();
+    std::fs::write(dir.path().join("pipeline.toml"), pipeline).expect("write");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new(sink_binary())
+        .args(["--pipeline", "pipeline.toml"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("sink");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut grpc_address = None;
+    assert!(
+        wait_until(|| {
+            grpc_address = log_text()
+                .split("grpc source listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok());
+            grpc_address.is_some() && log_text().contains("pipeline running")
+        }),
+        "{}",
+        log_text()
+    );
+    let mut client = connect(grpc_address.expect("address")).await;
+    client
+        .send_sensor_values(request("e", 3))
+        .await
+        .expect("accepted");
+    let errors = |stage: &str| {
+        let (_, body) = sink::top::fetch(&api, "/metrics", None).ok()?;
+        metric_in(
+            &sink::top::parse(&body),
+            "sink_write_errors_total",
+            &stage_labels(stage),
+        )
+    };
+    // Each retry counts: the second proves the count goes on.
+    let counted = wait_until(|| errors("console").is_some_and(|n| n >= 2.0));
+    let (_, body) = sink::top::fetch(&api, "/metrics", None).expect("GET");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(counted, "{body}\n{}", log_text());
+    assert_eq!(
+        metric_in(
+            &sink::top::parse(&body),
+            "sink_bytes_written_total",
+            &stage_labels("console")
+        ),
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
