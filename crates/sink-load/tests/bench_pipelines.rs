@@ -27,5 +27,5 @@ fn every_bench_pipeline_validates() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 5, "bench/ should hold the five scenario pipelines");
+    assert_eq!(checked, 6, "bench/ should hold the six scenario pipelines");
 }
