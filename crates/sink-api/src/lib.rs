@@ -49,6 +49,7 @@ mod config;
 mod context;
 pub mod json;
 mod map;
+pub mod metrics;
 mod reading;
 mod registration;
 mod registry;
@@ -63,8 +64,8 @@ pub use config::{
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError, ShutdownSignal,
-    channel,
+    AnyConfig, BatchSender, ChannelFill, Context, Input, Output, ParamSender, Params, SendError,
+    ShutdownSignal, channel,
 };
 pub use map::{MapBatch, MapReadings, map_processor};
 pub use reading::{Reading, Timestamp};

@@ -28,7 +28,7 @@ fn every_bench_pipeline_validates() {
         checked += 1;
     }
     assert_eq!(
-        checked, 7,
-        "bench/ should hold the seven scenario pipelines"
+        checked, 8,
+        "bench/ should hold the eight scenario pipelines"
     );
 }

@@ -12,6 +12,10 @@ use sink_api::{
 };
 use tokio::task::JoinSet;
 
+use sink_api::metrics::MetricsRegistry;
+
+use crate::api::Readiness;
+use crate::metrics::{StageCollector, StageCounters};
 use crate::pipeline::{Pipeline, PipelineError, PipelineErrors, StageConfig};
 
 /// How long a timed-out shutdown waits, once it has cut the processors and
@@ -32,6 +36,8 @@ pub struct Running {
     /// The processors and sinks, cut first when shutdown times out, so that
     /// the sources can still answer the calls that waited for them.
     downstream: Vec<tokio::task::AbortHandle>,
+    /// Told when a stage stops before shutdown.
+    readiness: Readiness,
 }
 
 /// How a pipeline ended.
@@ -57,6 +63,16 @@ impl Running {
     /// bounded channels and starts them. A stage that cannot be built stops
     /// everything before any data flows.
     pub fn start(pipeline: Pipeline) -> Result<Self, PipelineErrors> {
+        Self::start_observed(pipeline, &MetricsRegistry::new(), Readiness::default())
+    }
+
+    /// [`start`](Self::start), with every stage's metrics in `registry` and
+    /// a stage that stops before shutdown reported to `readiness`.
+    pub fn start_observed(
+        pipeline: Pipeline,
+        registry: &MetricsRegistry,
+        readiness: Readiness,
+    ) -> Result<Self, PipelineErrors> {
         let mut built = Vec::new();
         let mut errors = Vec::new();
         for stage in &pipeline.stages {
@@ -83,6 +99,7 @@ impl Running {
         // Every processor and sink gets one input channel; each upstream
         // stage's output holds a sender into it.
         let mut senders: HashMap<String, BatchSender> = HashMap::new();
+        let mut fills = HashMap::new();
         let mut inputs: HashMap<String, Input> = HashMap::new();
         for stage in pipeline
             .stages
@@ -90,6 +107,7 @@ impl Running {
             .filter(|s| s.kind != StageKind::Source)
         {
             let (sender, input) = sink_api::channel(stage.capacity);
+            fills.insert(stage.id.clone(), (sender.fill(), stage.capacity));
             senders.insert(stage.id.clone(), sender);
             inputs.insert(stage.id.clone(), input);
         }
@@ -118,7 +136,9 @@ impl Running {
             written: Vec::new(),
             memory: MemoryBudget::new(pipeline.settings.memory_limit.0),
             downstream: Vec::new(),
+            readiness,
         };
+        let mut counters = Vec::new();
         let Pipeline { stages, .. } = pipeline;
         for (stage, built) in stages.into_iter().zip(built) {
             let initial: AnyConfig = match stage.config {
@@ -127,10 +147,27 @@ impl Running {
                 StageConfig::Sink(config) => Arc::from(config.into_any()),
             };
             let (cx, params) = Context::new(&stage.id, running.shutdown.clone(), initial);
-            let cx = cx.with_memory(running.memory.clone());
+            let cx = cx
+                .with_memory(running.memory.clone())
+                .with_metrics(registry.for_stage(&stage.id, &stage.type_name, stage.kind));
             running.params.insert(stage.id.clone(), params);
             let output = outputs.get(&stage.id).cloned().unwrap_or_default();
             let input = inputs.remove(&stage.id);
+            counters.push(StageCounters {
+                labels: StageCounters::labels(&stage.id, &stage.type_name, stage.kind),
+                received: input
+                    .as_ref()
+                    .map_or_else(|| output.sent_counter(), Input::received_counter),
+                sent: match (&built, &input) {
+                    (Built::Sink(_), Some(input)) => input.handled_counter(),
+                    _ => output.sent_counter(),
+                },
+                batches: match (&built, &input) {
+                    (Built::Sink(_), Some(input)) => input.handled_batches_counter(),
+                    _ => output.batches_counter(),
+                },
+                input: fills.remove(&stage.id),
+            });
             let id = stage.id.clone();
             let task = match (built, input) {
                 (Built::Source(source), _) => {
@@ -158,6 +195,7 @@ impl Running {
             };
             running.names.insert(task.id(), stage.id);
         }
+        registry.register_collector(Box::new(StageCollector(counters)));
         Ok(running)
     }
 
@@ -188,9 +226,18 @@ impl Running {
     pub async fn next_failure(&mut self) -> Option<String> {
         while let Some(joined) = self.tasks.join_next().await {
             match joined {
-                Ok((_, Ok(()))) => {}
+                Ok((id, Ok(()))) => {
+                    if !self.shutdown.is_triggered() {
+                        self.readiness
+                            .not_ready(&format!("stage:{id}"), format!("stage `{id}` has stopped"));
+                    }
+                }
                 Ok((id, Err(err))) => {
                     tracing::error!(stage = id, "stage failed: {err}");
+                    self.readiness.not_ready(
+                        &format!("stage:{id}"),
+                        format!("stage `{id}` failed: {err}"),
+                    );
                     return Some(id);
                 }
                 Err(err) => {
@@ -200,6 +247,8 @@ impl Running {
                         .cloned()
                         .unwrap_or_else(|| "(unknown)".into());
                     tracing::error!(stage = id, "stage panicked: {err}");
+                    self.readiness
+                        .not_ready(&format!("stage:{id}"), format!("stage `{id}` panicked"));
                     return Some(id);
                 }
             }

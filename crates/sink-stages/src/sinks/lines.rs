@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use sink_api::json::{Layout, encode_batch};
+use sink_api::metrics::{Counter, Metrics};
 use sink_api::{Batch, Context, Input, Params, StageError, Timestamp};
 
 /// Waiting batches are added to one write until it holds this many bytes.
@@ -85,6 +86,12 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     /// This config now applies to `target`: at start, and on a reload that
     /// keeps the target. Must not block (start background work instead).
     fn applied(&self, _target: &mut Self::Target) {}
+
+    /// How many times the target has opened a new file at its path on its
+    /// own (rotation), for the `sink_target_reopens_total` metric.
+    fn reopened(&self, _target: &Self::Target) -> u64 {
+        0
+    }
 }
 
 /// Writes every batch of `input` to `target` until the input ends, then flushes.
@@ -104,6 +111,7 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
         failing_since: None,
         last_wake: None,
         trim: BufferTrim::default(),
+        metrics: LineMetrics::new(cx.metrics()),
     };
     writer.open_for.applied(&mut lock(&writer.target));
     loop {
@@ -177,6 +185,7 @@ struct Writer<C: LineSinkConfig> {
     /// When the target was last woken without a batch.
     last_wake: Option<SystemTime>,
     trim: BufferTrim,
+    metrics: LineMetrics,
 }
 
 impl<C: LineSinkConfig> Writer<C> {
@@ -222,6 +231,8 @@ impl<C: LineSinkConfig> Writer<C> {
             .unwrap_or_else(|err| Err(io::Error::other(err)));
         match opened {
             Ok(target) => {
+                self.metrics.reopens.inc();
+                self.metrics.reopened_seen = self.wanted.reopened(&target);
                 let old = std::mem::replace(&mut self.target, Arc::new(Mutex::new(target)));
                 close(old, &self.open_for.target_name(), &self.stage).await;
                 self.open_for = Arc::clone(&self.wanted);
@@ -287,6 +298,13 @@ impl<C: LineSinkConfig> Writer<C> {
             })
             .await?;
             self.bytes = bytes;
+            self.metrics.count(
+                &*self.open_for,
+                &self.target,
+                written,
+                &outcome,
+                self.bytes.len(),
+            );
             let err = match outcome {
                 Ok(()) => {
                     if let Some(since) = self.failing_since.take() {
@@ -385,6 +403,59 @@ fn write_from(
         }
     }
     target.flush().map_err(|err| (from, err))
+}
+
+/// The metrics of a line-writing sink.
+struct LineMetrics {
+    bytes: Counter,
+    errors: Counter,
+    reopens: Counter,
+    /// The target's own reopen count when last looked at.
+    reopened_seen: u64,
+}
+
+impl LineMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            bytes: metrics.counter(
+                "sink_bytes_written_total",
+                "Bytes written to the sink's target",
+            ),
+            errors: metrics.counter(
+                "sink_write_errors_total",
+                "Failed writes (each is retried with backoff, so none loses a reading)",
+            ),
+            reopens: metrics.counter(
+                "sink_target_reopens_total",
+                "Times a new file was opened: rotated (by the sink or by another program) or moved by a reload",
+            ),
+            reopened_seen: 0,
+        }
+    }
+
+    /// Counts one attempt that started at byte `from` of a write of `len`
+    /// bytes: what it wrote, whether it failed, and any rotation it made.
+    fn count<C: LineSinkConfig>(
+        &mut self,
+        config: &C,
+        target: &Mutex<C::Target>,
+        from: usize,
+        outcome: &Result<(), (usize, io::Error)>,
+        len: usize,
+    ) {
+        let reached = match outcome {
+            Ok(()) => len,
+            Err((done, _)) => {
+                self.errors.inc();
+                *done
+            }
+        };
+        self.bytes.inc_by(reached.saturating_sub(from) as u64);
+        let reopened = config.reopened(&lock(target));
+        self.reopens
+            .inc_by(reopened.saturating_sub(self.reopened_seen));
+        self.reopened_seen = reopened;
+    }
 }
 
 async fn close<T: Write + Send + 'static>(target: Arc<Mutex<T>>, name: &str, stage: &str) {

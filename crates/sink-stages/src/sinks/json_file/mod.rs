@@ -110,6 +110,9 @@ pub(crate) struct ActiveFile {
     /// After a failed rotation, not tried again before this.
     retry_rotation_at: Option<SystemTime>,
     housekeeper: Arc<Housekeeper>,
+    /// Times a new file was opened at the path (rotation, ours or another's),
+    /// for the `sink_target_reopens_total` metric.
+    reopened: u64,
 }
 
 impl ActiveFile {
@@ -122,6 +125,7 @@ impl ActiveFile {
             since: opened.modified,
             last_rotation: None,
             retry_rotation_at: None,
+            reopened: 0,
             housekeeper,
         }
     }
@@ -133,6 +137,7 @@ impl ActiveFile {
         self.file = opened.file;
         self.len = opened.len;
         self.since = opened.modified;
+        self.reopened += 1;
     }
 }
 
@@ -296,6 +301,10 @@ impl LineSinkConfig for JsonFileConfig {
             self.housekeep(file);
         }
         Ok(())
+    }
+
+    fn reopened(&self, file: &ActiveFile) -> u64 {
+        file.reopened
     }
 
     fn room(&self, file: &ActiveFile) -> usize {

@@ -11,6 +11,7 @@ mod acks;
 mod body;
 mod decode;
 mod incoming;
+mod metrics;
 mod tls;
 
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ pub use self::acks::Acknowledge;
 use self::acks::{AckStats, Handoff};
 use self::decode::{DecodedRequest, decode_request};
 pub use self::tls::{HandshakeFailures, TlsConfig};
+use self::metrics::GrpcMetrics;
 
 /// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
 /// wire-compatible with the original Go service) and serves the gRPC health
@@ -331,6 +333,7 @@ impl Source for GrpcSource {
             acks: AckStats::default(),
             stage: cx.id().into(),
             started: std::time::Instant::now(),
+            metrics: GrpcMetrics::new(cx.metrics()),
         });
         let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
         let max_connections = self
@@ -470,6 +473,7 @@ struct Shared {
     acks: AckStats,
     stage: Arc<str>,
     started: std::time::Instant,
+    metrics: GrpcMetrics,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -541,11 +545,14 @@ where
             return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
         }
         let service = self.clone();
+        let started = std::time::Instant::now();
         Box::pin(async move {
-            Ok(match service.unary(request).await {
+            let response = match service.unary(request).await {
                 Ok(response) => ok_response(response),
                 Err(status) => status.into_http(),
-            })
+            };
+            service.0.metrics.answered(started, &response);
+            Ok(response)
         })
     }
 }
@@ -655,7 +662,8 @@ impl SensorService {
             // compressed) size, known from the prefix: refused before the
             // body is read, let alone decoded.
             if let Some((limit, bucket)) = &limits.rate {
-                admit(prefix.len, *limit, bucket)?;
+                admit(prefix.len, *limit, bucket)
+                    .inspect_err(|_| self.0.metrics.rate_limited(prefix.len))?;
             }
         }
         let waited = Instant::now();
@@ -679,6 +687,7 @@ impl SensorService {
         let message = timeout_at(deadline, body.message(prefix))
             .await
             .map_err(|_| too_slow())??;
+        self.0.metrics.request(prefix.len);
         let message = if prefix.compressed {
             body::decompress(encoding, &message, limits.max_message_bytes)?
         } else {
