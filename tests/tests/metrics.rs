@@ -538,3 +538,176 @@ async fn sink_top_prints_live_rates_when_stdout_is_not_a_terminal() {
     let _ = top.kill();
     let _ = top.wait();
 }
+
+#[tokio::test]
+async fn refusals_by_reason_connections_and_memory_are_counted() {
+    let pipeline = [
+        API,
+        "[settings]\nmemory_limit = \"32MiB\"\n",
+        &grpc(
+            "sensors",
+            "max_readings_per_call = 10\nmax_message_bytes = 2000",
+        ),
+        &buffered("batch", &["sensors"], "max_events = 1"),
+        &json_file("file", &["batch"], "out.json", ""),
+    ]
+    .concat();
+    let sink = SinkProcess::start(&pipeline);
+    let mut client = sink.client("sensors").await;
+    client
+        .send_sensor_values(request("ok", 5))
+        .await
+        .expect("within every limit");
+    let many = request("many", 20);
+    assert!(encoded_len(&many) < 2000, "refused for its count alone");
+    let refused = client.send_sensor_values(many).await.expect_err("too many");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    let big = request("big", 200);
+    assert!(encoded_len(&big) > 2000);
+    let refused = client.send_sensor_values(big).await.expect_err("too large");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    assert!(wait_for_lines(&sink.path("out.json"), 5));
+
+    let samples = sink.scrape();
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        metric_in(&samples, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?}"))
+    };
+    assert_eq!(value("sink_grpc_calls_total", &[("code", "OK")]), 1.0);
+    assert_eq!(
+        value("sink_grpc_calls_total", &[("code", "RESOURCE_EXHAUSTED")]),
+        2.0
+    );
+    for (reason, count) in [
+        ("too_many_readings", 1.0),
+        ("message_too_large", 1.0),
+        ("rate_limited", 0.0),
+        ("body_timeout", 0.0),
+        ("memory_limit", 0.0),
+        ("pipeline_full", 0.0),
+        ("shutting_down", 0.0),
+    ] {
+        assert_eq!(
+            value("sink_grpc_refusals_total", &[("reason", reason)]),
+            count,
+            "{reason}"
+        );
+    }
+    // The message over max_message_bytes was refused unread; the one with
+    // too many readings was read (its count is known once it is).
+    assert_eq!(
+        value("sink_grpc_request_bytes_total", &[]),
+        (encoded_len(&request("ok", 5)) + encoded_len(&request("many", 20))) as f64
+    );
+    assert!(value("sink_grpc_connections_accepted_total", &[]) >= 1.0);
+    assert!(value("sink_grpc_connections", &[]) >= 1.0);
+    assert_eq!(value("sink_grpc_connection_limit_reached_total", &[]), 0.0);
+    assert_eq!(value("sink_grpc_accept_errors_total", &[]), 0.0);
+    assert_eq!(value("sink_memory_limit_bytes", &[]), (32 << 20) as f64);
+    // Every reading written: nothing is held in memory any more.
+    assert!(
+        wait_until(|| sink.metric("sink_memory_reserved_bytes", &[]) == Some(0.0)),
+        "{:?}",
+        sink.metric("sink_memory_reserved_bytes", &[])
+    );
+
+    // A closed connection is counted out. The client's connection task runs
+    // on this runtime: wait without blocking it, so that it can close.
+    drop(client);
+    let closed = tokio::time::timeout(DEADLINE, async {
+        while sink.metric("sink_grpc_connections", &[]) != Some(0.0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(
+        closed.await.is_ok(),
+        "{:?}",
+        sink.metric("sink_grpc_connections", &[])
+    );
+}
+
+#[tokio::test]
+async fn acknowledgements_of_written_calls_are_counted() {
+    let pipeline = [
+        API,
+        &grpc("sensors", "acknowledge = \"written\""),
+        &buffered(
+            "batch",
+            &["sensors"],
+            "max_events = 1000\nflush_interval = \"50ms\"",
+        ),
+        &json_file("file", &["batch"], "out.json", ""),
+    ]
+    .concat();
+    let sink = SinkProcess::start(&pipeline);
+    let mut client = sink.client("sensors").await;
+    send_all(&mut client, "ack", 3, 4).await;
+    let outcome =
+        |name: &str| sink.metric("sink_grpc_acknowledgements_total", &[("outcome", name)]);
+    assert_eq!(outcome("written"), Some(3.0));
+    assert_eq!(outcome("failed"), Some(0.0));
+    assert_eq!(
+        sink.metric("sink_grpc_calls_waiting_for_write", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sink.metric("sink_grpc_calls_total", &[("code", "OK")]),
+        Some(3.0)
+    );
+}
+
+#[tokio::test]
+async fn rotations_retention_and_compression_are_counted() {
+    // Each batch's write is over max_bytes: every write after the first
+    // rotates; one rotated file is kept, gzipped.
+    let pipeline = [
+        API,
+        &grpc("sensors", ""),
+        &buffered("batch", &["sensors"], "max_events = 1"),
+        &json_file(
+            "file",
+            &["batch"],
+            "logs/out.json",
+            "rotate = { max_bytes = 100 }\nretain = { max_files = 1 }\ncompression = \"gzip\"",
+        ),
+    ]
+    .concat();
+    let sink = SinkProcess::start(&pipeline);
+    let mut client = sink.client("sensors").await;
+    let mut names = Vec::new();
+    for call in 0..5 {
+        names.extend(send_all(&mut client, &format!("r{call}-"), 1, 2).await);
+        // One write per batch: wait for this one before the next.
+        sink.wait_metric(
+            "sink_stage_readings_sent_total",
+            &stage_labels("file"),
+            names.len() as f64,
+        );
+    }
+    let labels = stage_labels("file");
+    assert_eq!(sink.metric("sink_file_rotations_total", &labels), Some(4.0));
+    assert_eq!(
+        sink.metric("sink_file_rotation_errors_total", &labels),
+        Some(0.0)
+    );
+    // A rotation opens a new file at the path: counted as a reopen too.
+    assert_eq!(sink.metric("sink_target_reopens_total", &labels), Some(4.0));
+    // Four rotated files, one kept: three removed (in the background).
+    sink.wait_metric("sink_file_retention_removed_total", &labels, 3.0);
+    sink.wait_metric("sink_file_compressions_total", &labels, 1.0);
+    let dir = sink.path("logs");
+    let rotated = || {
+        listing(&dir)
+            .into_iter()
+            .filter(|name| name.starts_with("out-"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(|| rotated().len() == 1 && no_plain_rotated_or_temporary(&dir, "out.json")),
+        "{:?}",
+        listing(&dir)
+    );
+    assert_eq!(
+        sink.metric("sink_file_housekeeping_errors_total", &labels),
+        Some(0.0)
+    );
+}

@@ -12,6 +12,7 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use sink_api::metrics::{Counter, Metrics};
 use sink_api::{
     BuildContext, ConfigError, Context, Output, Source, SourceConfig, StageError, Timestamp,
 };
@@ -124,6 +125,43 @@ struct NatsSource {
     terminated: Arc<AtomicU64>,
 }
 
+/// The source's metrics: messages delivered (and of those, delivered again),
+/// and how each was answered to JetStream.
+struct SourceMetrics {
+    received: Counter,
+    redelivered: Counter,
+    /// Acknowledged once written (`ack`), asked again as not written
+    /// (`nak`), terminated as undecodable (`term`).
+    acked: Counter,
+    naked: Counter,
+    terminated: Counter,
+}
+
+impl SourceMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        let answered = |kind| {
+            metrics.counter_with(
+                "sink_nats_messages_answered_total",
+                "Messages answered to JetStream, by kind: ack (written by every sink), nak (not written: delivered again), term (undecodable: never delivered again)",
+                &[("kind", kind)],
+            )
+        };
+        Self {
+            received: metrics.counter(
+                "sink_nats_messages_received_total",
+                "Messages the consumer delivered",
+            ),
+            redelivered: metrics.counter(
+                "sink_nats_messages_redelivered_total",
+                "Messages delivered more than once (not acknowledged in time, or nak'd)",
+            ),
+            acked: answered("ack"),
+            naked: answered("nak"),
+            terminated: answered("term"),
+        }
+    }
+}
+
 #[async_trait]
 impl Source for NatsSource {
     async fn run(self: Box<Self>, output: Output, cx: Context) -> Result<(), StageError> {
@@ -132,6 +170,7 @@ impl Source for NatsSource {
         // One task per message in flight, acknowledging it once its batch is
         // finished; at most `max_ack_pending` of them, as JetStream delivers no more.
         let mut acks = JoinSet::new();
+        let metrics = SourceMetrics::new(cx.metrics());
         'connect: loop {
             let Some(client) = self.connection.connect_until(&stage, &shutdown).await else {
                 break;
@@ -175,7 +214,7 @@ impl Source for NatsSource {
                     Some(_) = acks.join_next(), if !acks.is_empty() => {}
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
-                            if let Some(ack) = self.accept(message, &output, &cx).await {
+                            if let Some(ack) = self.accept(message, &output, &cx, &metrics).await {
                                 acks.spawn(ack);
                             }
                         }
@@ -232,11 +271,15 @@ impl NatsSource {
         message: jetstream::Message,
         output: &Output,
         cx: &Context,
+        metrics: &SourceMetrics,
     ) -> Option<impl Future<Output = ()> + Send + 'static> {
         let stage = cx.id();
-        let stored_at = message
-            .info()
-            .ok()
+        let info = message.info().ok();
+        metrics.received.inc();
+        if info.as_ref().is_some_and(|info| info.delivered > 1) {
+            metrics.redelivered.inc();
+        }
+        let stored_at = info
             .and_then(|info| {
                 Timestamp::new(info.published.unix_timestamp(), info.published.nanosecond())
             })
@@ -252,6 +295,7 @@ impl NatsSource {
             Ok(batch) => batch,
             Err(err) => {
                 self.terminated.fetch_add(1, Ordering::Relaxed);
+                metrics.terminated.inc();
                 tracing::warn!(stage, subject = %message.subject, "terminating an undecodable message: {}", err.0);
                 if let Err(err) = acker.ack_with(AckKind::Term).await {
                     tracing::warn!(stage, "could not terminate a message: {err}");
@@ -260,6 +304,7 @@ impl NatsSource {
             }
         };
         if batch.is_empty() {
+            metrics.acked.inc();
             if let Err(err) = acker.ack().await {
                 tracing::warn!(stage, "could not acknowledge an empty message: {err}");
             }
@@ -267,10 +312,13 @@ impl NatsSource {
         }
         let written = crate::delivery::send_and_track(cx, output, batch).await;
         let stage = stage.to_string();
+        let (acked, naked) = (metrics.acked.clone(), metrics.naked.clone());
         Some(async move {
             let kind = if written.await {
+                acked.inc();
                 AckKind::Ack
             } else {
+                naked.inc();
                 AckKind::Nak(None)
             };
             if let Err(err) = acker.ack_with(kind).await {

@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use sink_api::metrics::{Counter, MetricsRegistry};
-use sink_api::{ChannelFill, StageKind};
+use sink_api::{ChannelFill, MemoryBudget, StageKind};
 
 /// One stage's counters, as the runtime wired them.
 #[derive(Debug)]
@@ -98,6 +98,32 @@ impl Collector for StageCollector {
                     ConstGauge::new(value as i64).encode(family.encode_family(&stage.labels)?)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// `settings.memory_limit` and what is reserved under it, read at each scrape.
+#[derive(Debug)]
+pub struct MemoryCollector(pub MemoryBudget);
+
+impl Collector for MemoryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let gauges = [
+            (
+                "sink_memory_limit_bytes",
+                "settings.memory_limit: the most the readings in flight may hold, in bytes",
+                self.0.limit(),
+            ),
+            (
+                "sink_memory_reserved_bytes",
+                "Bytes the readings in flight hold now under settings.memory_limit (reserved per call, in KiB steps)",
+                self.0.used(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+                .encode(encoder.encode_descriptor(name, help, None, GAUGE)?)?;
         }
         Ok(())
     }

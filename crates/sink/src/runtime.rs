@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use sink_api::metrics::MetricsRegistry;
 
 use crate::api::Readiness;
-use crate::metrics::{StageCollector, StageCounters};
+use crate::metrics::{MemoryCollector, StageCollector, StageCounters};
 use crate::pipeline::{Pipeline, PipelineError, PipelineErrors, StageConfig};
 
 /// How long a timed-out shutdown waits, once it has cut the processors and
@@ -196,6 +196,7 @@ impl Running {
             running.names.insert(task.id(), stage.id);
         }
         registry.register_collector(Box::new(StageCollector(counters)));
+        registry.register_collector(Box::new(MemoryCollector(running.memory.clone())));
         Ok(running)
     }
 

@@ -87,11 +87,10 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     /// keeps the target. Must not block (start background work instead).
     fn applied(&self, _target: &mut Self::Target) {}
 
-    /// How many times the target has opened a new file at its path on its
-    /// own (rotation), for the `sink_target_reopens_total` metric.
-    fn reopened(&self, _target: &Self::Target) -> u64 {
-        0
-    }
+    /// Hands `target` the stage's metrics handle, once opened (at start, and
+    /// after a reload moved it), for counts only the target knows (its own
+    /// reopens and rotations). Must not block.
+    fn observe(&self, _target: &mut Self::Target, _metrics: &Metrics) {}
 }
 
 /// Writes every batch of `input` to `target` until the input ends, then flushes.
@@ -112,8 +111,13 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
         last_wake: None,
         trim: BufferTrim::default(),
         metrics: LineMetrics::new(cx.metrics()),
+        handle: cx.metrics().clone(),
     };
-    writer.open_for.applied(&mut lock(&writer.target));
+    {
+        let mut target = lock(&writer.target);
+        writer.open_for.observe(&mut target, &writer.handle);
+        writer.open_for.applied(&mut target);
+    }
     loop {
         // At most one wake-up a second: a target whose wish cannot be met
         // (a rotation failing) must not spin the loop.
@@ -186,6 +190,8 @@ struct Writer<C: LineSinkConfig> {
     last_wake: Option<SystemTime>,
     trim: BufferTrim,
     metrics: LineMetrics,
+    /// The stage's handle, for [`LineSinkConfig::observe`].
+    handle: Metrics,
 }
 
 impl<C: LineSinkConfig> Writer<C> {
@@ -230,9 +236,9 @@ impl<C: LineSinkConfig> Writer<C> {
             .await
             .unwrap_or_else(|err| Err(io::Error::other(err)));
         match opened {
-            Ok(target) => {
+            Ok(mut target) => {
                 self.metrics.reopens.inc();
-                self.metrics.reopened_seen = self.wanted.reopened(&target);
+                self.wanted.observe(&mut target, &self.handle);
                 let old = std::mem::replace(&mut self.target, Arc::new(Mutex::new(target)));
                 close(old, &self.open_for.target_name(), &self.stage).await;
                 self.open_for = Arc::clone(&self.wanted);
@@ -298,13 +304,7 @@ impl<C: LineSinkConfig> Writer<C> {
             })
             .await?;
             self.bytes = bytes;
-            self.metrics.count(
-                &*self.open_for,
-                &self.target,
-                written,
-                &outcome,
-                self.bytes.len(),
-            );
+            self.metrics.count(written, &outcome, self.bytes.len());
             let err = match outcome {
                 Ok(()) => {
                     if let Some(since) = self.failing_since.take() {
@@ -409,9 +409,9 @@ fn write_from(
 struct LineMetrics {
     bytes: Counter,
     errors: Counter,
+    /// Reopens by a reload; a target counts its own (rotation) in the same
+    /// series through [`LineSinkConfig::observe`].
     reopens: Counter,
-    /// The target's own reopen count when last looked at.
-    reopened_seen: u64,
 }
 
 impl LineMetrics {
@@ -425,24 +425,13 @@ impl LineMetrics {
                 "sink_write_errors_total",
                 "Failed writes (each is retried with backoff, so none loses a reading)",
             ),
-            reopens: metrics.counter(
-                "sink_target_reopens_total",
-                "Times a new file was opened: rotated (by the sink or by another program) or moved by a reload",
-            ),
-            reopened_seen: 0,
+            reopens: target_reopens(metrics),
         }
     }
 
     /// Counts one attempt that started at byte `from` of a write of `len`
-    /// bytes: what it wrote, whether it failed, and any rotation it made.
-    fn count<C: LineSinkConfig>(
-        &mut self,
-        config: &C,
-        target: &Mutex<C::Target>,
-        from: usize,
-        outcome: &Result<(), (usize, io::Error)>,
-        len: usize,
-    ) {
+    /// bytes: what it wrote, and whether it failed.
+    fn count(&self, from: usize, outcome: &Result<(), (usize, io::Error)>, len: usize) {
         let reached = match outcome {
             Ok(()) => len,
             Err((done, _)) => {
@@ -451,11 +440,15 @@ impl LineMetrics {
             }
         };
         self.bytes.inc_by(reached.saturating_sub(from) as u64);
-        let reopened = config.reopened(&lock(target));
-        self.reopens
-            .inc_by(reopened.saturating_sub(self.reopened_seen));
-        self.reopened_seen = reopened;
     }
+}
+
+/// The `sink_target_reopens_total` series of the stage `metrics` is for.
+pub(crate) fn target_reopens(metrics: &Metrics) -> Counter {
+    metrics.counter(
+        "sink_target_reopens_total",
+        "Times a new file was opened: rotated (by the sink or by another program) or moved by a reload",
+    )
 }
 
 async fn close<T: Write + Send + 'static>(target: Arc<Mutex<T>>, name: &str, stage: &str) {
