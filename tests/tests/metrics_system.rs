@@ -187,7 +187,9 @@ fn moving(screen: &str, stage: &str) -> bool {
     })
 }
 
-#[tokio::test]
+// Multi-threaded: the load runs on a worker while this thread polls the
+// screen (a blocking wait would starve a current-thread runtime's sender).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 #[ignore = "system test: run by .ci/system/40-metrics.sh"]
 async fn sink_top_shows_every_stage_moving_in_a_terminal_and_quits_on_q() {
     let sink = SinkProcess::start(&pipeline());
@@ -239,6 +241,7 @@ async fn sink_top_shows_every_stage_moving_in_a_terminal_and_quits_on_q() {
     if !shown {
         let _ = Command::new("tmux")
             .args(["kill-session", "-t", &name])
+            .stderr(Stdio::null())
             .status();
         panic!("sink top did not show every stage moving:\n{screen}");
     }
@@ -253,6 +256,7 @@ async fn sink_top_shows_every_stage_moving_in_a_terminal_and_quits_on_q() {
         wait_until(|| std::fs::read_to_string(&status_file).is_ok_and(|s| s.trim() == "0"));
     let _ = Command::new("tmux")
         .args(["kill-session", "-t", &name])
+        .stderr(Stdio::null())
         .status();
     assert!(
         exited,

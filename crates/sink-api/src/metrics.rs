@@ -174,6 +174,8 @@ impl Metrics {
 
     /// A counter with `labels` beside the stage's own, such as
     /// `[("reason", "size")]`: one series of the family per label value.
+    /// (Name them apart from `stage`, `type` and `kind`, which are taken: a
+    /// label of one of those names is exported as `exported_<name>`.)
     ///
     /// ```
     /// let metrics = sink_api::metrics::Metrics::detached();
@@ -229,9 +231,20 @@ impl Metrics {
         }
     }
 
+    /// The handle's labels and `extra`. An extra label named like one of
+    /// the stage's own (`kind`, say) is renamed `exported_<name>`, as
+    /// Prometheus does, because a series with a label twice would make the
+    /// whole scrape fail.
     fn labels_with(&self, extra: &[(&str, &str)]) -> Labels {
         let mut labels = self.labels.clone();
-        labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        for (key, value) in extra {
+            let key = if self.labels.iter().any(|(own, _)| own == key) {
+                format!("exported_{key}")
+            } else {
+                key.to_string()
+            };
+            labels.push((key, value.to_string()));
+        }
         labels
     }
 }
@@ -375,6 +388,20 @@ mod tests {
         );
         assert!(text.contains(r#"x_seconds_count{stage="a",type="json_file",kind="sink"} 1"#));
         assert!(registry.encode(true).ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn an_extra_label_named_like_a_stage_label_is_renamed() {
+        let registry = MetricsRegistry::new();
+        let metrics = registry.for_stage("a", "t", StageKind::Source);
+        metrics
+            .counter_with("z_total", "Z.", &[("kind", "ack")])
+            .inc();
+        let text = registry.encode(false);
+        assert!(
+            text.contains(r#"z_total{stage="a",type="t",kind="source",exported_kind="ack"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -130,8 +130,8 @@ struct NatsSource {
 struct SourceMetrics {
     received: Counter,
     redelivered: Counter,
-    /// Acknowledged once written (`ack`), asked again as not written
-    /// (`nak`), terminated as undecodable (`term`).
+    /// By outcome: acknowledged once written (`ack`), asked again as not
+    /// written (`nak`), terminated as undecodable (`term`).
     acked: Counter,
     naked: Counter,
     terminated: Counter,
@@ -139,11 +139,11 @@ struct SourceMetrics {
 
 impl SourceMetrics {
     fn new(metrics: &Metrics) -> Self {
-        let answered = |kind| {
+        let answered = |outcome| {
             metrics.counter_with(
                 "sink_nats_messages_answered_total",
-                "Messages answered to JetStream, by kind: ack (written by every sink), nak (not written: delivered again), term (undecodable: never delivered again)",
-                &[("kind", kind)],
+                "Messages answered to JetStream, by outcome: ack (written by every sink), nak (not written: delivered again), term (undecodable: never delivered again)",
+                &[("outcome", outcome)],
             )
         };
         Self {
