@@ -117,6 +117,14 @@ impl SourceConfig for NatsSourceConfig {
 
 sink_api::register_stage!(source "nats" => NatsSourceConfig);
 
+/// How long one pull request waits on the server. Short, because a pull sent
+/// to a consumer leader that dies is answered by no one: the client notices
+/// only when the request expires or its heartbeats stop (the client's default
+/// of 30 s would stall the writer that long after losing a NATS node).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's idle heartbeat on a pull: two missed ones end the pull.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 struct NatsSource {
     config: NatsSourceConfig,
     connection: Connection,
@@ -151,7 +159,13 @@ impl Source for NatsSource {
                     }
                 }
             };
-            let mut messages = match consumer.messages().await {
+            let mut messages = match consumer
+                .stream()
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+                .await
+            {
                 Ok(messages) => messages,
                 Err(err) => {
                     tracing::warn!(
