@@ -4,6 +4,7 @@
 //! again instead of losing it (at least once). A message that cannot be
 //! decoded is terminated (`AckTerm`) and counted, never retried forever.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -118,6 +119,14 @@ impl SourceConfig for NatsSourceConfig {
 
 sink_api::register_stage!(source "nats" => NatsSourceConfig);
 
+/// How long one pull request waits on the server. Short, because a pull sent
+/// to a consumer leader that dies is answered by no one: the client notices
+/// only when the request expires or its heartbeats stop (the client's default
+/// of 30 s would stall the writer that long after losing a NATS node).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's idle heartbeat on a pull: two missed ones end the pull.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 struct NatsSource {
     config: NatsSourceConfig,
     connection: Connection,
@@ -142,7 +151,7 @@ impl SourceMetrics {
         let answered = |outcome| {
             metrics.counter_with(
                 "sink_nats_messages_answered_total",
-                "Messages answered to JetStream, by outcome: ack (written by every sink), nak (not written: delivered again), term (undecodable: never delivered again)",
+                "Messages answered to JetStream, by outcome: ack (written by every sink, or already written by this process), nak (not written: delivered again), term (undecodable: never delivered again)",
                 &[("outcome", outcome)],
             )
         };
@@ -169,8 +178,10 @@ impl Source for NatsSource {
         let shutdown = cx.shutdown().clone();
         // One task per message in flight, acknowledging it once its batch is
         // finished; at most `max_ack_pending` of them, as JetStream delivers no more.
+        // Each ends with the stream sequence of the message if it was written.
         let mut acks = JoinSet::new();
         let metrics = SourceMetrics::new(cx.metrics());
+        let mut written = WrittenSequences::default();
         'connect: loop {
             let Some(client) = self.connection.connect_until(&stage, &shutdown).await else {
                 break;
@@ -190,7 +201,13 @@ impl Source for NatsSource {
                     }
                 }
             };
-            let mut messages = match consumer.messages().await {
+            let mut messages = match consumer
+                .stream()
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+                .await
+            {
                 Ok(messages) => messages,
                 Err(err) => {
                     tracing::warn!(
@@ -211,10 +228,14 @@ impl Source for NatsSource {
                 tokio::select! {
                     biased;
                     _ = shutdown.wait() => break 'connect,
-                    Some(_) = acks.join_next(), if !acks.is_empty() => {}
+                    Some(done) = acks.join_next(), if !acks.is_empty() => {
+                        if let Ok(Some(sequence)) = done {
+                            written.insert(sequence);
+                        }
+                    }
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
-                            if let Some(ack) = self.accept(message, &output, &cx, &metrics).await {
+                            if let Some(ack) = self.accept(message, &output, &cx, &mut written, &metrics).await {
                                 acks.spawn(ack);
                             }
                         }
@@ -233,6 +254,13 @@ impl Source for NatsSource {
         let terminated = self.terminated.load(Ordering::Relaxed);
         if terminated > 0 {
             tracing::warn!(stage, "{terminated} undecodable messages were terminated");
+        }
+        if written.skipped > 0 {
+            tracing::info!(
+                stage,
+                "{} messages delivered again after being written were acknowledged without writing them twice",
+                written.skipped
+            );
         }
         Ok(())
     }
@@ -265,16 +293,20 @@ impl NatsSource {
 
     /// Decodes `message` and hands its readings on; returns the task that
     /// acknowledges it once they are written (or asks JetStream to deliver
-    /// it again if they cannot be). An undecodable message is terminated here.
+    /// it again if they cannot be), ending with its stream sequence if they
+    /// were. An undecodable message is terminated here; one this source has
+    /// already written is acknowledged again, not written again.
     async fn accept(
         &self,
         message: jetstream::Message,
         output: &Output,
         cx: &Context,
+        written: &mut WrittenSequences,
         metrics: &SourceMetrics,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+    ) -> Option<impl Future<Output = Option<u64>> + Send + 'static> {
         let stage = cx.id();
         let info = message.info().ok();
+        let sequence = info.as_ref().map(|info| info.stream_sequence);
         metrics.received.inc();
         if info.as_ref().is_some_and(|info| info.delivered > 1) {
             metrics.redelivered.inc();
@@ -285,6 +317,14 @@ impl NatsSource {
             })
             .unwrap_or_else(Timestamp::now);
         let (message, acker) = message.split();
+        if sequence.is_some_and(|sequence| written.contains(sequence)) {
+            written.skipped += 1;
+            metrics.acked.inc();
+            if let Err(err) = acker.ack().await {
+                tracing::warn!(stage, "could not acknowledge a message again: {err}");
+            }
+            return None;
+        }
         let content_type = message
             .headers
             .as_ref()
@@ -310,11 +350,12 @@ impl NatsSource {
             }
             return None;
         }
-        let written = crate::delivery::send_and_track(cx, output, batch).await;
+        let delivered = crate::delivery::send_and_track(cx, output, batch).await;
         let stage = stage.to_string();
         let (acked, naked) = (metrics.acked.clone(), metrics.naked.clone());
         Some(async move {
-            let kind = if written.await {
+            let done = delivered.await;
+            let kind = if done {
                 acked.inc();
                 AckKind::Ack
             } else {
@@ -325,6 +366,36 @@ impl NatsSource {
                 // JetStream delivers it again after `ack_wait`: at least once.
                 tracing::warn!(stage, "could not acknowledge a message: {err}");
             }
+            sequence.filter(|_| done)
         })
+    }
+}
+
+/// The stream sequences of the messages this source wrote most recently. An
+/// acknowledgement can be lost after the readings were written (a NATS node
+/// dies holding it, the connection drops before it is sent); JetStream then
+/// delivers the message again, and this is how the source knows to
+/// acknowledge it rather than write it twice. Only within one process: a
+/// restarted writer writes such a message again (at least once).
+#[derive(Default)]
+struct WrittenSequences {
+    recent: BTreeSet<u64>,
+    skipped: u64,
+}
+
+/// How many sequences are remembered: redeliveries come within a few
+/// `ack_wait`s, far fewer messages than this at any rate a writer reaches.
+const REMEMBERED: usize = 1 << 16;
+
+impl WrittenSequences {
+    fn insert(&mut self, sequence: u64) {
+        self.recent.insert(sequence);
+        if self.recent.len() > REMEMBERED {
+            self.recent.pop_first();
+        }
+    }
+
+    fn contains(&self, sequence: u64) -> bool {
+        self.recent.contains(&sequence)
     }
 }
