@@ -36,6 +36,7 @@ mod batch;
 mod config;
 mod context;
 pub mod json;
+mod readiness;
 mod reading;
 mod registry;
 mod size;
@@ -48,9 +49,10 @@ pub use config::{
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError, ShutdownSignal,
-    channel,
+    AnyConfig, BatchSender, Context, Inlet, Input, Output, ParamSender, Params, SendError,
+    ShutdownSignal, WhenFull, channel,
 };
+pub use readiness::{Readiness, ReadinessWatch};
 pub use reading::{Reading, Timestamp};
 pub use registry::{KeyInfo, StageInfo, StageKind, registered_stages};
 pub use size::{ByteSize, ByteSizeError};

@@ -9,6 +9,7 @@
 mod body;
 mod decode;
 mod incoming;
+mod ready;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -289,6 +290,7 @@ impl Source for GrpcSource {
             limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
             output: ArcSwapOption::from_pointee(output),
             calls: Arc::new(Semaphore::new(self.config.max_concurrent_calls as usize)),
+            stall: ready::Stall::new(&cx),
         });
         let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
         let max_connections = self
@@ -298,12 +300,8 @@ impl Source for GrpcSource {
         let service = SensorService(Arc::clone(&shared));
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status(
-                sink_proto::SERVICE_NAME,
-                tonic_health::ServingStatus::Serving,
-            )
-            .await;
+        let health_reporter =
+            ready::report_health(health.clone(), &cx, sink_proto::SERVICE_NAME).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(sink_proto::FILE_DESCRIPTOR_SET)
@@ -357,6 +355,8 @@ impl Source for GrpcSource {
         // channel closes when the last of them does. Connections that clients
         // keep open cannot hold shutdown up, as they no longer reach the output.
         shared.output.store(None);
+        health_reporter.abort();
+        let _ = health_reporter.await;
         health
             .set_service_status(
                 sink_proto::SERVICE_NAME,
@@ -382,6 +382,8 @@ struct Shared {
     output: ArcSwapOption<Output>,
     /// One permit per call being decoded or held: `max_concurrent_calls`.
     calls: Arc<Semaphore>,
+    /// Tells readiness when the output stays full.
+    stall: Arc<ready::Stall>,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -606,10 +608,8 @@ impl SensorService {
         };
         let limits = self.0.limits.load_full();
         let batch = request.readings?;
-        let sent = match limits.when_full {
-            WhenFull::Wait => output.send(batch).await,
-            WhenFull::Reject => output.try_send(batch),
-        };
+        let wait = limits.when_full == WhenFull::Wait;
+        let sent = self.0.stall.hand_on(&output, batch, wait).await;
         match sent {
             Ok(()) => Ok(Response::new(SensorValuesResponse {})),
             Err(SendError::Full(_)) => Err(retry_status(
