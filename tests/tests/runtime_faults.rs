@@ -223,6 +223,11 @@ async fn a_stall_turns_health_not_serving_and_a_live_switch_to_drop_recovers() {
         sink.log_text()
     );
     assert!(sink.wait_log("gRPC health says NOT_SERVING"));
+    // Liveness probes must not restart a sink that is only full.
+    assert_eq!(
+        health_of(address, "liveness").await.expect("liveness"),
+        ServingStatus::Serving
+    );
     // Live: the console drops from now on, and the waiting calls go on.
     let text = std::fs::read_to_string(sink.path("pipeline.toml")).expect("read");
     let text = text.replace("[sinks.console]", "[sinks.console]\nwhen_full = \"drop\"");

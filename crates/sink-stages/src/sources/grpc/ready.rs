@@ -104,9 +104,14 @@ impl Stall {
     }
 }
 
+/// The health service name that answers SERVING as long as the process
+/// serves at all, whatever readiness says: for liveness probes, which must
+/// not restart a sink whose pipeline is only full for a while.
+pub(super) const LIVENESS: &str = "liveness";
+
 /// Keeps the gRPC health service's answer for the whole server (`""`) and
-/// for `service` in line with the pipeline's readiness, until shutdown. The
-/// first answer is set before this returns.
+/// for `service` in line with the pipeline's readiness, until shutdown, and
+/// answers [`LIVENESS`] SERVING. The first answers are set before this returns.
 pub(super) async fn report_health(
     health: HealthReporter,
     cx: &Context,
@@ -114,8 +119,9 @@ pub(super) async fn report_health(
 ) -> tokio::task::JoinHandle<()> {
     let mut watch = cx.readiness().watch();
     let shutdown = cx.shutdown().clone();
+    let reporter = health.clone();
     let set = move |ready: bool| {
-        let health = health.clone();
+        let health = reporter.clone();
         async move {
             let status = if ready {
                 ServingStatus::Serving
@@ -126,6 +132,9 @@ pub(super) async fn report_health(
             health.set_service_status("", status).await;
         }
     };
+    health
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     set(watch.ready()).await;
     tokio::spawn(async move {
         loop {
