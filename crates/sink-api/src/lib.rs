@@ -49,6 +49,7 @@ mod config;
 mod context;
 pub mod json;
 mod map;
+mod readiness;
 mod reading;
 mod registration;
 mod registry;
@@ -63,10 +64,11 @@ pub use config::{
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, Context, Input, Output, ParamSender, Params, SendError, ShutdownSignal,
-    channel,
+    AnyConfig, BatchSender, Context, Inlet, Input, Output, ParamSender, Params, SendError,
+    ShutdownSignal, WhenFull, channel,
 };
 pub use map::{MapBatch, MapReadings, map_processor};
+pub use readiness::{Readiness, ReadinessWatch};
 pub use reading::{Reading, Timestamp};
 pub use registration::{RegistrationErrors, check_registrations};
 pub use registry::{ConfigType, KeyInfo, StageInfo, StageKind, registered_stages};

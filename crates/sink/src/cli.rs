@@ -145,7 +145,7 @@ fn validate(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
         out!("against {}: nothing would change", against.display());
         return ExitCode::SUCCESS;
     }
-    if !plan.settings.is_empty() || !plan.stages.is_empty() {
+    if !plan.settings.is_empty() || !plan.stages.is_empty() || !plan.when_full.is_empty() {
         out!(
             "against {}: would change live: {}",
             against.display(),
@@ -243,7 +243,7 @@ fn default_or_required(key: &KeyInfo) -> String {
 fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     let logs = LogControl::init(log_level);
     let text = match path {
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match crate::pipeline::read_text(path) {
             Ok(text) => text,
             Err(err) => {
                 eprintln!("error: {}: cannot read: {err}", path.display());
@@ -310,6 +310,9 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// How long a reload waits for the pipeline file to be read.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a reload waits for the stages it changed to confirm.
 const APPLY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -334,7 +337,20 @@ impl Reloader {
             return;
         }
         let file = self.file.display();
-        let text = match std::fs::read_to_string(&self.file) {
+        // Read on the blocking pool, never on this thread (it also waits for
+        // signals) nor an async worker; a read that hangs anyway (a stuck
+        // network file system) is given up, leaving the pipeline unchanged.
+        let path = self.file.clone();
+        let read = tokio::task::spawn_blocking(move || crate::pipeline::read_text(&path));
+        let read = match tokio::time::timeout(READ_WAIT, read).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(err)) => Err(std::io::Error::other(err)),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {READ_WAIT:?}"),
+            )),
+        };
+        let text = match read {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 tracing::info!(
@@ -381,6 +397,9 @@ impl Reloader {
         self.logs.apply(new.settings.log_level);
         running.set_memory_limit(new.settings.memory_limit.0);
         let described = plan.describe_live();
+        for (id, when_full) in &plan.when_full {
+            running.set_when_full(id, *when_full);
+        }
         // Stages apply between batches; one busy with a batch (or waiting for
         // its next one, if it checks per batch) confirms later.
         let deadline = tokio::time::Instant::now() + APPLY_WAIT;
@@ -451,15 +470,14 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
     };
     let timeout = reloader.current.settings().shutdown_timeout;
     tracing::info!("shutting down: sources stop accepting, then every stage drains");
-    tokio::select! {
-        ending = running.shut_down(timeout, failed) => Ok(ending),
-        _ = interrupt.recv() => {
-            tracing::error!("second signal: exiting without draining");
-            Ok(Ending::TimedOut)
-        }
-        _ = terminate.recv() => {
-            tracing::error!("second signal: exiting without draining");
-            Ok(Ending::TimedOut)
-        }
-    }
+    let accounts = running.accounts();
+    let second = tokio::select! {
+        ending = running.shut_down(timeout, failed) => return Ok(ending),
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    accounts.report_loss(&format!(
+        "second signal ({second}): exiting without draining"
+    ));
+    Ok(Ending::TimedOut)
 }

@@ -11,6 +11,7 @@ mod acks;
 mod body;
 mod decode;
 mod incoming;
+mod ready;
 mod tls;
 
 use std::net::SocketAddr;
@@ -331,6 +332,7 @@ impl Source for GrpcSource {
             acks: AckStats::default(),
             stage: cx.id().into(),
             started: std::time::Instant::now(),
+            stall: ready::Stall::new(&cx),
         });
         let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
         let max_connections = self
@@ -340,12 +342,8 @@ impl Source for GrpcSource {
         let service = SensorService(Arc::clone(&shared));
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status(
-                sink_proto::SERVICE_NAME,
-                tonic_health::ServingStatus::Serving,
-            )
-            .await;
+        let health_reporter =
+            ready::report_health(health.clone(), &cx, sink_proto::SERVICE_NAME).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(sink_proto::FILE_DESCRIPTOR_SET)
@@ -411,6 +409,8 @@ impl Source for GrpcSource {
         // channel closes when the last of them does. Connections that clients
         // keep open cannot hold shutdown up, as they no longer reach the output.
         shared.output.store(None);
+        health_reporter.abort();
+        let _ = health_reporter.await;
         health
             .set_service_status(
                 sink_proto::SERVICE_NAME,
@@ -470,6 +470,8 @@ struct Shared {
     acks: AckStats,
     stage: Arc<str>,
     started: std::time::Instant,
+    /// Tells readiness when the output stays full.
+    stall: Arc<ready::Stall>,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -730,6 +732,7 @@ impl SensorService {
             stats: &self.0.acks,
             stage: &self.0.stage,
             epoch: self.0.started,
+            stall: &self.0.stall,
         };
         handoff.send(batch, memory).await
     }
