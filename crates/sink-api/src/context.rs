@@ -945,7 +945,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_a_target_misses_fails_its_token_and_frees_its_memory() {
-        let memory = MemoryBudget::new(1000);
+        let memory = MemoryBudget::new(1 << 20);
         let (slow_tx, mut slow) = channel(1);
         let (file_tx, mut file) = channel(4);
         let (gone_tx, gone) = channel(4);
@@ -955,7 +955,7 @@ mod tests {
         let mut sent = Vec::new();
         for n in [2, 3] {
             let (token, acknowledgement) =
-                Token::acknowledged(Some(memory.try_reserve(100).unwrap()));
+                Token::acknowledged(Some(memory.try_reserve(4096).unwrap()));
             let mut batch = batch(n);
             batch.attach(token);
             output.send(batch).await.unwrap();
