@@ -4,6 +4,7 @@
 //! again instead of losing it (at least once). A message that cannot be
 //! decoded is terminated (`AckTerm`) and counted, never retried forever.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -117,6 +118,14 @@ impl SourceConfig for NatsSourceConfig {
 
 sink_api::register_stage!(source "nats" => NatsSourceConfig);
 
+/// How long one pull request waits on the server. Short, because a pull sent
+/// to a consumer leader that dies is answered by no one: the client notices
+/// only when the request expires or its heartbeats stop (the client's default
+/// of 30 s would stall the writer that long after losing a NATS node).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's idle heartbeat on a pull: two missed ones end the pull.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 struct NatsSource {
     config: NatsSourceConfig,
     connection: Connection,
@@ -131,7 +140,9 @@ impl Source for NatsSource {
         let shutdown = cx.shutdown().clone();
         // One task per message in flight, acknowledging it once its batch is
         // finished; at most `max_ack_pending` of them, as JetStream delivers no more.
+        // Each ends with the stream sequence of the message if it was written.
         let mut acks = JoinSet::new();
+        let mut written = WrittenSequences::default();
         'connect: loop {
             let Some(client) = self.connection.connect_until(&stage, &shutdown).await else {
                 break;
@@ -151,7 +162,13 @@ impl Source for NatsSource {
                     }
                 }
             };
-            let mut messages = match consumer.messages().await {
+            let mut messages = match consumer
+                .stream()
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+                .await
+            {
                 Ok(messages) => messages,
                 Err(err) => {
                     tracing::warn!(
@@ -172,10 +189,14 @@ impl Source for NatsSource {
                 tokio::select! {
                     biased;
                     _ = shutdown.wait() => break 'connect,
-                    Some(_) = acks.join_next(), if !acks.is_empty() => {}
+                    Some(done) = acks.join_next(), if !acks.is_empty() => {
+                        if let Ok(Some(sequence)) = done {
+                            written.insert(sequence);
+                        }
+                    }
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
-                            if let Some(ack) = self.accept(message, &output, &cx).await {
+                            if let Some(ack) = self.accept(message, &output, &cx, &mut written).await {
                                 acks.spawn(ack);
                             }
                         }
@@ -194,6 +215,13 @@ impl Source for NatsSource {
         let terminated = self.terminated.load(Ordering::Relaxed);
         if terminated > 0 {
             tracing::warn!(stage, "{terminated} undecodable messages were terminated");
+        }
+        if written.skipped > 0 {
+            tracing::info!(
+                stage,
+                "{} messages delivered again after being written were acknowledged without writing them twice",
+                written.skipped
+            );
         }
         Ok(())
     }
@@ -226,22 +254,32 @@ impl NatsSource {
 
     /// Decodes `message` and hands its readings on; returns the task that
     /// acknowledges it once they are written (or asks JetStream to deliver
-    /// it again if they cannot be). An undecodable message is terminated here.
+    /// it again if they cannot be), ending with its stream sequence if they
+    /// were. An undecodable message is terminated here; one this source has
+    /// already written is acknowledged again, not written again.
     async fn accept(
         &self,
         message: jetstream::Message,
         output: &Output,
         cx: &Context,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        written: &mut WrittenSequences,
+    ) -> Option<impl Future<Output = Option<u64>> + Send + 'static> {
         let stage = cx.id();
-        let stored_at = message
-            .info()
-            .ok()
+        let info = message.info().ok();
+        let sequence = info.as_ref().map(|info| info.stream_sequence);
+        let stored_at = info
             .and_then(|info| {
                 Timestamp::new(info.published.unix_timestamp(), info.published.nanosecond())
             })
             .unwrap_or_else(Timestamp::now);
         let (message, acker) = message.split();
+        if sequence.is_some_and(|sequence| written.contains(sequence)) {
+            written.skipped += 1;
+            if let Err(err) = acker.ack().await {
+                tracing::warn!(stage, "could not acknowledge a message again: {err}");
+            }
+            return None;
+        }
         let content_type = message
             .headers
             .as_ref()
@@ -265,10 +303,11 @@ impl NatsSource {
             }
             return None;
         }
-        let written = crate::delivery::send_and_track(cx, output, batch).await;
+        let delivered = crate::delivery::send_and_track(cx, output, batch).await;
         let stage = stage.to_string();
         Some(async move {
-            let kind = if written.await {
+            let done = delivered.await;
+            let kind = if done {
                 AckKind::Ack
             } else {
                 AckKind::Nak(None)
@@ -277,6 +316,36 @@ impl NatsSource {
                 // JetStream delivers it again after `ack_wait`: at least once.
                 tracing::warn!(stage, "could not acknowledge a message: {err}");
             }
+            sequence.filter(|_| done)
         })
+    }
+}
+
+/// The stream sequences of the messages this source wrote most recently. An
+/// acknowledgement can be lost after the readings were written (a NATS node
+/// dies holding it, the connection drops before it is sent); JetStream then
+/// delivers the message again, and this is how the source knows to
+/// acknowledge it rather than write it twice. Only within one process: a
+/// restarted writer writes such a message again (at least once).
+#[derive(Default)]
+struct WrittenSequences {
+    recent: BTreeSet<u64>,
+    skipped: u64,
+}
+
+/// How many sequences are remembered: redeliveries come within a few
+/// `ack_wait`s, far fewer messages than this at any rate a writer reaches.
+const REMEMBERED: usize = 1 << 16;
+
+impl WrittenSequences {
+    fn insert(&mut self, sequence: u64) {
+        self.recent.insert(sequence);
+        if self.recent.len() > REMEMBERED {
+            self.recent.pop_first();
+        }
+    }
+
+    fn contains(&self, sequence: u64) -> bool {
+        self.recent.contains(&sequence)
     }
 }
