@@ -475,45 +475,113 @@ async fn a_poison_message_is_terminated_and_counted() {
     assert_eq!(info.num_pending, 0);
 }
 
+/// `ingest` (creating its stream) and `writer` with `keys` added to both
+/// NATS stages.
+fn ingest_and_writer_with(urls: &[String], out: &Path, keys: &str) -> (String, String) {
+    let ingest = ingest(urls, "json").replace(
+        "encoding = \"json\"",
+        &format!("encoding = \"json\"\n{keys}\ncreate_stream = {{}}"),
+    );
+    let writer = writer(urls, "files", "", out)
+        .replace("ack_wait = \"2s\"", &format!("ack_wait = \"2s\"\n{keys}"));
+    (ingest, writer)
+}
+
+/// Readings through `ingest` and `writer` arrive in `out`, each once.
+async fn round_trip(ingest: &str, writer: &str, out: &Path, prefix: &str) {
+    let mut ingest = SinkProcess::start(ingest);
+    let mut writer = SinkProcess::start(writer);
+    let mut client = ingest.client("sensors").await;
+    let sent = send_all(&mut client, prefix, 5, 20).await;
+    ingest.stop();
+    assert!(
+        wait_for_names(out, &sent),
+        "{prefix}: readings did not arrive; writer log:\n{}",
+        writer.log_text()
+    );
+    writer.stop();
+    assert_each_once(&names_at(out), &sent);
+}
+
 #[tokio::test]
 #[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
-async fn a_token_is_sent_and_a_wrong_one_is_refused_at_startup() {
+async fn credentials_are_sent_and_wrong_ones_are_refused_at_startup() {
+    let methods = [
+        (
+            "token",
+            "authorization { token: \"s3cret\" }",
+            "token = \"s3cret\"",
+            "token = \"wrong\"",
+        ),
+        (
+            "user",
+            "authorization { user: sink, password: \"pw\" }",
+            "user = \"sink\", password = \"pw\"",
+            "user = \"sink\", password = \"nope\"",
+        ),
+    ];
+    for (method, server_auth, good, bad) in methods {
+        let dir = tempfile::tempdir().unwrap();
+        let server = NatsServer::start_with(dir.path(), method, None, &format!("{server_auth}\n"));
+        let urls = vec![server.url()];
+        let out = dir.path().join("out.json");
+        let (refused, _) = ingest_and_writer_with(&urls, &out, &format!("auth = {{ {bad} }}"));
+        let refused = run_sink(&refused, &[], &[]);
+        assert_eq!(
+            refused.status.code(),
+            Some(2),
+            "{method}: {}",
+            refused.stderr
+        );
+        assert!(
+            refused.stderr.contains("key `auth`") && refused.stderr.contains("credentials refused"),
+            "{method}: {}",
+            refused.stderr
+        );
+        let (ingest, writer) = ingest_and_writer_with(&urls, &out, &format!("auth = {{ {good} }}"));
+        round_trip(&ingest, &writer, &out, method).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn mutual_tls_to_nats_carries_readings_and_a_missing_client_certificate_is_refused() {
+    use sink_e2e::tls::TestCa;
     let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("nats test CA");
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let (server_cert, server_key) = ca.server(1, 30.0).write(dir.path(), "server");
+    let (client_cert, client_key) = ca.client("sink").write(dir.path(), "client");
     let server = NatsServer::start_with(
         dir.path(),
-        "solo",
+        "tls",
         None,
-        "authorization { token: \"s3cret\" }\n",
+        &format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}\n",
+            server_cert.display(),
+            server_key.display(),
+            ca_file.display()
+        ),
     );
     let urls = vec![server.url()];
-    let with_token = |token: &str| {
-        ingest(&urls, "json").replace(
-            "encoding = \"json\"",
-            &format!("encoding = \"json\"\nauth = {{ token = \"{token}\" }}\ncreate_stream = {{}}"),
-        )
-    };
-    let refused = run_sink(&with_token("wrong"), &[], &[]);
+    let out = dir.path().join("out.json");
+
+    let no_client_certificate = format!("tls = {{ ca = \"{}\" }}", ca_file.display());
+    let (refused, _) = ingest_and_writer_with(&urls, &out, &no_client_certificate);
+    let refused = run_sink(&refused, &[], &[]);
     assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
     assert!(
-        refused.stderr.contains("key `auth`") && refused.stderr.contains("credentials refused"),
+        refused.stderr.contains("key `tls`") && refused.stderr.contains("TLS"),
         "{}",
         refused.stderr
     );
 
-    let out = dir.path().join("out.json");
-    let mut ingest = SinkProcess::start(&with_token("s3cret"));
-    let reader = writer(&urls, "files", "", &out).replace(
-        "ack_wait = \"2s\"",
-        "ack_wait = \"2s\"\nauth = { token = \"s3cret\" }",
+    let mutual = format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        ca_file.display(),
+        client_cert.display(),
+        client_key.display()
     );
-    let mut writer = SinkProcess::start(&reader);
-    let mut client = ingest.client("sensors").await;
-    let sent = send_all(&mut client, "tok", 5, 20).await;
-    ingest.stop();
-    assert!(
-        wait_for_names(&out, &sent),
-        "readings did not pass an authenticating server"
-    );
-    writer.stop();
-    assert_each_once(&names_at(&out), &sent);
+    let (ingest, writer) = ingest_and_writer_with(&urls, &out, &mutual);
+    round_trip(&ingest, &writer, &out, "mtls").await;
 }

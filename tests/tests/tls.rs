@@ -450,3 +450,48 @@ fn sink_health_asks_over_mutual_tls() {
     assert_eq!(refused.status.code(), Some(1));
     sink.stop();
 }
+
+#[tokio::test]
+async fn clients_that_never_finish_the_handshake_are_cut_off_while_others_are_served() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.server(1, 365.0).write(certs.path(), "server");
+    let tls = format!(
+        "{}, handshake_timeout = \"300ms\"",
+        cert_and_key(&cert, &key)
+    );
+    let mut sink = SinkProcess::start(&tls_pipeline(&tls));
+    let address = sink.address("sensors");
+
+    // Twenty clients connect and never say a word; one more sends half a
+    // ClientHello header and stops.
+    let mut stalled: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(address).expect("connect"))
+        .collect();
+    let mut partial = std::net::TcpStream::connect(address).expect("connect");
+    std::io::Write::write_all(&mut partial, &[0x16, 0x03]).expect("write");
+    stalled.push(partial);
+
+    let channel = tls_channel(address, &ca, None).await.expect("TLS connect");
+    let mut client = SensorServiceClient::new(channel);
+    send_ok(&mut client, "served-", 10).await;
+
+    // Each stalled connection is closed by the server: reading it ends.
+    for stream in &mut stalled {
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
+        let mut byte = [0u8; 1];
+        let closed = match std::io::Read::read(stream, &mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(err) => err.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(closed, "a stalled handshake was not cut off");
+    }
+    send_ok(&mut client, "after-", 5).await;
+
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")).len(), 15);
+    assert!(failed_handshakes(&sink) >= 21, "{}", sink.log_text());
+}

@@ -81,6 +81,10 @@ pub(crate) enum Refused {
     /// in the file, reported at startup.
     #[error("credentials refused: {0}")]
     Credentials(std::io::Error),
+    /// TLS cannot be set up: a file of `tls` is missing or bad, or the
+    /// servers' certificate or ours is refused. A mistake, reported at startup.
+    #[error("TLS refused: {0}")]
+    Tls(ConnectError),
     /// The servers cannot be reached (now): retried.
     #[error("{0}")]
     Unreachable(ConnectError),
@@ -178,6 +182,8 @@ impl Connection {
                 ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
                     Refused::Credentials(std::io::Error::other(err))
                 }
+                ConnectErrorKind::Tls => Refused::Tls(err),
+                _ if refused_by_tls(&err) => Refused::Tls(err),
                 _ => Refused::Unreachable(err),
             })
     }
@@ -238,6 +244,10 @@ impl Connection {
                                 "auth",
                                 format!("NATS ({}): {err}", connection.servers.describe()),
                             )),
+                            Err(err @ Refused::Tls(_)) => Err(ConfigError::new(
+                                "tls",
+                                format!("NATS ({}): {err}", connection.servers.describe()),
+                            )),
                             Err(err) => {
                                 tracing::warn!(stage, "NATS ({}) is not reachable at startup; the stage will keep retrying: {err}", connection.servers.describe());
                                 Ok(())
@@ -249,4 +259,23 @@ impl Connection {
                 .unwrap_or_else(|_| Err(ConfigError::new("url", "the startup check panicked")))
         })
     }
+}
+
+/// Whether `err` came from a TLS handshake that failed (a certificate the
+/// server or we refused), which the client reports as an I/O error: retrying
+/// cannot fix it.
+fn refused_by_tls(err: &ConnectError) -> bool {
+    let mut cause = std::error::Error::source(err);
+    while let Some(error) = cause {
+        let tls = error.downcast_ref::<rustls::Error>().is_some()
+            || error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+        if tls {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
