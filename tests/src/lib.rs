@@ -108,6 +108,12 @@ impl SinkProcess {
         drop(self.held_stdout.take().expect("stdout was not held"));
     }
 
+    /// Takes the standard output held since start, to read it another way
+    /// (a reader that reads some bytes and then goes away, like `head -c`).
+    pub fn take_stdout(&mut self) -> ChildStdout {
+        self.held_stdout.take().expect("stdout was not held")
+    }
+
     /// Starts `binary` without waiting for anything.
     pub fn spawn(binary: &Path, pipeline: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         Self::spawn_inner(binary, pipeline, args, env, false)

@@ -436,6 +436,18 @@ impl<'a> Deployment<'a> {
                 "{probe} is not a gRPC probe on the gRPC port"
             );
         }
+        // Readiness follows the pipeline (NOT_SERVING while stalled or a sink
+        // has failed); liveness asks the `liveness` service, SERVING while
+        // the process serves, so that a full pipeline is not restarted.
+        assert!(
+            self.container["readinessProbe"]["grpc"]["service"].is_null(),
+            "the readiness probe must ask the whole server"
+        );
+        assert_eq!(
+            self.container["livenessProbe"]["grpc"]["service"].as_str(),
+            Some("liveness"),
+            "the liveness probe must ask the `liveness` health service"
+        );
         let services = of_kind(self.objects, "Service");
         assert_eq!(services.len(), 2);
         for service in &services {

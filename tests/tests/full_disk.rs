@@ -214,3 +214,30 @@ async fn compression_failing_on_a_full_disk_warns_and_drops_no_reading() {
     sink.stop();
     assert_each_once(&names_across(dir, "out.json"), &sent);
 }
+
+#[tokio::test]
+#[ignore = "system test: run by .ci/system/20-files.sh"]
+async fn a_timed_out_shutdown_on_a_full_disk_counts_the_loss_exactly() {
+    // Issue 8, item 17: the count over-reported by the readings of the whole
+    // lines that a partly landed write had left in the file.
+    let disk = SmallDisk::new("1m");
+    let full = disk.path("out.json");
+    let mut sink = SinkProcess::start(&pipeline(&full, "shutdown_timeout = \"1s\""));
+    let sent = fill_the_disk(&sink, 4).await;
+    sink.signal(libc::SIGTERM);
+    let status = sink.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", sink.log_text());
+    let line = sink
+        .log_lines()
+        .into_iter()
+        .find(|line| line.contains("shutdown_timeout (1s) passed"))
+        .unwrap_or_else(|| panic!("no loss line; log:\n{}", sink.log_text()));
+    let written = sensor_names(&full).len();
+    let lost = sent.len() - written;
+    assert!(lost > 0, "nothing was lost: the disk did not stay full");
+    let expected = format!(
+        "sources accepted {} readings, this sink wrote {written}: {lost} readings lost",
+        sent.len()
+    );
+    assert!(line.contains(&expected), "expected {expected:?} in {line}");
+}

@@ -569,6 +569,119 @@ async fn credentials_are_sent_and_wrong_ones_are_refused_at_startup() {
     }
 }
 
+/// A NATS JWT of `claims` (the `nats` part), about `subject`, signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("{name}-{subject}"),
+        "iat": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = encode(claims.to_string().as_bytes());
+    let signed = format!("{header}.{claims}");
+    let signature = encode(&issuer.sign(signed.as_bytes()).expect("sign"));
+    format!("{signed}.{signature}")
+}
+
+/// An operator-mode server config (operator, one account with JetStream,
+/// preloaded) and a `.creds` file of a user of that account, as `nsc` makes them.
+fn operator_and_creds(dir: &Path) -> (String, PathBuf) {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "test-operator",
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "telemetry",
+        serde_json::json!({ "type": "account", "version": 2, "limits": unlimited }),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "sink",
+        serde_json::json!({ "type": "user", "version": 2, "pub": {}, "sub": {},
+                            "subs": -1, "data": -1, "payload": -1 }),
+    );
+    // JetStream needs a system account for its own traffic.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({ "type": "account", "version": 2 }),
+    );
+    let config = format!(
+        "operator: \"{operator_jwt}\"\nsystem_account: {}\nresolver: MEMORY\n\
+         resolver_preload: {{ {}: \"{account_jwt}\", {}: \"{system_jwt}\" }}\n",
+        system.public_key(),
+        account.public_key(),
+        system.public_key()
+    );
+    let creds = dir.join("sink.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("seed")
+        ),
+    )
+    .expect("write creds");
+    (config, creds)
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_creds_file_authenticates_and_a_foreign_one_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, creds) = operator_and_creds(dir.path());
+    let server = NatsServer::start_with(dir.path(), "operator", None, &config);
+    let urls = vec![server.url()];
+    let out = dir.path().join("out.json");
+
+    // A user of another operator: well formed, not trusted by this server.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (_, foreign) = operator_and_creds(elsewhere.path());
+    let (refused, _) = ingest_and_writer_with(
+        &urls,
+        &out,
+        &format!("auth = {{ creds_file = \"{}\" }}", foreign.display()),
+    );
+    let refused = run_sink(&refused, &[], &[]);
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("key `auth`") && refused.stderr.contains("credentials refused"),
+        "{}",
+        refused.stderr
+    );
+
+    let (ingest, writer) = ingest_and_writer_with(
+        &urls,
+        &out,
+        &format!("auth = {{ creds_file = \"{}\" }}", creds.display()),
+    );
+    round_trip(&ingest, &writer, &out, "creds").await;
+}
+
 #[tokio::test]
 #[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
 async fn mutual_tls_to_nats_carries_readings_and_a_missing_client_certificate_is_refused() {

@@ -4,14 +4,14 @@
 use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Lent;
 use crate::metrics::Metrics;
-use crate::{Batch, MemoryBudget, Token};
+use crate::{Batch, MemoryBudget, Readiness, Token};
 
 /// A stage's config as the runtime hands it over on reload: the stage's own
 /// config type, behind `Any`.
@@ -32,6 +32,7 @@ pub struct Context {
     /// The type of the stage's config: the only type its parameters come as.
     config_type: TypeId,
     metrics: Metrics,
+    readiness: Readiness,
 }
 
 impl Context {
@@ -50,6 +51,7 @@ impl Context {
             memory: MemoryBudget::unlimited(),
             config_type,
             metrics: Metrics::detached(),
+            readiness: Readiness::new(),
         };
         let sender = ParamSender {
             sender,
@@ -108,6 +110,19 @@ impl Context {
     /// the runtime (tests), a handle that exports nothing.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The pipeline's readiness, which the stage marks when it cannot do its
+    /// part (see [`Readiness`]) and a source reports to its clients.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// This context, sharing the pipeline-wide `readiness` (the runtime gives
+    /// every stage the same one; [`Context::new`] makes a fresh one).
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// New parameters for this stage, typed as its config `C`, as the file is
@@ -352,17 +367,127 @@ pub fn channel(capacity: usize) -> (BatchSender, Input) {
         taken: Vec::new(),
         batches_in_hand: 0,
     };
-    (BatchSender(sender), input)
+    let sender = BatchSender {
+        sender,
+        inlet: Arc::default(),
+    };
+    (sender, input)
 }
 
 /// The sending end of a stage's input channel; see [`channel`].
 #[derive(Debug, Clone)]
-pub struct BatchSender(mpsc::Sender<Batch>);
+pub struct BatchSender {
+    sender: mpsc::Sender<Batch>,
+    inlet: Arc<Inlet>,
+}
+
+impl BatchSender {
+    /// What happens to batches sent into this channel: its `when_full`
+    /// policy, shared by every clone, and its counts.
+    pub fn inlet(&self) -> Arc<Inlet> {
+        Arc::clone(&self.inlet)
+    }
+
+    /// Room for one batch: at once if there is some, else once there is;
+    /// `None` if the stage has stopped or its `when_full` turned to `Drop`
+    /// while waiting.
+    async fn room(&self) -> Option<mpsc::Permit<'_, Batch>> {
+        match self.sender.try_reserve() {
+            Ok(permit) => return Some(permit),
+            Err(mpsc::error::TrySendError::Closed(())) => return None,
+            Err(mpsc::error::TrySendError::Full(())) => {}
+        }
+        loop {
+            let changed = self.inlet.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so that no change slips between.
+            changed.as_mut().enable();
+            if self.inlet.when_full() == WhenFull::Drop {
+                return None;
+            }
+            tokio::select! {
+                permit = self.sender.reserve() => return permit.ok(),
+                _ = changed => {}
+            }
+        }
+    }
+}
+
+/// What an output does with a batch when one stage's input channel is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait for room: the backpressure that reaches the sources (the default).
+    #[default]
+    Wait,
+    /// Drop the batch for this stage alone, counted in
+    /// [`Inlet::dropped`]; the other stages still get it.
+    Drop,
+}
+
+/// One input channel's `when_full` policy (which can change while running)
+/// and the count of readings delivered into it and dropped before it.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sink_api::testkit::readings;
+/// use sink_api::{Output, WhenFull, channel};
+///
+/// let (to_slow, _slow) = channel(1);
+/// let (to_file, mut file) = channel(8);
+/// to_slow.inlet().set_when_full(WhenFull::Drop);
+/// let output = Output::new(vec![to_slow.clone(), to_file]);
+/// output.send(readings("t", 0..3)).await.unwrap();
+/// // The slow stage is full now: it misses the next batch, the file does not.
+/// output.send(readings("t", 3..5)).await.unwrap();
+/// assert_eq!(to_slow.inlet().dropped(), 2);
+/// assert_eq!(file.recv().await.unwrap().len(), 3);
+/// assert_eq!(file.recv().await.unwrap().len(), 2);
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct Inlet {
+    drop_when_full: AtomicBool,
+    /// Wakes the sends waiting for room when `when_full` changes.
+    changed: Notify,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Inlet {
+    /// Sets what outputs do when this channel is full; a send waiting for
+    /// room stops waiting once it is `Drop`.
+    pub fn set_when_full(&self, when_full: WhenFull) {
+        self.drop_when_full
+            .store(when_full == WhenFull::Drop, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// What outputs do when this channel is full.
+    pub fn when_full(&self) -> WhenFull {
+        if self.drop_when_full.load(Ordering::Relaxed) {
+            WhenFull::Drop
+        } else {
+            WhenFull::Wait
+        }
+    }
+
+    /// Readings put into this channel.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Readings meant for this channel that were not put in: it was full
+    /// under [`WhenFull::Drop`], or its stage had stopped.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
 
 impl BatchSender {
     /// A view of how full the channel is that does not keep it open.
     pub fn fill(&self) -> ChannelFill {
-        ChannelFill(self.0.downgrade())
+        ChannelFill(self.sender.downgrade())
     }
 }
 
@@ -479,6 +604,16 @@ impl Input {
     pub fn received_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.received)
     }
+
+    /// Says that `readings` of those in hand are done (written, for a sink)
+    /// before the stage asks for more: a sink whose write of several batches
+    /// stops partway counts the readings whose lines landed whole, so that a
+    /// timed-out shutdown's loss count is exact. At most what is in hand counts.
+    pub fn mark_done(&mut self, readings: u64) {
+        let done = readings.min(self.in_hand);
+        self.handled.fetch_add(done, Ordering::Relaxed);
+        self.in_hand -= done;
+    }
 }
 
 impl Drop for Input {
@@ -491,6 +626,15 @@ impl Drop for Input {
 
 /// Where a stage sends its batches: every downstream stage gets each batch.
 /// Cheap to clone, so a source can hand one to each connection task.
+///
+/// A downstream stage that has stopped (a sink that failed for good) is
+/// skipped, and what it misses is counted in its [`Inlet::dropped`]; only
+/// when every downstream stage has stopped does sending fail. A stage whose
+/// input drops when full ([`WhenFull::Drop`]) never holds a send back.
+///
+/// A batch that some downstream stage misses (dropped, or skipped because
+/// that stage has stopped) fails its [`Token`]s: with acknowledgements, its
+/// calls learn that their readings were not written everywhere.
 #[derive(Debug, Clone, Default)]
 pub struct Output {
     targets: Arc<[BatchSender]>,
@@ -521,34 +665,72 @@ impl Output {
 
     /// Sends `batch` to every downstream stage, waiting while any is full: this
     /// wait is the backpressure that reaches clients. Room is reserved in every
-    /// channel before anything is sent, so a batch reaches all or none.
+    /// channel that waits before anything is sent, so a batch reaches all of
+    /// them or none; a channel that drops when full is tried last, at once.
     pub async fn send(&self, batch: impl Into<Batch>) -> Result<(), SendError> {
         let batch = batch.into();
         let mut permits = Vec::with_capacity(self.targets.len());
+        let mut dropping = false;
         for target in self.targets.iter() {
-            match target.0.reserve().await {
-                Ok(permit) => permits.push(permit),
-                Err(_) => return Err(SendError::Closed(batch)),
+            if target.inlet.when_full() == WhenFull::Drop {
+                dropping = true;
+            } else if let Some(permit) = target.room().await {
+                permits.push((target, permit));
+            } else {
+                // Stopped, or turned to `Drop` while this send waited.
+                dropping = true;
             }
         }
-        self.deliver(permits, batch);
-        Ok(())
+        if dropping {
+            self.reserve_dropping(&mut permits);
+        }
+        self.deliver(permits, batch)
     }
 
-    /// Sends `batch` to every downstream stage if all have room now; otherwise
-    /// sends nothing and hands it back.
+    /// Sends `batch` to every downstream stage if all that wait when full have
+    /// room now; otherwise sends nothing and hands it back.
     pub fn try_send(&self, batch: impl Into<Batch>) -> Result<(), SendError> {
         let batch = batch.into();
         let mut permits = Vec::with_capacity(self.targets.len());
+        let mut dropping = false;
         for target in self.targets.iter() {
-            match target.0.try_reserve() {
-                Ok(permit) => permits.push(permit),
+            if target.inlet.when_full() == WhenFull::Drop {
+                dropping = true;
+                continue;
+            }
+            match target.sender.try_reserve() {
+                Ok(permit) => permits.push((target, permit)),
                 Err(mpsc::error::TrySendError::Full(())) => return Err(SendError::Full(batch)),
-                Err(mpsc::error::TrySendError::Closed(())) => return Err(SendError::Closed(batch)),
+                Err(mpsc::error::TrySendError::Closed(())) => {}
             }
         }
-        self.deliver(permits, batch);
-        Ok(())
+        if dropping {
+            self.reserve_dropping(&mut permits);
+        }
+        self.deliver(permits, batch)
+    }
+
+    /// Waits until every downstream stage that waits when full has room for
+    /// a batch (or has stopped), without sending anything: a source can tell
+    /// when a full pipeline has drained.
+    pub async fn room(&self) {
+        for target in self.targets.iter() {
+            // The permit goes back at once; stopped stages have room forever.
+            let _ = target.room().await;
+        }
+    }
+
+    /// Adds the room there is now in the channels that drop when full.
+    fn reserve_dropping<'a>(
+        &'a self,
+        permits: &mut Vec<(&'a BatchSender, mpsc::Permit<'a, Batch>)>,
+    ) {
+        for target in self.targets.iter() {
+            let taken = permits.iter().any(|(t, _)| std::ptr::eq(*t, target));
+            if !taken && let Ok(permit) = target.sender.try_reserve() {
+                permits.push((target, permit));
+            }
+        }
     }
 
     /// A counter of the readings sent, for the runtime's accounting.
@@ -561,8 +743,37 @@ impl Output {
         Arc::clone(&self.batches)
     }
 
-    fn deliver(&self, permits: Vec<mpsc::Permit<'_, Batch>>, batch: Batch) {
-        self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    /// Sends `batch` through `permits`. A target without one misses it: the
+    /// batch counts as dropped there and fails its tokens (the readings are
+    /// not written everywhere they were meant to go). When every target has
+    /// stopped, nothing is sent and the batch comes back as `Closed`.
+    fn deliver(
+        &self,
+        permits: Vec<(&BatchSender, mpsc::Permit<'_, Batch>)>,
+        batch: Batch,
+    ) -> Result<(), SendError> {
+        let readings = batch.len() as u64;
+        if permits.len() < self.targets.len() {
+            let open = self.targets.iter().any(|t| !t.sender.is_closed());
+            if !open {
+                // Every downstream stage has stopped: nothing was accepted.
+                return Err(SendError::Closed(batch));
+            }
+            for target in self.targets.iter() {
+                if !permits.iter().any(|(t, _)| std::ptr::eq(*t, target)) {
+                    target.inlet.dropped.fetch_add(readings, Ordering::Relaxed);
+                }
+            }
+            // A stage that misses the batch will not write it: its calls are
+            // not "written", whatever the other stages do (their clients get
+            // UNAVAILABLE and retry, with `acknowledge = "written"`).
+            if readings > 0 {
+                for token in batch.tokens() {
+                    token.fail();
+                }
+            }
+        }
+        self.sent.fetch_add(readings, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         // In a channel, the batch is no longer in the sending stage's hands.
         let batch = batch.owned();
@@ -570,12 +781,21 @@ impl Output {
         let last = permits.next_back();
         // Fan-out copies the batch, tokens included, for all targets but the
         // last, which gets the original: every branch must finish its copy.
-        for permit in permits {
+        for (target, permit) in permits {
+            target
+                .inlet
+                .delivered
+                .fetch_add(readings, Ordering::Relaxed);
             permit.send(batch.clone());
         }
-        if let Some(permit) = last {
+        if let Some((target, permit)) = last {
+            target
+                .inlet
+                .delivered
+                .fetch_add(readings, Ordering::Relaxed);
             permit.send(batch);
         }
+        Ok(())
     }
 }
 
@@ -734,6 +954,124 @@ mod tests {
         input.fail_taken();
         assert!(input.recv().await.is_none());
         assert_eq!(acknowledgement.await, crate::Delivery::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_downstream_is_skipped_and_counted() {
+        let (gone_tx, gone) = channel(4);
+        let (file_tx, mut file) = channel(4);
+        drop(gone);
+        let output = Output::new(vec![gone_tx.clone(), file_tx]);
+        output.send(batch(2)).await.unwrap();
+        output.try_send(batch(3)).unwrap();
+        assert_eq!(file.recv().await.unwrap().len(), 2);
+        assert_eq!(file.recv().await.unwrap().len(), 3);
+        assert_eq!(gone_tx.inlet().dropped(), 5);
+        assert_eq!(gone_tx.inlet().delivered(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_input_that_drops_never_holds_a_send_back() {
+        let (slow_tx, mut slow) = channel(1);
+        let (file_tx, mut file) = channel(1);
+        slow_tx.inlet().set_when_full(WhenFull::Drop);
+        let output = Output::new(vec![slow_tx.clone(), file_tx.clone()]);
+        output.try_send(batch(1)).unwrap();
+        // The file waits when full: try_send refuses, and nothing is counted.
+        assert!(matches!(output.try_send(batch(2)), Err(SendError::Full(_))));
+        assert_eq!(slow_tx.inlet().dropped(), 0);
+        assert_eq!(file.recv().await.unwrap().len(), 1);
+        output.send(batch(2)).await.unwrap();
+        assert_eq!(slow_tx.inlet().dropped(), 2);
+        assert_eq!(file_tx.inlet().delivered(), 3);
+        assert_eq!(slow.recv().await.unwrap().len(), 1);
+        // `room` waits for the file (which waits when full), not the slow input.
+        tokio::time::timeout(Duration::from_millis(50), output.room())
+            .await
+            .expect_err("the file is still full");
+        assert_eq!(file.recv().await.unwrap().len(), 2);
+        tokio::time::timeout(Duration::from_secs(5), output.room())
+            .await
+            .expect("room once the file took its batch");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_send_goes_on_once_its_full_input_turns_to_drop() {
+        let (slow_tx, _slow) = channel(1);
+        let (file_tx, mut file) = channel(4);
+        let output = Output::new(vec![slow_tx.clone(), file_tx]);
+        output.send(batch(1)).await.unwrap();
+        let waiting = tokio::spawn({
+            let output = output.clone();
+            async move { output.send(batch(2)).await }
+        });
+        assert_eq!(file.recv().await.unwrap().len(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "the slow input waits when full");
+        slow_tx.inlet().set_when_full(WhenFull::Drop);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the send went on")
+            .unwrap()
+            .unwrap();
+        assert_eq!(file.recv().await.unwrap().len(), 2);
+        assert_eq!(slow_tx.inlet().dropped(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_a_target_misses_fails_its_token_and_frees_its_memory() {
+        let memory = MemoryBudget::new(1 << 20);
+        let (slow_tx, mut slow) = channel(1);
+        let (file_tx, mut file) = channel(4);
+        let (gone_tx, gone) = channel(4);
+        slow_tx.inlet().set_when_full(WhenFull::Drop);
+        let output = Output::new(vec![slow_tx, file_tx, gone_tx]);
+        drop(gone);
+        let mut sent = Vec::new();
+        for n in [2, 3] {
+            let (token, acknowledgement) =
+                Token::acknowledged(Some(memory.try_reserve(4096).unwrap()));
+            let mut batch = batch(n);
+            batch.attach(token);
+            output.send(batch).await.unwrap();
+            sent.push(acknowledgement);
+        }
+        drop(output);
+        // Every copy that was delivered is written...
+        while slow.recv().await.is_some() {}
+        while file.recv().await.is_some() {}
+        // ...yet the stopped target (and, for the second, the full one)
+        // missed each batch: neither call was written everywhere.
+        for acknowledgement in sent {
+            assert_eq!(acknowledgement.await, crate::Delivery::Failed);
+        }
+        assert_eq!(
+            memory.used(),
+            0,
+            "the reservations went with the last copies"
+        );
+    }
+
+    #[tokio::test]
+    async fn mark_done_counts_part_of_what_is_in_hand() {
+        let (tx, mut input) = channel(4);
+        let output = Output::new(vec![tx]);
+        output.send(batch(3)).await.unwrap();
+        output.send(batch(4)).await.unwrap();
+        drop(output);
+        let handled = input.handled_counter();
+        input.recv().await.unwrap();
+        input.try_recv().unwrap();
+        input.mark_done(5);
+        assert_eq!(handled.load(Ordering::Relaxed), 5);
+        input.mark_done(100);
+        assert_eq!(
+            handled.load(Ordering::Relaxed),
+            7,
+            "at most what is in hand"
+        );
+        assert!(input.recv().await.is_none());
+        assert_eq!(handled.load(Ordering::Relaxed), 7, "nothing counted twice");
     }
 
     #[tokio::test]

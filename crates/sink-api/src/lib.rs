@@ -50,6 +50,7 @@ mod context;
 pub mod json;
 mod map;
 pub mod metrics;
+mod readiness;
 mod reading;
 mod registration;
 mod registry;
@@ -64,10 +65,11 @@ pub use config::{
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, ChannelFill, Context, Input, Output, ParamSender, Params, SendError,
-    ShutdownSignal, channel,
+    AnyConfig, BatchSender, ChannelFill, Context, Inlet, Input, Output, ParamSender, Params,
+    SendError, ShutdownSignal, WhenFull, channel,
 };
 pub use map::{MapBatch, MapReadings, map_processor};
+pub use readiness::{Readiness, ReadinessWatch};
 pub use reading::{Reading, Timestamp};
 pub use registration::{RegistrationErrors, check_registrations};
 pub use registry::{ConfigType, KeyInfo, StageInfo, StageKind, registered_stages};

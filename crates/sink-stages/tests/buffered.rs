@@ -185,6 +185,13 @@ fn refuses_zero_values() {
         .validate()
         .expect_err("flush_interval = 0");
     assert_eq!(err.key, "flush_interval");
+    let err = config(1, Duration::from_nanos(1))
+        .validate()
+        .expect_err("flush_interval = 1ns");
+    assert!(err.message.contains("at least 10ms"), "{err}");
+    config(1, Duration::from_millis(10))
+        .validate()
+        .expect("10ms is fine");
 }
 
 #[test]

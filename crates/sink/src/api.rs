@@ -6,15 +6,16 @@
 //! drain that follows SIGTERM (with `/ready` answering 503), and closes as
 //! the process exits.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Deserialize;
+use sink_api::Readiness;
 use sink_api::metrics::{MetricsRegistry, OPENMETRICS_TEXT, PROMETHEUS_TEXT};
 
 /// The `[api]` table.
@@ -51,45 +52,56 @@ pub fn bind(address: &str) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Whether the sink is ready, and if not, why: a set of reasons, each under
-/// its own key, so that every part of the runtime can say why it is not
-/// ready and take it back. `/ready` answers 503 with the first reason while
-/// any is set.
-///
-/// Keys used: `starting`, `shutdown`, `stage:<id>` (a stage that stopped);
-/// a stall detector can add its own (`stalled`).
+/// What `/ready` answers from: the process's own phase (starting, running,
+/// shutting down) and, while running, the pipeline's [`sink_api::Readiness`],
+/// the one value the stages mark (a stalled source, a failed sink) and the
+/// gRPC health service reports. So `/ready` is 503 exactly when gRPC health
+/// says NOT_SERVING, plus while the pipeline starts.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<Mutex<BTreeMap<String, String>>>);
+pub struct ReadyState(Arc<ReadyInner>);
 
-impl Readiness {
+#[derive(Debug, Default)]
+struct ReadyInner {
+    /// [`STARTING`], [`RUNNING`] or [`SHUTTING_DOWN`].
+    phase: AtomicU8,
+    /// The running pipeline's readiness, once it runs.
+    pipeline: OnceLock<Readiness>,
+}
+
+const STARTING: u8 = 0;
+const RUNNING: u8 = 1;
+const SHUTTING_DOWN: u8 = 2;
+
+impl ReadyState {
     /// Not ready yet: the pipeline is starting.
     pub fn starting() -> Self {
-        let readiness = Self::default();
-        readiness.not_ready("starting", "the pipeline is starting");
-        readiness
+        Self::default()
     }
 
-    /// Not ready, because of `reason`, until [`ready`](Self::ready)`(key)`.
-    pub fn not_ready(&self, key: &str, reason: impl Into<String>) {
-        self.lock().insert(key.to_string(), reason.into());
+    /// The pipeline runs; from now on its `readiness` decides.
+    pub fn running(&self, readiness: Readiness) {
+        let _ = self.0.pipeline.set(readiness);
+        let _ =
+            self.0
+                .phase
+                .compare_exchange(STARTING, RUNNING, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    /// Takes back the reason set under `key`.
-    pub fn ready(&self, key: &str) {
-        self.lock().remove(key);
+    /// Shutdown has begun: not ready from now on.
+    pub fn shutting_down(&self) {
+        self.0.phase.store(SHUTTING_DOWN, Ordering::Relaxed);
     }
 
-    /// `Ok` when ready, else the first reason (shutdown before the others).
+    /// `Ok` when ready, else why, on one line.
     pub fn check(&self) -> Result<(), String> {
-        let reasons = self.lock();
-        match reasons.get("shutdown").or_else(|| reasons.values().next()) {
-            None => Ok(()),
-            Some(reason) => Err(reason.clone()),
+        match self.0.phase.load(Ordering::Relaxed) {
+            STARTING => Err("the pipeline is starting".into()),
+            SHUTTING_DOWN => Err("shutting down".into()),
+            _ => match self.0.pipeline.get() {
+                Some(readiness) if !readiness.is_ready() => Err(readiness.reasons().join("; ")),
+                _ => Ok(()),
+            },
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -97,7 +109,7 @@ impl Readiness {
 pub fn spawn(
     listener: std::net::TcpListener,
     registry: MetricsRegistry,
-    readiness: Readiness,
+    readiness: ReadyState,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
@@ -155,14 +167,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readiness_names_shutdown_first_and_clears_by_key() {
-        let readiness = Readiness::starting();
-        assert_eq!(readiness.check(), Err("the pipeline is starting".into()));
-        readiness.ready("starting");
-        assert_eq!(readiness.check(), Ok(()));
-        readiness.not_ready("stage:b", "stage `b` stopped");
-        readiness.not_ready("shutdown", "shutting down");
-        assert_eq!(readiness.check(), Err("shutting down".into()));
+    fn ready_follows_the_phase_then_the_pipelines_readiness() {
+        let ready = ReadyState::starting();
+        assert_eq!(ready.check(), Err("the pipeline is starting".into()));
+        let pipeline = Readiness::new();
+        ready.running(pipeline.clone());
+        assert_eq!(ready.check(), Ok(()));
+        pipeline.set_not_ready("file", "failed and stopped");
+        pipeline.set_not_ready("sensors", "full for 1s");
+        assert_eq!(
+            ready.check(),
+            Err("stage `file`: failed and stopped; stage `sensors`: full for 1s".into())
+        );
+        pipeline.set_ready("file");
+        pipeline.set_ready("sensors");
+        assert_eq!(ready.check(), Ok(()));
+        ready.shutting_down();
+        assert_eq!(ready.check(), Err("shutting down".into()));
     }
 
     #[test]

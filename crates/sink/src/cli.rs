@@ -9,7 +9,7 @@ use sink_api::{KeyInfo, registered_stages};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::DEFAULT_PIPELINE;
-use crate::api::Readiness;
+use crate::api::ReadyState;
 use crate::health::{self, HealthArgs};
 use crate::logging::LogControl;
 use crate::metrics::{ReloadOutcome, RuntimeMetrics};
@@ -157,7 +157,7 @@ fn validate(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
         out!("against {}: nothing would change", against.display());
         return ExitCode::SUCCESS;
     }
-    if !plan.settings.is_empty() || !plan.stages.is_empty() {
+    if !plan.settings.is_empty() || !plan.stages.is_empty() || !plan.when_full.is_empty() {
         out!(
             "against {}: would change live: {}",
             against.display(),
@@ -255,7 +255,7 @@ fn default_or_required(key: &KeyInfo) -> String {
 fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     let logs = LogControl::init(log_level);
     let text = match path {
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match crate::pipeline::read_text(path) {
             Ok(text) => text,
             Err(err) => {
                 eprintln!("error: {}: cannot read: {err}", path.display());
@@ -290,10 +290,10 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     let code = runtime.block_on(async move {
         logs.apply(pipeline.settings.log_level);
         let registry = sink_api::metrics::MetricsRegistry::new();
-        let readiness = Readiness::starting();
+        let ready = ReadyState::starting();
         // Bound before any stage is built, so that a taken address stops
         // everything first, like every other mistake.
-        let api = match start_api(&pipeline, &registry, &readiness) {
+        let api = match start_api(&pipeline, &registry, &ready) {
             Ok(api) => api,
             Err(errors) => return config_failure(&errors),
         };
@@ -304,9 +304,9 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
             last_text: text,
             logs,
             metrics: RuntimeMetrics::register(&registry),
-            readiness: readiness.clone(),
+            ready,
         };
-        let running = match Running::start_observed(pipeline, &registry, readiness) {
+        let running = match Running::start_observed(pipeline, &registry) {
             Ok(running) => running,
             Err(errors) => return config_failure(&errors),
         };
@@ -336,7 +336,7 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
 fn start_api(
     pipeline: &Pipeline,
     registry: &sink_api::metrics::MetricsRegistry,
-    readiness: &Readiness,
+    ready: &ReadyState,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, PipelineErrors> {
     let Some(address) = &pipeline.api.address else {
         return Ok(None);
@@ -351,7 +351,7 @@ fn start_api(
     };
     let listener = crate::api::bind(address)
         .map_err(|err| error(format!("cannot listen on {address}: {err}")))?;
-    let (local, task) = crate::api::spawn(listener, registry.clone(), readiness.clone())
+    let (local, task) = crate::api::spawn(listener, registry.clone(), ready.clone())
         .map_err(|err| error(format!("cannot serve on {address}: {err}")))?;
     tracing::info!("api listening on {local} (/metrics, /health, /ready)");
     Ok(Some(task))
@@ -360,6 +360,9 @@ fn start_api(
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
+
+/// How long a reload waits for the pipeline file to be read.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a reload waits for the stages it changed to confirm.
 const APPLY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -376,8 +379,9 @@ struct Reloader {
     logs: LogControl,
     /// Counts each reload's outcome.
     metrics: RuntimeMetrics,
-    /// Told when shutdown begins.
-    readiness: Readiness,
+    /// What `/ready` answers: told when the pipeline runs and when
+    /// shutdown begins.
+    ready: ReadyState,
 }
 
 impl Reloader {
@@ -389,7 +393,20 @@ impl Reloader {
             return;
         }
         let file = self.file.display();
-        let text = match std::fs::read_to_string(&self.file) {
+        // Read on the blocking pool, never on this thread (it also waits for
+        // signals) nor an async worker; a read that hangs anyway (a stuck
+        // network file system) is given up, leaving the pipeline unchanged.
+        let path = self.file.clone();
+        let read = tokio::task::spawn_blocking(move || crate::pipeline::read_text(&path));
+        let read = match tokio::time::timeout(READ_WAIT, read).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(err)) => Err(std::io::Error::other(err)),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {READ_WAIT:?}"),
+            )),
+        };
+        let text = match read {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 tracing::info!(
@@ -440,6 +457,9 @@ impl Reloader {
         self.logs.apply(new.settings.log_level);
         running.set_memory_limit(new.settings.memory_limit.0);
         let described = plan.describe_live();
+        for (id, when_full) in &plan.when_full {
+            running.set_when_full(id, *when_full);
+        }
         // Stages apply between batches; one busy with a batch (or waiting for
         // its next one, if it checks per batch) confirms later.
         let deadline = tokio::time::Instant::now() + APPLY_WAIT;
@@ -491,7 +511,7 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
     // Said only once signals and the file are watched: from here on, every
     // SIGTERM drains and every edit reloads.
     tracing::info!(pipeline = %reloader.file.display(), "pipeline running");
-    reloader.readiness.ready("starting");
+    reloader.ready.running(running.readiness().clone());
     let failed = loop {
         let wake = tokio::select! {
             _ = interrupt.recv() => Wake::Stop,
@@ -511,17 +531,16 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
         }
     };
     let timeout = reloader.current.settings().shutdown_timeout;
-    reloader.readiness.not_ready("shutdown", "shutting down");
+    reloader.ready.shutting_down();
     tracing::info!("shutting down: sources stop accepting, then every stage drains");
-    tokio::select! {
-        ending = running.shut_down(timeout, failed) => Ok(ending),
-        _ = interrupt.recv() => {
-            tracing::error!("second signal: exiting without draining");
-            Ok(Ending::TimedOut)
-        }
-        _ = terminate.recv() => {
-            tracing::error!("second signal: exiting without draining");
-            Ok(Ending::TimedOut)
-        }
-    }
+    let accounts = running.accounts();
+    let second = tokio::select! {
+        ending = running.shut_down(timeout, failed) => return Ok(ending),
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    accounts.report_loss(&format!(
+        "second signal ({second}): exiting without draining"
+    ));
+    Ok(Ending::TimedOut)
 }

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{Registry, fmt, reload};
 
@@ -11,7 +11,7 @@ use crate::pipeline::LogLevel;
 /// Changes the log level of the running process.
 #[derive(Clone)]
 pub struct LogControl {
-    handle: reload::Handle<LevelFilter, Registry>,
+    handle: reload::Handle<Targets, Registry>,
     /// Set from `--log-level`: it wins over the file, on reload too.
     pinned: Option<LogLevel>,
 }
@@ -38,12 +38,40 @@ impl LogControl {
     }
 }
 
-fn filter(level: LogLevel) -> LevelFilter {
+/// The log targets of this project's own crates (`sink`, `sink_api`,
+/// `sink_stages`, `sink_load`, ...): targets match by prefix.
+const OWN_TARGETS: &str = "sink";
+
+/// What `level` lets through. `debug` is for this project's own crates: the
+/// libraries under them (h2, hyper, tonic, tower, notify...) log every HTTP/2
+/// frame at debug, tens of thousands of lines a second under load, so they
+/// stay at `info` unless `trace` asks for everything.
+fn filter(level: LogLevel) -> Targets {
+    let everything = |level| Targets::new().with_default(level);
     match level {
-        LogLevel::Trace => LevelFilter::TRACE,
-        LogLevel::Debug => LevelFilter::DEBUG,
-        LogLevel::Info => LevelFilter::INFO,
-        LogLevel::Warn => LevelFilter::WARN,
-        LogLevel::Error => LevelFilter::ERROR,
+        LogLevel::Trace => everything(LevelFilter::TRACE),
+        LogLevel::Debug => {
+            everything(LevelFilter::INFO).with_target(OWN_TARGETS, LevelFilter::DEBUG)
+        }
+        LogLevel::Info => everything(LevelFilter::INFO),
+        LogLevel::Warn => everything(LevelFilter::WARN),
+        LogLevel::Error => everything(LevelFilter::ERROR),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_for_our_crates_and_trace_for_everything() {
+        let debug = filter(LogLevel::Debug);
+        assert!(debug.would_enable("sink::runtime", &tracing::Level::DEBUG));
+        assert!(debug.would_enable("sink_stages::sinks::lines", &tracing::Level::DEBUG));
+        assert!(!debug.would_enable("h2::codec::framed_read", &tracing::Level::DEBUG));
+        assert!(debug.would_enable("h2::codec::framed_read", &tracing::Level::INFO));
+        let trace = filter(LogLevel::Trace);
+        assert!(trace.would_enable("h2::codec::framed_read", &tracing::Level::TRACE));
+        assert!(!filter(LogLevel::Warn).would_enable("sink", &tracing::Level::INFO));
     }
 }

@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use sink_api::metrics::{Counter, MetricsRegistry};
-use sink_api::{ChannelFill, MemoryBudget, StageKind};
+use sink_api::{ChannelFill, Inlet, MemoryBudget, StageKind};
 
 /// One stage's counters, as the runtime wired them.
 #[derive(Debug)]
@@ -31,6 +31,9 @@ pub struct StageCounters {
     pub batches: Arc<AtomicU64>,
     /// The stage's input channel and its capacity; none for a source.
     pub input: Option<(ChannelFill, usize)>,
+    /// The same channel's counts: readings meant for it but dropped (its
+    /// `when_full = "drop"`, or after it failed); none for a source.
+    pub inlet: Option<Arc<Inlet>>,
 }
 
 impl StageCounters {
@@ -51,7 +54,7 @@ pub struct StageCollector(pub Vec<StageCounters>);
 impl Collector for StageCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         type Read = fn(&StageCounters) -> Option<u64>;
-        let counters: [(&str, &str, Read); 3] = [
+        let counters: [(&str, &str, Read); 4] = [
             (
                 "sink_stage_readings_received",
                 "Readings each stage took in (for a source: accepted)",
@@ -66,6 +69,11 @@ impl Collector for StageCollector {
                 "sink_stage_batches_sent",
                 "Batches each stage handed on (for a sink: written)",
                 |s| Some(s.batches.load(Ordering::Relaxed)),
+            ),
+            (
+                "sink_stage_readings_dropped",
+                "Readings meant for each stage's input but not put in: it was full under when_full = \"drop\", or the stage had failed and stopped",
+                |s| Some(s.inlet.as_ref()?.dropped()),
             ),
         ];
         for (name, help, read) in counters {

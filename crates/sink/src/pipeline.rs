@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use sink_api::{ByteSize, ConfigError, ProcessorConfig, SinkConfig, SourceConfig, StageKind};
+use sink_api::{
+    ByteSize, ConfigError, ProcessorConfig, SinkConfig, SourceConfig, StageKind, WhenFull,
+};
 use toml::{Table, Value};
 
 /// The section of the README that explains linking a stage crate, named in
@@ -131,8 +133,11 @@ pub struct StageSpec {
     pub inputs: Vec<String>,
     /// Its input channel's capacity, in batches (0 for sources, which have none).
     pub capacity: usize,
-    /// Its own keys (everything but `type`, `inputs` and `capacity`), to tell
-    /// what a reload changes.
+    /// A sink's `when_full`: what its upstream stages do when its input
+    /// channel is full (always `Wait` for other stages).
+    pub when_full: WhenFull,
+    /// Its own keys (everything but `type`, `inputs`, `capacity` and a sink's
+    /// `when_full`), to tell what a reload changes.
     pub params: Table,
     /// Its config, deserialized by its type.
     pub config: StageConfig,
@@ -174,15 +179,54 @@ pub struct PipelineError {
 
 impl fmt::Display for PipelineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        write!(f, "{}", cut(&self.file.display().to_string()))?;
         if let Some(stage) = &self.stage {
-            write!(f, ": stage `{stage}`")?;
+            write!(f, ": stage `{}`", cut(stage))?;
         }
         if let Some(key) = &self.key {
-            write!(f, ": key `{key}`")?;
+            write!(f, ": key `{}`", cut(key))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", cut(&self.message))
     }
+}
+
+/// The longest line of an error shown whole, in characters.
+const MAX_LINE_CHARS: usize = 240;
+/// The most lines of one error shown.
+const MAX_LINES: usize = 20;
+
+/// `text` with overlong lines cut in the middle, saying how much was cut, and
+/// at most [`MAX_LINES`] lines: an error quotes the bad value (or the file's
+/// line), which may be megabytes long. The start and end of a line stay, so
+/// a message such as `invalid value: string "...", expected one of ...`
+/// keeps what it expected.
+fn cut(text: &str) -> std::borrow::Cow<'_, str> {
+    let long = |line: &str| line.len() > MAX_LINE_CHARS && line.chars().count() > MAX_LINE_CHARS;
+    if !text.lines().any(long) && text.lines().count() <= MAX_LINES {
+        return text.into();
+    }
+    let (head, tail) = (MAX_LINE_CHARS * 2 / 3, MAX_LINE_CHARS / 4);
+    let mut shown: Vec<String> = text
+        .lines()
+        .take(MAX_LINES)
+        .map(|line| {
+            if !long(line) {
+                return line.to_string();
+            }
+            let total = line.chars().count();
+            let start: String = line.chars().take(head).collect();
+            let end: String = line.chars().skip(total - tail).collect();
+            format!(
+                "{start}[... {} characters cut, of {total} ...]{end}",
+                total - head - tail
+            )
+        })
+        .collect();
+    let lines = text.lines().count();
+    if lines > MAX_LINES {
+        shown.push(format!("[... {} more lines cut]", lines - MAX_LINES));
+    }
+    shown.join("\n").into()
 }
 
 /// Every mistake found in one pipeline file.
@@ -202,9 +246,9 @@ impl fmt::Display for PipelineErrors {
 }
 
 impl Pipeline {
-    /// Reads, substitutes, parses and validates the file at `path`.
+    /// Reads (see [`read_text`]), substitutes, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, PipelineErrors> {
-        let text = std::fs::read_to_string(path).map_err(|err| {
+        let text = read_text(path).map_err(|err| {
             PipelineErrors(vec![PipelineError {
                 file: path.to_path_buf(),
                 stage: None,
@@ -291,6 +335,65 @@ impl Pipeline {
     }
 }
 
+/// The largest pipeline file read, in bytes: far beyond any real pipeline,
+/// far below what would strain memory.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads the pipeline file at `path` as text, refusing what is not a regular
+/// file of at most [`MAX_FILE_BYTES`]. A FIFO would block the read until a
+/// writer comes (forever), and `/dev/zero` or a device would be read until
+/// memory runs out: the file is opened without blocking (`O_NONBLOCK`, which
+/// lets `open` of a FIFO return at once) and checked with `fstat` on the
+/// descriptor opened, so a symlink swapped in between cannot slip past.
+/// Symlinks are followed (a Kubernetes ConfigMap mount is made of them).
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    let kind = metadata.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("it is {what}; a pipeline file must be a regular file"),
+        ));
+    }
+    let too_big = || {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE_BYTES} bytes (16 MiB); a pipeline file is far smaller"),
+        )
+    };
+    if metadata.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    // The cap holds even if the file grows while it is read.
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes)
+        .map_err(|err| Error::new(ErrorKind::InvalidData, format!("not UTF-8 text: {err}")))
+}
+
 /// The top level of the file, before each stage is read by its type.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -369,11 +472,12 @@ struct Node {
     inputs_known: bool,
 }
 
-/// The keys of a stage's table that the runtime reads, whatever its type.
-const RUNTIME_KEYS: [&str; 3] = ["type", "inputs", "capacity"];
+/// The keys of a stage's table that the runtime reads, whatever its type
+/// (`when_full` for sinks only: a source type may have its own).
+const RUNTIME_KEYS: [&str; 4] = ["type", "inputs", "capacity", "when_full"];
 
 /// Reads one `[<section>.<id>]` table: the runtime's keys (`type`, `inputs`,
-/// `capacity`) here, the rest by the stage's type. Gives the stage's place in
+/// `capacity`, a sink's `when_full`) here, the rest by the stage's type. Gives the stage's place in
 /// the graph whenever it is a table, and the stage itself when all is right.
 fn parse_stage(
     kind: StageKind,
@@ -454,6 +558,23 @@ fn parse_stage(
         }
     };
 
+    let when_full = match kind {
+        StageKind::Sink => match params.remove("when_full") {
+            None => WhenFull::Wait,
+            Some(Value::String(text)) if text == "wait" => WhenFull::Wait,
+            Some(Value::String(text)) if text == "drop" => WhenFull::Drop,
+            Some(other) => {
+                errors.push(
+                    Some(stage.clone()),
+                    Some("when_full".into()),
+                    format!("must be \"wait\" or \"drop\", not {other}"),
+                );
+                WhenFull::Wait
+            }
+        },
+        _ => WhenFull::Wait,
+    };
+
     let mut tagged = Table::new();
     tagged.insert(type_name.clone(), Value::Table(params.clone()));
     let tagged = Value::Table(tagged);
@@ -484,6 +605,7 @@ fn parse_stage(
         type_name,
         inputs,
         capacity,
+        when_full,
         params,
         config,
     };
@@ -862,6 +984,24 @@ mod tests {
         assert_eq!(level("fatal"), Ok(LogLevel::Error));
         assert_eq!(level("warn"), Ok(LogLevel::Warn));
         assert!(level("loud").is_err());
+    }
+
+    #[test]
+    fn a_long_value_is_cut_saying_how_long_it_was() {
+        let value = "x".repeat(10_000_000);
+        let error = PipelineError {
+            file: "p.toml".into(),
+            stage: Some("processors.batch".into()),
+            key: Some("max_events".into()),
+            message: format!("invalid type: string \"{value}\", expected usize"),
+        }
+        .to_string();
+        assert!(error.len() < 400, "{} bytes", error.len());
+        assert!(error.contains("characters cut, of 10000039"), "{error}");
+        assert!(error.ends_with("\", expected usize"), "{error}");
+        assert_eq!(cut("short\nlines"), "short\nlines");
+        let many = "line\n".repeat(1_000);
+        assert!(cut(&many).ends_with("[... 980 more lines cut]"));
     }
 
     #[test]

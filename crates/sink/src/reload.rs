@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 pub use sink_api::watch::FileWatcher;
-use sink_api::{AnyConfig, StageInfo, StageKind, registered_stages};
+use sink_api::{AnyConfig, StageInfo, StageKind, WhenFull, registered_stages};
 use toml::Table;
 
 use crate::pipeline::{Pipeline, Settings, StageConfig};
@@ -32,6 +32,7 @@ struct StageShape {
     type_name: String,
     inputs: BTreeSet<String>,
     capacity: usize,
+    when_full: WhenFull,
     params: Table,
 }
 
@@ -50,6 +51,7 @@ impl Snapshot {
                         type_name: stage.type_name.clone(),
                         inputs: stage.inputs.iter().cloned().collect(),
                         capacity: stage.capacity,
+                        when_full: stage.when_full,
                         params: stage.params.clone(),
                     };
                     (stage.id.clone(), shape)
@@ -73,6 +75,8 @@ pub struct Plan {
     pub settings: Vec<&'static str>,
     /// Stages whose keys change live, with those keys.
     pub stages: BTreeMap<String, Vec<String>>,
+    /// Sinks whose `when_full` changes: the runtime applies it, at once.
+    pub when_full: BTreeMap<String, WhenFull>,
 }
 
 impl Plan {
@@ -136,6 +140,9 @@ impl Plan {
                     old_stage.capacity, new_stage.capacity
                 ));
             }
+            if old_stage.when_full != new_stage.when_full {
+                plan.when_full.insert(id.clone(), new_stage.when_full);
+            }
             let changed = changed_keys(&old_stage.params, &new_stage.params);
             let info = stage_info(new_stage.kind, &new_stage.type_name);
             let fixed = info.map(StageInfo::restart_keys).unwrap_or_default();
@@ -171,16 +178,27 @@ impl Plan {
 
     /// Whether the new file changes nothing at all.
     pub fn is_empty(&self) -> bool {
-        self.needs_restart.is_empty() && self.settings.is_empty() && self.stages.is_empty()
+        self.needs_restart.is_empty()
+            && self.settings.is_empty()
+            && self.stages.is_empty()
+            && self.when_full.is_empty()
     }
 
     /// The live changes in words: `settings.log_level; stage `batch`: max_events`.
     pub fn describe_live(&self) -> String {
         let settings = self.settings.iter().map(|key| format!("settings.{key}"));
-        let stages = self
-            .stages
-            .iter()
-            .map(|(id, keys)| format!("stage `{id}`: {}", keys.join(", ")));
+        let ids: BTreeSet<&String> = self.stages.keys().chain(self.when_full.keys()).collect();
+        let stages = ids.into_iter().map(|id| {
+            let runtime = self
+                .when_full
+                .contains_key(id)
+                .then(|| "when_full".to_string());
+            let keys: Vec<String> = runtime
+                .into_iter()
+                .chain(self.stages.get(id).into_iter().flatten().cloned())
+                .collect();
+            format!("stage `{id}`: {}", keys.join(", "))
+        });
         settings.chain(stages).collect::<Vec<_>>().join("; ")
     }
 }
@@ -259,6 +277,22 @@ path = "a.json"
             plan.describe_live(),
             "stage `batch`: max_events; stage `out`: path"
         );
+    }
+
+    #[test]
+    fn a_sinks_when_full_changes_live() {
+        let new = BASE.replace(
+            "path = \"a.json\"",
+            "path = \"a.json\"\nwhen_full = \"drop\"",
+        );
+        let plan = Plan::between(&snapshot(BASE), &snapshot(&new));
+        assert!(plan.needs_restart.is_empty(), "{plan:?}");
+        assert!(
+            plan.stages.is_empty(),
+            "the stage itself has nothing to apply"
+        );
+        assert_eq!(plan.when_full["out"], WhenFull::Drop);
+        assert_eq!(plan.describe_live(), "stage `out`: when_full");
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
         trim: BufferTrim::default(),
         metrics: LineMetrics::new(cx.metrics()),
         handle: cx.metrics().clone(),
+        progress: Progress::default(),
     };
     {
         let mut target = lock(&writer.target);
@@ -192,6 +193,7 @@ struct Writer<C: LineSinkConfig> {
     metrics: LineMetrics,
     /// The stage's handle, for [`LineSinkConfig::observe`].
     handle: Metrics,
+    progress: Progress,
 }
 
 impl<C: LineSinkConfig> Writer<C> {
@@ -203,13 +205,16 @@ impl<C: LineSinkConfig> Writer<C> {
         let layout = self.wanted.layout();
         let bytes = &mut self.bytes;
         bytes.clear();
+        self.progress.start(layout);
         let now = Timestamp::now();
         encode_batch(layout, &batch, now, bytes);
+        self.progress.encoded(bytes.len(), batch.len());
         drop(batch);
         let limit = COALESCE_BYTES.min(self.open_for.room(&lock(&self.target)));
         while bytes.len() < limit {
             let Ok(batch) = input.try_recv() else { break };
             encode_batch(layout, &batch, now, bytes);
+            self.progress.encoded(bytes.len(), batch.len());
         }
     }
 
@@ -290,7 +295,9 @@ impl<C: LineSinkConfig> Writer<C> {
     /// target while writes fail takes the rest of the write with it.
     /// The batches being written fail their acknowledgements at the first
     /// failure (`input.fail_taken()`), so that waiting clients retry at once
-    /// rather than wait out the retries (at least once).
+    /// rather than wait out the retries (at least once); the readings whose
+    /// lines landed whole count as written all the same (`input.mark_done`),
+    /// so that a timed-out shutdown's loss count is what the file lacks.
     async fn write(&mut self, params: &mut Params<C>, input: &mut Input) -> Result<(), StageError> {
         let mut backoff = Duration::from_millis(100);
         let mut written = 0;
@@ -318,12 +325,13 @@ impl<C: LineSinkConfig> Writer<C> {
                     return Ok(());
                 }
                 // The reader of a pipe has gone (`sink | head`): no retry can
-                // ever succeed, so the stage fails and the pipeline shuts down.
+                // ever succeed, so the stage fails; the runtime stops it alone.
                 Err((_, err)) if err.kind() == io::ErrorKind::BrokenPipe => {
                     return Err(format!("the reader of its output has gone: {err}").into());
                 }
                 Err((done, err)) => {
                     written = done;
+                    self.progress.report(&self.bytes, written, input);
                     err
                 }
             };
@@ -352,6 +360,50 @@ impl<C: LineSinkConfig> Writer<C> {
                 written = line_start(&self.bytes, written);
                 backoff = Duration::from_millis(100);
             }
+        }
+    }
+}
+
+/// Which readings of the write in hand have landed as whole lines: a write
+/// of several batches may stop partway (a full disk) and never finish (a
+/// timed-out shutdown), and the loss count must not count those as lost.
+#[derive(Default)]
+struct Progress {
+    layout: Layout,
+    /// Where each batch of the write ends in its bytes, and its readings.
+    batches: Vec<(usize, usize)>,
+    /// Readings already reported done to the input.
+    reported: u64,
+}
+
+impl Progress {
+    fn start(&mut self, layout: Layout) {
+        self.layout = layout;
+        self.batches.clear();
+        self.reported = 0;
+    }
+
+    fn encoded(&mut self, end: usize, readings: usize) {
+        self.batches.push((end, readings));
+    }
+
+    /// Tells `input` of the readings whose lines lie whole in
+    /// `bytes[..written]` and were not told before.
+    fn report(&mut self, bytes: &[u8], written: usize, input: &mut Input) {
+        let whole = match self.layout {
+            // One line per reading.
+            Layout::Value => bytes[..written].iter().filter(|&&b| b == b'\n').count(),
+            // One line per batch.
+            Layout::Batch => self
+                .batches
+                .iter()
+                .take_while(|(end, _)| *end <= written)
+                .map(|(_, readings)| readings)
+                .sum(),
+        } as u64;
+        if whole > self.reported {
+            input.mark_done(whole - self.reported);
+            self.reported = whole;
         }
     }
 }
@@ -492,6 +544,43 @@ impl BufferTrim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_write_that_stops_partway_counts_the_readings_of_whole_lines() {
+        use sink_api::testkit::readings;
+        for layout in [Layout::Value, Layout::Batch] {
+            let (sender, mut input) = sink_api::channel(4);
+            let output = sink_api::Output::new(vec![sender]);
+            output.send(readings("a", 0..3)).await.unwrap();
+            output.send(readings("b", 0..4)).await.unwrap();
+            drop(output);
+            let handled = input.handled_counter();
+            let mut progress = Progress::default();
+            progress.start(layout);
+            let mut bytes = Vec::new();
+            for _ in 0..2 {
+                let batch = input.try_recv().unwrap();
+                encode_batch(layout, &batch, Timestamp::now(), &mut bytes);
+                progress.encoded(bytes.len(), batch.len());
+            }
+            let first = progress.batches[0].0;
+            // Partway into a's last line: a's first two lines in value layout.
+            progress.report(&bytes, first - 3, &mut input);
+            let counted = || handled.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(counted(), if layout == Layout::Value { 2 } else { 0 });
+            // Past a and b's first line (value layout), into b's only line (batch).
+            let b_first = bytes[first..].iter().position(|&b| b == b'\n').unwrap();
+            let at = (first + b_first + 6).min(bytes.len() - 1);
+            progress.report(&bytes, at, &mut input);
+            match layout {
+                Layout::Value => assert_eq!(counted(), 4, "3 of a, 1 of b"),
+                Layout::Batch => assert_eq!(counted(), 3, "a's line only"),
+            }
+            // The rest counts once the sink asks for more, nothing twice.
+            assert!(input.recv().await.is_none());
+            assert_eq!(handled.load(std::sync::atomic::Ordering::Relaxed), 7);
+        }
+    }
 
     #[test]
     fn a_line_starts_after_the_last_newline() {

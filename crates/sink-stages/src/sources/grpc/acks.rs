@@ -16,6 +16,7 @@ use sink_proto::SensorValuesResponse;
 use tonic::{Code, Response, Status};
 
 use super::metrics::{GrpcMetrics, Refusal};
+use super::ready::Stall;
 use super::{FULL_RETRY_DELAY, WhenFull, retry_status};
 
 /// When a call is answered OK.
@@ -138,6 +139,8 @@ pub(super) struct Handoff<'a> {
     pub(super) metrics: &'a GrpcMetrics,
     pub(super) stage: &'a str,
     pub(super) epoch: Instant,
+    /// Tells readiness when the output stays full.
+    pub(super) stall: &'a Arc<Stall>,
 }
 
 impl Handoff<'_> {
@@ -159,10 +162,8 @@ impl Handoff<'_> {
                 Some(acknowledgement)
             }
         };
-        let sent = match self.when_full {
-            WhenFull::Wait => self.output.send(batch).await,
-            WhenFull::Reject => self.output.try_send(batch),
-        };
+        let waits = self.when_full == WhenFull::Wait;
+        let sent = self.stall.hand_on(&self.output, batch, waits).await;
         // A call waiting for its acknowledgement must not hold the output:
         // at shutdown, the stages downstream drain once the sources' outputs
         // are all gone.

@@ -12,6 +12,7 @@ mod body;
 mod decode;
 mod incoming;
 mod metrics;
+mod ready;
 mod tls;
 
 use std::net::SocketAddr;
@@ -339,6 +340,7 @@ impl Source for GrpcSource {
             stage: cx.id().into(),
             started: std::time::Instant::now(),
             metrics,
+            stall: ready::Stall::new(&cx),
         });
         let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
         let max_connections = self
@@ -348,12 +350,8 @@ impl Source for GrpcSource {
         let service = SensorService(Arc::clone(&shared));
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status(
-                sink_proto::SERVICE_NAME,
-                tonic_health::ServingStatus::Serving,
-            )
-            .await;
+        let health_reporter =
+            ready::report_health(health.clone(), &cx, sink_proto::SERVICE_NAME).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(sink_proto::FILE_DESCRIPTOR_SET)
@@ -424,6 +422,8 @@ impl Source for GrpcSource {
         // channel closes when the last of them does. Connections that clients
         // keep open cannot hold shutdown up, as they no longer reach the output.
         shared.output.store(None);
+        health_reporter.abort();
+        let _ = health_reporter.await;
         health
             .set_service_status(
                 sink_proto::SERVICE_NAME,
@@ -484,6 +484,8 @@ struct Shared {
     stage: Arc<str>,
     started: std::time::Instant,
     metrics: GrpcMetrics,
+    /// Tells readiness when the output stays full.
+    stall: Arc<ready::Stall>,
 }
 
 /// The limits one call checks, swapped whole on reload.
@@ -763,6 +765,7 @@ impl SensorService {
             metrics: &self.0.metrics,
             stage: &self.0.stage,
             epoch: self.0.started,
+            stall: &self.0.stall,
         };
         handoff.send(batch, memory).await
     }
