@@ -1,6 +1,6 @@
 //! `sink top --api ADDRESS`: a live view of a running sink, read each second
 //! from its `/metrics`: per stage its readings per second in and out, how
-//! full its input channel is and its errors; gRPC calls by status; reloads.
+//! full its input channel is, its errors and its dropped readings; gRPC calls by status; reloads.
 //!
 //! On a terminal it draws with ratatui (alternate screen, restored on exit,
 //! `q` or Ctrl-C quits); otherwise it prints plain lines each second.
@@ -184,6 +184,9 @@ pub struct StageRow {
     pub channel: Option<(f64, f64)>,
     /// Failed writes, and calls answered other than OK.
     pub errors: f64,
+    /// Readings meant for its input but dropped (`when_full = "drop"`, or
+    /// after it failed).
+    pub dropped: f64,
 }
 
 impl View {
@@ -221,6 +224,7 @@ impl View {
                     + current.sum("sink_grpc_calls_total", |s| {
                         of_stage(s) && s.label("code") != Some("OK")
                     }),
+                dropped: current.stage_value("sink_stage_readings_dropped_total", &id),
                 id,
             });
         }
@@ -276,8 +280,8 @@ impl View {
                     .channel
                     .map_or_else(|| "-".into(), |(n, cap)| format!("{n}/{cap}"));
                 format!(
-                    "stage={} type={} kind={} in/s={:.1} out/s={:.1} channel={channel} errors={}",
-                    s.id, s.type_name, s.kind, s.in_rate, s.out_rate, s.errors
+                    "stage={} type={} kind={} in/s={:.1} out/s={:.1} channel={channel} errors={} dropped={}",
+                    s.id, s.type_name, s.kind, s.in_rate, s.out_rate, s.errors, s.dropped
                 )
             })
             .collect();
@@ -436,7 +440,7 @@ fn draw(frame: &mut ratatui::Frame, address: &str, view: &Result<View, String>) 
         }
     };
     let header = Row::new([
-        "STAGE", "TYPE", "KIND", "IN/s", "OUT/s", "CHANNEL", "ERRORS",
+        "STAGE", "TYPE", "KIND", "IN/s", "OUT/s", "CHANNEL", "ERRORS", "DROPPED",
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
     let rows = view.stages.iter().map(|s| {
@@ -455,6 +459,7 @@ fn draw(frame: &mut ratatui::Frame, address: &str, view: &Result<View, String>) 
             format!("{:.1}", s.out_rate),
             channel,
             format!("{}", s.errors),
+            format!("{}", s.dropped),
         ])
     });
     let widths = [
@@ -464,6 +469,7 @@ fn draw(frame: &mut ratatui::Frame, address: &str, view: &Result<View, String>) 
         Constraint::Length(12),
         Constraint::Length(12),
         Constraint::Length(24),
+        Constraint::Length(8),
         Constraint::Length(8),
     ];
     frame.render_widget(
@@ -511,6 +517,7 @@ mod tests {
                  sink_stage_readings_sent_total{{stage=\"in\",type=\"grpc\",kind=\"source\"}} {sent}\n\
                  sink_grpc_calls_total{{stage=\"in\",code=\"OK\"}} {sent}\n\
                  sink_grpc_calls_total{{stage=\"in\",code=\"UNAVAILABLE\"}} 2\n\
+                 sink_stage_readings_dropped_total{{stage=\"in\"}} 4\n\
                  sink_reloads_total{{outcome=\"applied\"}} {}\n",
                 sent / 10.0
             )),
@@ -524,6 +531,7 @@ mod tests {
         assert_eq!(view.stages[0].in_rate, 10.0);
         assert_eq!(view.stages[0].out_rate, 10.0);
         assert_eq!(view.stages[0].errors, 2.0);
+        assert_eq!(view.stages[0].dropped, 4.0);
         assert_eq!(view.stages[0].channel, None);
         assert_eq!(
             view.calls,
