@@ -362,7 +362,7 @@ pub fn channel(capacity: usize) -> (BatchSender, Input) {
         handled: Arc::default(),
         handled_batches: Arc::default(),
         received: Arc::default(),
-        in_hand: 0,
+        in_hand: Arc::default(),
         epoch: Arc::default(),
         taken: Vec::new(),
         batches_in_hand: 0,
@@ -515,8 +515,9 @@ pub struct Input {
     handled_batches: Arc<AtomicU64>,
     /// Readings of the batches the stage has taken.
     received: Arc<AtomicU64>,
-    /// Readings taken since the stage last asked to wait for more.
-    in_hand: u64,
+    /// Readings taken since the stage last asked to wait for more and not
+    /// yet marked done; shared with the stage's [`DoneMarker`]s.
+    in_hand: Arc<AtomicU64>,
     /// How many times the stage has asked for more: batches it took are
     /// stamped with it, so a batch still held after the next `recv` is known.
     epoch: Arc<AtomicU64>,
@@ -536,11 +537,10 @@ impl Input {
     /// those batches' [`Token`]s (see [`Batch`] for the rules).
     pub async fn recv(&mut self) -> Option<Batch> {
         if self.batches_in_hand > 0 {
-            self.handled.fetch_add(self.in_hand, Ordering::Relaxed);
+            self.done_marker().mark_all_done();
             self.handled_batches
                 .fetch_add(self.batches_in_hand, Ordering::Relaxed);
         }
-        self.in_hand = 0;
         self.taken.clear();
         self.epoch.fetch_add(1, Ordering::Relaxed);
         self.batches_in_hand = 0;
@@ -573,7 +573,8 @@ impl Input {
     }
 
     fn take(&mut self, mut batch: Batch) -> Batch {
-        self.in_hand += batch.len() as u64;
+        self.in_hand
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.batches_in_hand += 1;
         self.received
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -609,10 +610,94 @@ impl Input {
     /// before the stage asks for more: a sink whose write of several batches
     /// stops partway counts the readings whose lines landed whole, so that a
     /// timed-out shutdown's loss count is exact. At most what is in hand counts.
+    /// From a blocking thread, use a [`DoneMarker`].
     pub fn mark_done(&mut self, readings: u64) {
-        let done = readings.min(self.in_hand);
-        self.handled.fetch_add(done, Ordering::Relaxed);
-        self.in_hand -= done;
+        self.done_marker().mark_done(readings);
+    }
+
+    /// A handle that marks readings in hand done from wherever the work
+    /// happens, such as the blocking thread that writes them: counted there,
+    /// right as they land, they count even if the stage is cut (a timed-out
+    /// shutdown aborts it) before that thread's result reaches it. See
+    /// [`DoneMarker`].
+    pub fn done_marker(&self) -> DoneMarker {
+        DoneMarker {
+            handled: Arc::clone(&self.handled),
+            in_hand: Arc::clone(&self.in_hand),
+        }
+    }
+}
+
+/// Marks readings of an [`Input`]'s batches in hand done (written, for a
+/// sink) from another thread; see [`Input::done_marker`]. Cheap to clone.
+///
+/// It counts against what is in hand when it is called: use it for the
+/// batches taken since the stage last asked for more, before it asks again
+/// (a sink waits for its blocking write before taking the next batch).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sink_api::testkit::readings;
+/// use sink_api::{Output, channel};
+///
+/// let (to_sink, mut input) = channel(4);
+/// Output::new(vec![to_sink]).send(readings("t", 0..5)).await.unwrap();
+/// let batch = input.recv().await.unwrap();
+/// let done = input.done_marker();
+/// let handled = input.handled_counter();
+/// tokio::task::spawn_blocking(move || {
+///     // Three lines of the batch landed, then the disk filled up: they
+///     // count as written now, whatever becomes of the stage.
+///     done.mark_done(3);
+/// })
+/// .await
+/// .unwrap();
+/// assert_eq!(handled.load(std::sync::atomic::Ordering::Relaxed), 3);
+/// # drop(batch);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct DoneMarker {
+    handled: Arc<AtomicU64>,
+    in_hand: Arc<AtomicU64>,
+}
+
+impl DoneMarker {
+    /// Says that `readings` of those in hand are done; at most what is in
+    /// hand counts, so nothing counts twice.
+    pub fn mark_done(&self, readings: u64) {
+        let Ok(held) = self
+            .in_hand
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                Some(held - readings.min(held))
+            })
+        else {
+            unreachable!("the update always returns a new value")
+        };
+        self.handled
+            .fetch_add(readings.min(held), Ordering::Relaxed);
+    }
+
+    /// Says that every reading in hand is done: a write that carried them
+    /// all has succeeded.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use sink_api::testkit::readings;
+    /// use sink_api::{Output, channel};
+    ///
+    /// let (to_sink, mut input) = channel(4);
+    /// Output::new(vec![to_sink]).send(readings("t", 0..5)).await.unwrap();
+    /// let _batch = input.recv().await.unwrap();
+    /// input.done_marker().mark_all_done();
+    /// assert_eq!(input.handled_counter().load(std::sync::atomic::Ordering::Relaxed), 5);
+    /// # }
+    /// ```
+    pub fn mark_all_done(&self) {
+        let held = self.in_hand.swap(0, Ordering::Relaxed);
+        self.handled.fetch_add(held, Ordering::Relaxed);
     }
 }
 
@@ -1072,6 +1157,42 @@ mod tests {
         );
         assert!(input.recv().await.is_none());
         assert_eq!(handled.load(Ordering::Relaxed), 7, "nothing counted twice");
+    }
+
+    #[tokio::test]
+    async fn a_done_marker_counts_from_another_thread_even_after_the_input_is_gone() {
+        let (tx, mut input) = channel(4);
+        let output = Output::new(vec![tx]);
+        for size in [3, 4, 5] {
+            output.send(batch(size)).await.unwrap();
+        }
+        let handled = input.handled_counter();
+        let batches = input.handled_batches_counter();
+        let counted = || handled.load(Ordering::Relaxed);
+        input.recv().await.unwrap();
+        input.try_recv().unwrap();
+        let done = input.done_marker();
+        let marker = done.clone();
+        tokio::task::spawn_blocking(move || marker.mark_done(2))
+            .await
+            .unwrap();
+        assert_eq!(counted(), 2, "counted on the blocking thread");
+        done.mark_all_done();
+        assert_eq!(counted(), 7, "the rest of the 3 + 4 in hand");
+        done.mark_done(10);
+        assert_eq!(counted(), 7, "nothing beyond what is in hand");
+        input.recv().await.unwrap();
+        assert_eq!(counted(), 7, "asking for more counts nothing twice");
+        assert_eq!(batches.load(Ordering::Relaxed), 2);
+
+        // The stage is cut (aborted) while its blocking write runs: the
+        // write still counts what it landed, against the batch it held.
+        let done = input.done_marker();
+        drop(input);
+        tokio::task::spawn_blocking(move || done.mark_done(4))
+            .await
+            .unwrap();
+        assert_eq!(counted(), 11);
     }
 
     #[tokio::test]

@@ -65,8 +65,8 @@ pub use config::{
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, ChannelFill, Context, Inlet, Input, Output, ParamSender, Params,
-    SendError, ShutdownSignal, WhenFull, channel,
+    AnyConfig, BatchSender, ChannelFill, Context, DoneMarker, Inlet, Input, Output, ParamSender,
+    Params, SendError, ShutdownSignal, WhenFull, channel,
 };
 pub use map::{MapBatch, MapReadings, map_processor};
 pub use readiness::{Readiness, ReadinessWatch};

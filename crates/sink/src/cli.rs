@@ -15,7 +15,7 @@ use crate::logging::LogControl;
 use crate::metrics::{ReloadOutcome, RuntimeMetrics};
 use crate::pipeline::{LogLevel, Pipeline, PipelineError, PipelineErrors};
 use crate::reload::{FileWatcher, Plan, Snapshot, configs_to_apply};
-use crate::runtime::{Ending, Running};
+use crate::runtime::{Ending, Loss, Running};
 
 /// `println!` that stops quietly when stdout has closed (`sink list | head`)
 /// rather than panicking.
@@ -287,7 +287,7 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(async move {
+    let (code, loss) = runtime.block_on(async move {
         logs.apply(pipeline.settings.log_level);
         let registry = sink_api::metrics::MetricsRegistry::new();
         let ready = ReadyState::starting();
@@ -295,7 +295,7 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
         // everything first, like every other mistake.
         let api = match start_api(&pipeline, &registry, &ready) {
             Ok(api) => api,
-            Err(errors) => return config_failure(&errors),
+            Err(errors) => return (config_failure(&errors), None),
         };
         let reloader = Reloader {
             watched: path.is_some(),
@@ -308,7 +308,7 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
         };
         let running = match Running::start_observed(pipeline, &registry) {
             Ok(running) => running,
-            Err(errors) => return config_failure(&errors),
+            Err(errors) => return (config_failure(&errors), None),
         };
         let ending = run_until_signal(running, reloader).await;
         if let Some(api) = api {
@@ -317,18 +317,23 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
         match ending {
             Ok(Ending::Clean) => {
                 tracing::info!("shut down cleanly: everything accepted was written");
-                ExitCode::SUCCESS
+                (ExitCode::SUCCESS, None)
             }
-            Ok(_) => ExitCode::FAILURE,
+            Ok(Ending::StageFailed) => (ExitCode::FAILURE, None),
+            Ok(Ending::Cut(loss)) => (ExitCode::FAILURE, Some(loss)),
             Err(err) => {
                 tracing::error!("cannot install signal handlers: {err}");
-                ExitCode::FAILURE
+                (ExitCode::FAILURE, None)
             }
         }
     });
     // A write stuck in the blocking pool (a hung disk, a full pipe) must not
-    // keep a timed-out process alive: what it held is already counted as lost.
+    // keep a cut process alive; one that ends within this grace counts the
+    // lines it landed, so the loss is counted only after it.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    if let Some(loss) = loss {
+        loss.report();
+    }
     code
 }
 
@@ -539,8 +544,9 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
         _ = interrupt.recv() => "SIGINT",
         _ = terminate.recv() => "SIGTERM",
     };
-    accounts.report_loss(&format!(
-        "second signal ({second}): exiting without draining"
-    ));
-    Ok(Ending::TimedOut)
+    // Dropping the shutdown above cut every stage (its `JoinSet` aborts them).
+    Ok(Ending::Cut(Loss::new(
+        accounts,
+        format!("second signal ({second}): exiting without draining"),
+    )))
 }

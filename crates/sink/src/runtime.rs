@@ -160,15 +160,51 @@ async fn monitor_drops(accounts: Accounts) {
 }
 
 /// How a pipeline ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ending {
     /// Every stage finished and all that was accepted was handed to the sinks.
     Clean,
     /// A stage failed (a sink alone, or one that stopped the pipeline); the
     /// rest were drained.
     StageFailed,
-    /// `shutdown_timeout` passed first.
-    TimedOut,
+    /// The stages were cut before they drained (`shutdown_timeout` passed,
+    /// or a second signal came): what they lost is to be reported.
+    Cut(Loss),
+}
+
+/// The loss of a pipeline whose stages were cut, not yet counted: count and
+/// log it with [`report`](Self::report) once the runtime has shut down.
+///
+/// A sink's write on the blocking pool is not stopped by cutting the sink's
+/// task: it finishes, lands more lines and counts them (see
+/// `sink_api::DoneMarker`). Counted before that, the loss would include
+/// readings that are in the file; counted after the runtime's shutdown (which
+/// waits a while for the blocking pool), it is what the sinks lack.
+#[must_use = "the loss is logged only by `report`"]
+pub struct Loss {
+    accounts: Accounts,
+    why: String,
+}
+
+impl Loss {
+    /// A loss for `accounts`, its log lines headed by `why`.
+    pub fn new(accounts: Accounts, why: String) -> Self {
+        Self { accounts, why }
+    }
+
+    /// Counts and logs the loss, one ERROR line per sink
+    /// ([`Accounts::report_loss`]).
+    pub fn report(self) {
+        self.accounts.report_loss(&self.why);
+    }
+}
+
+impl std::fmt::Debug for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loss")
+            .field("why", &self.why)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A stage built but not yet wired.
@@ -508,7 +544,9 @@ impl Running {
 
     /// Starts shutdown and waits for every stage to drain, at most `timeout`.
     /// Sources stop accepting; each stage then ends as its input ends, so
-    /// everything accepted flows down to the sinks before they close.
+    /// everything accepted flows down to the sinks before they close. Past
+    /// `timeout` the processors and sinks are cut, and the loss is handed
+    /// back to be reported once the runtime has shut down ([`Loss`]).
     pub async fn shut_down(mut self, timeout: Duration, already_failed: bool) -> Ending {
         self.shutdown.trigger();
         let mut failed = already_failed;
@@ -521,10 +559,13 @@ impl Running {
         .await;
         self.monitor.abort();
         if drained.is_err() {
-            self.accounts.report_loss(&format!(
-                "shutdown_timeout ({}) passed",
-                humantime::format_duration(timeout)
-            ));
+            let loss = Loss::new(
+                self.accounts.clone(),
+                format!(
+                    "shutdown_timeout ({}) passed",
+                    humantime::format_duration(timeout)
+                ),
+            );
             // What the cut stages held fails its acknowledgements; the
             // sources answer the calls that waited for it (UNAVAILABLE, so
             // that clients retry) before the process exits.
@@ -535,7 +576,7 @@ impl Running {
                 while self.tasks.join_next().await.is_some() {}
             })
             .await;
-            return Ending::TimedOut;
+            return Ending::Cut(loss);
         }
         for sink in self.accounts.0.iter() {
             let dropped = sink.inlet.dropped();

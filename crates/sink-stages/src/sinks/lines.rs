@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sink_api::json::{Layout, encode_batch};
 use sink_api::metrics::{Counter, Metrics};
-use sink_api::{Batch, Context, Input, Params, StageError, Timestamp};
+use sink_api::{Batch, Context, DoneMarker, Input, Params, StageError, Timestamp};
 
 /// Waiting batches are added to one write until it holds this many bytes.
 const COALESCE_BYTES: usize = 1 << 20;
@@ -145,8 +145,8 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
                 writer.encode(batch, &mut input);
                 writer.write(&mut params, &mut input).await?;
                 // Every batch encoded above is now written (and synced, if the
-                // config asks): the sink is done with them, which the next
-                // `input.recv()` reports.
+                // config asks), and counted done by the write itself; the
+                // next `input.recv()` finishes their tokens.
                 writer.trim.after_write(&mut writer.bytes);
             }
         }
@@ -296,21 +296,36 @@ impl<C: LineSinkConfig> Writer<C> {
     /// The batches being written fail their acknowledgements at the first
     /// failure (`input.fail_taken()`), so that waiting clients retry at once
     /// rather than wait out the retries (at least once); the readings whose
-    /// lines landed whole count as written all the same (`input.mark_done`),
-    /// so that a timed-out shutdown's loss count is what the file lacks.
+    /// lines landed whole count as written all the same, so that a timed-out
+    /// shutdown's loss count is what the file lacks.
+    ///
+    /// Each attempt counts what it landed on its blocking thread, as soon as
+    /// it returns ([`DoneMarker`]), not here after the await: a timed-out
+    /// shutdown aborts this task while an attempt may still be running, and
+    /// the attempt then finishes (the runtime gives the blocking pool a grace
+    /// before the loss is counted) with nobody here to hear of it.
     async fn write(&mut self, params: &mut Params<C>, input: &mut Input) -> Result<(), StageError> {
         let mut backoff = Duration::from_millis(100);
         let mut written = 0;
+        let done = input.done_marker();
         loop {
             let config = Arc::clone(&self.open_for);
             let target = Arc::clone(&self.target);
             let bytes = std::mem::take(&mut self.bytes);
-            let (bytes, outcome) = tokio::task::spawn_blocking(move || {
+            let mut progress = std::mem::take(&mut self.progress);
+            let done = done.clone();
+            let (bytes, progress, outcome) = tokio::task::spawn_blocking(move || {
                 let outcome = attempt(&*config, &mut lock(&target), &bytes, written);
-                (bytes, outcome)
+                match &outcome {
+                    // Written and synced: every reading in hand is in this write.
+                    Ok(()) => done.mark_all_done(),
+                    Err((reached, _)) => progress.report(&bytes, *reached, &done),
+                }
+                (bytes, progress, outcome)
             })
             .await?;
             self.bytes = bytes;
+            self.progress = progress;
             self.metrics.count(written, &outcome, self.bytes.len());
             let err = match outcome {
                 Ok(()) => {
@@ -329,9 +344,8 @@ impl<C: LineSinkConfig> Writer<C> {
                 Err((_, err)) if err.kind() == io::ErrorKind::BrokenPipe => {
                     return Err(format!("the reader of its output has gone: {err}").into());
                 }
-                Err((done, err)) => {
-                    written = done;
-                    self.progress.report(&self.bytes, written, input);
+                Err((reached, err)) => {
+                    written = reached;
                     err
                 }
             };
@@ -387,9 +401,9 @@ impl Progress {
         self.batches.push((end, readings));
     }
 
-    /// Tells `input` of the readings whose lines lie whole in
-    /// `bytes[..written]` and were not told before.
-    fn report(&mut self, bytes: &[u8], written: usize, input: &mut Input) {
+    /// Marks `done` the readings whose lines lie whole in `bytes[..written]`
+    /// and were not marked before.
+    fn report(&mut self, bytes: &[u8], written: usize, done: &DoneMarker) {
         let whole = match self.layout {
             // One line per reading.
             Layout::Value => bytes[..written].iter().filter(|&&b| b == b'\n').count(),
@@ -402,7 +416,7 @@ impl Progress {
                 .sum(),
         } as u64;
         if whole > self.reported {
-            input.mark_done(whole - self.reported);
+            done.mark_done(whole - self.reported);
             self.reported = whole;
         }
     }
@@ -565,13 +579,14 @@ mod tests {
             }
             let first = progress.batches[0].0;
             // Partway into a's last line: a's first two lines in value layout.
-            progress.report(&bytes, first - 3, &mut input);
+            let done = input.done_marker();
+            progress.report(&bytes, first - 3, &done);
             let counted = || handled.load(std::sync::atomic::Ordering::Relaxed);
             assert_eq!(counted(), if layout == Layout::Value { 2 } else { 0 });
             // Past a and b's first line (value layout), into b's only line (batch).
             let b_first = bytes[first..].iter().position(|&b| b == b'\n').unwrap();
             let at = (first + b_first + 6).min(bytes.len() - 1);
-            progress.report(&bytes, at, &mut input);
+            progress.report(&bytes, at, &done);
             match layout {
                 Layout::Value => assert_eq!(counted(), 4, "3 of a, 1 of b"),
                 Layout::Batch => assert_eq!(counted(), 3, "a's line only"),
@@ -580,6 +595,91 @@ mod tests {
             assert!(input.recv().await.is_none());
             assert_eq!(handled.load(std::sync::atomic::Ordering::Relaxed), 7);
         }
+    }
+
+    /// A target whose writes wait until the test lets them go on, as a
+    /// write to a slow disk does.
+    struct Gated {
+        entered: tokio::sync::mpsc::UnboundedSender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+        landed: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let _ = self.entered.send(());
+            self.release
+                .recv()
+                .map_err(|_| io::Error::other("the test has gone"))?;
+            lock(&self.landed).extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct GatedConfig;
+
+    impl LineSinkConfig for GatedConfig {
+        type Target = Gated;
+
+        fn layout(&self) -> Layout {
+            Layout::Value
+        }
+
+        fn open(&self) -> io::Result<Gated> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+
+        fn moves_target(&self, _old: &Self) -> bool {
+            false
+        }
+
+        fn target_name(&self) -> String {
+            "the gate".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_running_when_its_sink_is_cut_counts_what_it_lands() {
+        use sink_api::testkit::readings;
+        let (entered, mut writing) = tokio::sync::mpsc::unbounded_channel();
+        let (release, gate) = std::sync::mpsc::channel();
+        let landed = Arc::new(Mutex::new(Vec::new()));
+        let target = Gated {
+            entered,
+            release: gate,
+            landed: Arc::clone(&landed),
+        };
+        let (sender, input) = sink_api::channel(4);
+        let output = sink_api::Output::new(vec![sender]);
+        output.send(readings("a", 0..5)).await.unwrap();
+        let handled = input.handled_counter();
+        let (cx, _params) = Context::new(
+            "file",
+            sink_api::ShutdownSignal::new(),
+            Arc::new(GatedConfig),
+        );
+        let sink = tokio::spawn(write_lines(Arc::new(GatedConfig), target, input, cx));
+        writing.recv().await.expect("the write started");
+        // A timed-out shutdown cuts the sink while its write runs on.
+        sink.abort();
+        assert!(sink.await.unwrap_err().is_cancelled());
+        assert_eq!(handled.load(std::sync::atomic::Ordering::Relaxed), 0);
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handled.load(std::sync::atomic::Ordering::Relaxed) < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "the landed lines were never counted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let lines = lock(&landed).iter().filter(|&&b| b == b'\n').count();
+        assert_eq!(lines, 5);
+        assert_eq!(handled.load(std::sync::atomic::Ordering::Relaxed), 5);
     }
 
     #[test]
