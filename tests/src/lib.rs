@@ -180,6 +180,48 @@ impl SinkProcess {
         found.unwrap_or_else(|| panic!("no listening line for {stage}; log:\n{}", self.log_text()))
     }
 
+    /// The address of the `[api]` endpoint, from its log line.
+    pub fn api_address(&self) -> String {
+        let mut found = None;
+        wait_until(|| {
+            found = self.log_lines().iter().find_map(|line| {
+                let rest = line.split("api listening on ").nth(1)?;
+                Some(rest.split_whitespace().next()?.to_string())
+            });
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no api listening line; log:\n{}", self.log_text()))
+    }
+
+    /// The samples of the `[api]` endpoint's `/metrics` now.
+    pub fn scrape(&self) -> Vec<sink::top::Sample> {
+        let (status, body) =
+            sink::top::fetch(&self.api_address(), "/metrics", None).expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        sink::top::parse(&body)
+    }
+
+    /// The value of metric `name` with all of `labels`, in a scrape taken now
+    /// (the sum, if several series match; `None` if none does).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        metric_in(&self.scrape(), name, labels)
+    }
+
+    /// Waits until metric `name` with `labels` reaches `at_least`; returns it.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
+        let mut value = None;
+        let reached = wait_until(|| {
+            value = self.metric(name, labels);
+            value.is_some_and(|v| v >= at_least)
+        });
+        assert!(
+            reached,
+            "{name}{labels:?} is {value:?}, never reached {at_least}; log:\n{}",
+            self.log_text()
+        );
+        value.unwrap_or_default()
+    }
+
     /// A gRPC client connected to the grpc source `stage`.
     pub async fn client(&self, stage: &str) -> SensorServiceClient<Channel> {
         connect(self.address(stage)).await
@@ -277,6 +319,21 @@ fn collect_into(
             lines.lock().expect("lines lock").push(line);
         }
     })
+}
+
+/// The value of metric `name` with all of `labels` among `samples` (the sum,
+/// if several series match).
+pub fn metric_in(
+    samples: &[sink::top::Sample],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let matching: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(v)))
+        .map(|s| s.value)
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().fold(0.0, |a, b| a + b))
 }
 
 /// Polls `condition` every 10 ms until it holds or [`DEADLINE`] passes.

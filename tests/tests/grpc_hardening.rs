@@ -124,8 +124,9 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 
 #[tokio::test]
 async fn slow_clients_holding_every_permit_do_not_starve_a_good_one() {
-    let mut sink = SinkProcess::start(&pipeline_with_source(
-        "max_concurrent_calls = 4\nbody_timeout = \"1s\"",
+    let mut sink = SinkProcess::start(&format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}",
+        pipeline_with_source("max_concurrent_calls = 4\nbody_timeout = \"1s\"")
     ));
     let address = sink.address("sensors");
     // Six attacking connections, each with 2 streams that announce a message
@@ -153,11 +154,21 @@ async fn slow_clients_holding_every_permit_do_not_starve_a_good_one() {
         served_in < Duration::from_secs(10),
         "the good client waited {served_in:?}"
     );
+    let refused = slow.len() as f64;
     for (answer, _stream) in slow {
         let (code, message, _) = status_of(answer).await;
         assert_eq!(code, Code::DeadlineExceeded, "{message}");
         assert!(message.contains("body_timeout"), "{message}");
     }
+    // Each refusal counted, by code and by reason.
+    assert_eq!(
+        sink.metric("sink_grpc_calls_total", &[("code", "DEADLINE_EXCEEDED")]),
+        Some(refused)
+    );
+    assert_eq!(
+        sink.metric("sink_grpc_refusals_total", &[("reason", "body_timeout")]),
+        Some(refused)
+    );
     sink.stop();
     assert_each_once(&sensor_names(&sink.path("out.json")), &names);
 }

@@ -444,15 +444,41 @@ async fn a_poison_message_is_terminated_and_counted() {
             .unwrap();
     }
     let out = dir.path().join("out.json");
-    let mut writer = SinkProcess::start(&writer(&urls, "files", "", &out));
-    let mut ingest = SinkProcess::start(&ingest(&urls, "json"));
+    let api = "[api]\naddress = \"127.0.0.1:0\"\n";
+    let mut writer = SinkProcess::start(&format!("{api}{}", writer(&urls, "files", "", &out)));
+    let mut ingest = SinkProcess::start(&format!("{api}{}", ingest(&urls, "json")));
     let mut client = ingest.client("sensors").await;
     let sent = send_all(&mut client, "good", 5, 10).await;
-    ingest.stop();
     assert!(
         wait_for_names(&out, &sent),
         "good readings after the poison are missing"
     );
+    // The metrics of both ends: every message published was delivered and
+    // acknowledged once written; the two poison ones terminated.
+    let published = ingest
+        .metric("sink_nats_messages_published_total", &[("stage", "stream")])
+        .expect("published");
+    assert!(published >= 1.0);
+    assert_eq!(
+        ingest.metric("sink_nats_messages_too_large_total", &[]),
+        Some(0.0)
+    );
+    let answered =
+        |outcome| writer.metric("sink_nats_messages_answered_total", &[("outcome", outcome)]);
+    assert!(
+        wait_until(|| answered("ack").is_some_and(|acked| acked >= published)),
+        "{:?} acknowledged of {published} published",
+        answered("ack")
+    );
+    assert_eq!(answered("term"), Some(2.0));
+    let received = writer
+        .metric("sink_nats_messages_received_total", &[])
+        .expect("received");
+    let redelivered = writer
+        .metric("sink_nats_messages_redelivered_total", &[])
+        .expect("redelivered");
+    assert_eq!(received, published + 2.0 + redelivered);
+    ingest.stop();
     assert_eq!(
         writer.count_log("terminating an undecodable message"),
         2,

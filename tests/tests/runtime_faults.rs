@@ -162,6 +162,14 @@ fn fanout(source: &str, console: &str) -> String {
     .concat()
 }
 
+/// `[api]` on an ephemeral port, to read `/ready` and the metrics.
+const API: &str = "[api]\naddress = \"127.0.0.1:0\"\n";
+
+/// What `/ready` answers now: the status and the one-line reason.
+fn ready(sink: &SinkProcess) -> (u16, String) {
+    sink::top::fetch(&sink.api_address(), "/ready", None).expect("GET /ready")
+}
+
 /// The number just before `after` in the last log line holding `after`.
 fn number_before(sink: &SinkProcess, after: &str) -> Option<u64> {
     sink.log_lines().iter().rev().find_map(|line| {
@@ -172,7 +180,8 @@ fn number_before(sink: &SinkProcess, after: &str) -> Option<u64> {
 
 #[tokio::test]
 async fn a_stalled_sink_that_drops_costs_the_others_nothing() {
-    let mut sink = SinkProcess::start_holding_stdout(&fanout("", "when_full = \"drop\""));
+    let mut sink =
+        SinkProcess::start_holding_stdout(&format!("{API}{}", fanout("", "when_full = \"drop\"")));
     let mut client = sink.client("sensors").await;
     // Far more than the stdout pipe holds: every call must still pass.
     let sent = send_all(&mut client, "d", 300, 20).await;
@@ -189,10 +198,21 @@ async fn a_stalled_sink_that_drops_costs_the_others_nothing() {
             .expect("health"),
         ServingStatus::Serving
     );
+    assert_eq!(ready(&sink), (200, "ready\n".to_string()));
+    // Every batch has gone to both sinks (or been dropped for one): the
+    // metric holds the final count.
+    let metric = sink
+        .metric("sink_stage_readings_dropped_total", &[("stage", "console")])
+        .expect("console's dropped count");
+    assert_eq!(
+        sink.metric("sink_stage_readings_dropped_total", &[("stage", "file")]),
+        Some(0.0)
+    );
     sink.release_stdout();
     sink.stop();
     // Exactly what stdout did not get was counted as dropped.
     let dropped = number_before(&sink, "readings in all were dropped").expect("drop total");
+    assert_eq!(metric, dropped as f64, "the metric and the log agree");
     let printed = names_in(&sink.stdout_lines());
     assert!(dropped > 0 && !printed.is_empty());
     assert_eq!(printed.len() as u64 + dropped, sent.len() as u64);
@@ -204,7 +224,7 @@ async fn a_stalled_sink_that_drops_costs_the_others_nothing() {
 
 #[tokio::test]
 async fn a_stall_turns_health_not_serving_and_a_live_switch_to_drop_recovers() {
-    let mut sink = SinkProcess::start_holding_stdout(&fanout("", ""));
+    let mut sink = SinkProcess::start_holding_stdout(&format!("{API}{}", fanout("", "")));
     let address = sink.address("sensors");
     // Calls wait (backpressure) once stdout's pipe and channels are full.
     let sender = tokio::spawn(async move {
@@ -223,6 +243,10 @@ async fn a_stall_turns_health_not_serving_and_a_live_switch_to_drop_recovers() {
         sink.log_text()
     );
     assert!(sink.wait_log("gRPC health says NOT_SERVING"));
+    // `/ready` reads the same readiness: 503, naming the stalled source.
+    let (status, reason) = ready(&sink);
+    assert_eq!(status, 503, "{reason}");
+    assert!(reason.starts_with("stage `sensors`: "), "{reason}");
     // Liveness probes must not restart a sink that is only full.
     assert_eq!(
         health_of(address, "liveness").await.expect("liveness"),
@@ -249,6 +273,7 @@ async fn a_stall_turns_health_not_serving_and_a_live_switch_to_drop_recovers() {
         "health never said SERVING again; log:\n{}",
         sink.log_text()
     );
+    assert_eq!(ready(&sink), (200, "ready\n".to_string()));
     assert!(wait_for_lines(&sink.path("out.json"), sent.len()));
     sink.release_stdout();
     sink.stop();
@@ -258,7 +283,7 @@ async fn a_stall_turns_health_not_serving_and_a_live_switch_to_drop_recovers() {
 #[tokio::test]
 async fn a_broken_stdout_stops_that_sink_alone_and_counts_its_loss() {
     // `sink | head -c 200000`: the reader takes 200 000 bytes and goes away.
-    let mut sink = SinkProcess::start_holding_stdout(&fanout("", ""));
+    let mut sink = SinkProcess::start_holding_stdout(&format!("{API}{}", fanout("", "")));
     let mut pipe = sink.take_stdout();
     let reader = std::thread::spawn(move || {
         let mut taken = vec![0; 200_000];
@@ -284,6 +309,9 @@ async fn a_broken_stdout_stops_that_sink_alone_and_counts_its_loss() {
             .expect("health"),
         ServingStatus::NotServing
     );
+    let (status, reason) = ready(&sink);
+    assert_eq!(status, 503, "{reason}");
+    assert!(reason.contains("stage `console`: failed"), "{reason}");
     sink.signal(libc::SIGTERM);
     let status = sink.wait_exit();
     assert_eq!(status.code(), Some(1), "log:\n{}", sink.log_text());

@@ -60,7 +60,10 @@ async fn tls_serves_data_health_and_reflection_and_refuses_plaintext() {
     let certs = tempfile::tempdir().unwrap();
     let ca = TestCa::new("test CA");
     let (cert, key) = ca.server(1, 365.0).write(certs.path(), "server");
-    let mut sink = SinkProcess::start(&tls_pipeline(&cert_and_key(&cert, &key)));
+    let mut sink = SinkProcess::start(&format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}",
+        tls_pipeline(&cert_and_key(&cert, &key))
+    ));
     let address = sink.address("sensors");
     assert!(sink.log_text().contains("(TLS)"), "{}", sink.log_text());
 
@@ -96,6 +99,19 @@ async fn tls_serves_data_health_and_reflection_and_refuses_plaintext() {
         "{}",
         sink.log_text()
     );
+    // Refused and counted, by reason.
+    let failed = |reason| {
+        sink.metric(
+            "sink_grpc_tls_handshake_failures_total",
+            &[("reason", reason)],
+        )
+    };
+    assert!(
+        failed("not_tls").is_some_and(|n| n >= 1.0),
+        "{:?}",
+        failed("not_tls")
+    );
+    assert_eq!(failed("no_client_certificate"), Some(0.0));
 
     sink.stop();
     let mut names = sensor_names(&sink.path("out.json"));

@@ -10,6 +10,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Lent;
+use crate::metrics::Metrics;
 use crate::{Batch, MemoryBudget, Readiness, Token};
 
 /// A stage's config as the runtime hands it over on reload: the stage's own
@@ -30,6 +31,7 @@ pub struct Context {
     memory: MemoryBudget,
     /// The type of the stage's config: the only type its parameters come as.
     config_type: TypeId,
+    metrics: Metrics,
     readiness: Readiness,
 }
 
@@ -48,6 +50,7 @@ impl Context {
             applied: Arc::new(applied),
             memory: MemoryBudget::unlimited(),
             config_type,
+            metrics: Metrics::detached(),
             readiness: Readiness::new(),
         };
         let sender = ParamSender {
@@ -93,6 +96,20 @@ impl Context {
     /// ```
     pub fn memory(&self) -> &MemoryBudget {
         &self.memory
+    }
+
+    /// This context with `metrics` as the stage's metrics handle; the
+    /// runtime gives each stage one labelled with its id, type and kind.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The handle through which the stage creates its own metrics, exported
+    /// beside the built-in ones; see [`metrics`](crate::metrics). Outside
+    /// the runtime (tests), a handle that exports nothing.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The pipeline's readiness, which the stage marks when it cannot do its
@@ -343,9 +360,12 @@ pub fn channel(capacity: usize) -> (BatchSender, Input) {
     let input = Input {
         receiver,
         handled: Arc::default(),
+        handled_batches: Arc::default(),
+        received: Arc::default(),
         in_hand: 0,
         epoch: Arc::default(),
         taken: Vec::new(),
+        batches_in_hand: 0,
     };
     let sender = BatchSender {
         sender,
@@ -464,12 +484,37 @@ impl Inlet {
     }
 }
 
+impl BatchSender {
+    /// A view of how full the channel is that does not keep it open.
+    pub fn fill(&self) -> ChannelFill {
+        ChannelFill(self.sender.downgrade())
+    }
+}
+
+/// How many batches wait in a stage's input channel, for the runtime's
+/// metrics; see [`BatchSender::fill`].
+#[derive(Debug, Clone)]
+pub struct ChannelFill(mpsc::WeakSender<Batch>);
+
+impl ChannelFill {
+    /// Batches waiting (or being put in), or `None` once the channel has
+    /// closed.
+    pub fn waiting(&self) -> Option<usize> {
+        let sender = self.0.upgrade()?;
+        Some(sender.max_capacity() - sender.capacity())
+    }
+}
+
 /// A stage's input: the batches of all its upstream stages, merged.
 #[derive(Debug)]
 pub struct Input {
     receiver: mpsc::Receiver<Batch>,
     /// Readings of the batches the stage has finished with.
     handled: Arc<AtomicU64>,
+    /// Batches the stage has finished with.
+    handled_batches: Arc<AtomicU64>,
+    /// Readings of the batches the stage has taken.
+    received: Arc<AtomicU64>,
     /// Readings taken since the stage last asked to wait for more.
     in_hand: u64,
     /// How many times the stage has asked for more: batches it took are
@@ -478,6 +523,8 @@ pub struct Input {
     /// The tokens of the batches taken since the stage last asked for more:
     /// finished when it asks again, failed if the input is dropped first.
     taken: Vec<Token>,
+    /// Batches taken since then.
+    batches_in_hand: u64,
 }
 
 impl Input {
@@ -488,10 +535,15 @@ impl Input {
     /// [`handled_counter`](Self::handled_counter) counts, and what finishes
     /// those batches' [`Token`]s (see [`Batch`] for the rules).
     pub async fn recv(&mut self) -> Option<Batch> {
-        self.handled.fetch_add(self.in_hand, Ordering::Relaxed);
+        if self.batches_in_hand > 0 {
+            self.handled.fetch_add(self.in_hand, Ordering::Relaxed);
+            self.handled_batches
+                .fetch_add(self.batches_in_hand, Ordering::Relaxed);
+        }
         self.in_hand = 0;
         self.taken.clear();
         self.epoch.fetch_add(1, Ordering::Relaxed);
+        self.batches_in_hand = 0;
         let batch = self.receiver.recv().await?;
         Some(self.take(batch))
     }
@@ -522,6 +574,9 @@ impl Input {
 
     fn take(&mut self, mut batch: Batch) -> Batch {
         self.in_hand += batch.len() as u64;
+        self.batches_in_hand += 1;
+        self.received
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         if !batch.tokens().is_empty() {
             self.taken.extend(batch.tokens().iter().cloned());
             batch.lend(Lent {
@@ -536,6 +591,18 @@ impl Input {
     /// runtime's account of what a timed-out shutdown lost.
     pub fn handled_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.handled)
+    }
+
+    /// A counter of the batches this stage has finished with (written, for
+    /// a sink), for the runtime's metrics.
+    pub fn handled_batches_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.handled_batches)
+    }
+
+    /// A counter of the readings this stage has taken from its input, for
+    /// the runtime's metrics.
+    pub fn received_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.received)
     }
 
     /// Says that `readings` of those in hand are done (written, for a sink)
@@ -572,6 +639,7 @@ impl Drop for Input {
 pub struct Output {
     targets: Arc<[BatchSender]>,
     sent: Arc<AtomicU64>,
+    batches: Arc<AtomicU64>,
 }
 
 /// The batch could not be sent; it is handed back.
@@ -591,6 +659,7 @@ impl Output {
         Self {
             targets: targets.into(),
             sent: Arc::default(),
+            batches: Arc::default(),
         }
     }
 
@@ -669,6 +738,11 @@ impl Output {
         Arc::clone(&self.sent)
     }
 
+    /// A counter of the batches sent, for the runtime's metrics.
+    pub fn batches_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.batches)
+    }
+
     /// Sends `batch` through `permits`. A target without one misses it: the
     /// batch counts as dropped there and fails its tokens (the readings are
     /// not written everywhere they were meant to go). When every target has
@@ -700,6 +774,7 @@ impl Output {
             }
         }
         self.sent.fetch_add(readings, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
         // In a channel, the batch is no longer in the sending stage's hands.
         let batch = batch.owned();
         let mut permits = permits.into_iter();

@@ -49,6 +49,7 @@ mod config;
 mod context;
 pub mod json;
 mod map;
+pub mod metrics;
 mod readiness;
 mod reading;
 mod registration;
@@ -64,8 +65,8 @@ pub use config::{
     SourceConfig, StageError,
 };
 pub use context::{
-    AnyConfig, BatchSender, Context, Inlet, Input, Output, ParamSender, Params, SendError,
-    ShutdownSignal, WhenFull, channel,
+    AnyConfig, BatchSender, ChannelFill, Context, Inlet, Input, Output, ParamSender, Params,
+    SendError, ShutdownSignal, WhenFull, channel,
 };
 pub use map::{MapBatch, MapReadings, map_processor};
 pub use readiness::{Readiness, ReadinessWatch};

@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMes
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use sink_api::metrics::{Counter, Metrics};
 use sink_api::{
     BuildContext, ConfigError, Context, Input, ShutdownSignal, Sink, SinkConfig, StageError,
 };
@@ -182,7 +183,7 @@ impl Sink for NatsSink {
         let mut params = cx.params::<NatsSinkConfig>();
         let mut config = self.config;
         let mut subject = SubjectTemplate::parse(&config.subject)?;
-        let mut publisher = Publisher::new(self.connection, cx.id());
+        let mut publisher = Publisher::new(self.connection, cx.id(), cx.metrics());
         while let Some(batch) = input.recv().await {
             if let Some(new) = params.try_changed() {
                 match SubjectTemplate::parse(&new.subject) {
@@ -214,10 +215,16 @@ struct Publisher {
     /// Never fires: a sink finishes its input whatever happens, and the
     /// runtime's `shutdown_timeout` bounds how long it may try.
     never: ShutdownSignal,
+    /// Messages JetStream acknowledged storing.
+    published: Counter,
+    /// Publishes that failed or were not acknowledged (each is retried).
+    failed: Counter,
+    /// Messages dropped as larger than the server takes.
+    too_large: Counter,
 }
 
 impl Publisher {
-    fn new(connection: Connection, stage: &str) -> Self {
+    fn new(connection: Connection, stage: &str, metrics: &Metrics) -> Self {
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -229,6 +236,18 @@ impl Publisher {
             instance: format!("{started:x}-{:x}", std::process::id()),
             batches: 0,
             never: ShutdownSignal::new(),
+            published: metrics.counter(
+                "sink_nats_messages_published_total",
+                "Messages JetStream acknowledged storing (PubAck)",
+            ),
+            failed: metrics.counter(
+                "sink_nats_publish_failures_total",
+                "Publishes that failed or were not acknowledged in time; each is retried with the same message id",
+            ),
+            too_large: metrics.counter(
+                "sink_nats_messages_too_large_total",
+                "Messages dropped because they are larger than the server's max_payload",
+            ),
         }
     }
 
@@ -279,6 +298,7 @@ impl Publisher {
                 match js.send_publish(subject.clone(), message).await {
                     Ok(ack) => acks.push(((id, subject, payload), ack)),
                     Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                        self.too_large.inc();
                         tracing::error!(
                             stage = self.stage,
                             subject,
@@ -287,6 +307,7 @@ impl Publisher {
                         );
                     }
                     Err(err) => {
+                        self.failed.inc();
                         last_error = err.to_string();
                         failed.push((id, subject, payload));
                     }
@@ -298,9 +319,15 @@ impl Publisher {
             let outcomes =
                 futures_util::future::join_all(acks.into_iter().map(IntoFuture::into_future)).await;
             for (message, outcome) in messages.into_iter().zip(outcomes) {
-                if let Err(err) = outcome {
-                    last_error = err.to_string();
-                    failed.push(message);
+                match outcome {
+                    Ok(_) => {
+                        self.published.inc();
+                    }
+                    Err(err) => {
+                        self.failed.inc();
+                        last_error = err.to_string();
+                        failed.push(message);
+                    }
                 }
             }
             pending = failed;

@@ -13,6 +13,7 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use sink_api::metrics::{Counter, Metrics};
 use sink_api::{
     BuildContext, ConfigError, Context, Output, Source, SourceConfig, StageError, Timestamp,
 };
@@ -133,6 +134,43 @@ struct NatsSource {
     terminated: Arc<AtomicU64>,
 }
 
+/// The source's metrics: messages delivered (and of those, delivered again),
+/// and how each was answered to JetStream.
+struct SourceMetrics {
+    received: Counter,
+    redelivered: Counter,
+    /// By outcome: acknowledged once written (`ack`), asked again as not
+    /// written (`nak`), terminated as undecodable (`term`).
+    acked: Counter,
+    naked: Counter,
+    terminated: Counter,
+}
+
+impl SourceMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        let answered = |outcome| {
+            metrics.counter_with(
+                "sink_nats_messages_answered_total",
+                "Messages answered to JetStream, by outcome: ack (written by every sink, or already written by this process), nak (not written: delivered again), term (undecodable: never delivered again)",
+                &[("outcome", outcome)],
+            )
+        };
+        Self {
+            received: metrics.counter(
+                "sink_nats_messages_received_total",
+                "Messages the consumer delivered",
+            ),
+            redelivered: metrics.counter(
+                "sink_nats_messages_redelivered_total",
+                "Messages delivered more than once (not acknowledged in time, or nak'd)",
+            ),
+            acked: answered("ack"),
+            naked: answered("nak"),
+            terminated: answered("term"),
+        }
+    }
+}
+
 #[async_trait]
 impl Source for NatsSource {
     async fn run(self: Box<Self>, output: Output, cx: Context) -> Result<(), StageError> {
@@ -142,6 +180,7 @@ impl Source for NatsSource {
         // finished; at most `max_ack_pending` of them, as JetStream delivers no more.
         // Each ends with the stream sequence of the message if it was written.
         let mut acks = JoinSet::new();
+        let metrics = SourceMetrics::new(cx.metrics());
         let mut written = WrittenSequences::default();
         'connect: loop {
             let Some(client) = self.connection.connect_until(&stage, &shutdown).await else {
@@ -196,7 +235,7 @@ impl Source for NatsSource {
                     }
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
-                            if let Some(ack) = self.accept(message, &output, &cx, &mut written).await {
+                            if let Some(ack) = self.accept(message, &output, &cx, &mut written, &metrics).await {
                                 acks.spawn(ack);
                             }
                         }
@@ -263,10 +302,15 @@ impl NatsSource {
         output: &Output,
         cx: &Context,
         written: &mut WrittenSequences,
+        metrics: &SourceMetrics,
     ) -> Option<impl Future<Output = Option<u64>> + Send + 'static> {
         let stage = cx.id();
         let info = message.info().ok();
         let sequence = info.as_ref().map(|info| info.stream_sequence);
+        metrics.received.inc();
+        if info.as_ref().is_some_and(|info| info.delivered > 1) {
+            metrics.redelivered.inc();
+        }
         let stored_at = info
             .and_then(|info| {
                 Timestamp::new(info.published.unix_timestamp(), info.published.nanosecond())
@@ -275,6 +319,7 @@ impl NatsSource {
         let (message, acker) = message.split();
         if sequence.is_some_and(|sequence| written.contains(sequence)) {
             written.skipped += 1;
+            metrics.acked.inc();
             if let Err(err) = acker.ack().await {
                 tracing::warn!(stage, "could not acknowledge a message again: {err}");
             }
@@ -290,6 +335,7 @@ impl NatsSource {
             Ok(batch) => batch,
             Err(err) => {
                 self.terminated.fetch_add(1, Ordering::Relaxed);
+                metrics.terminated.inc();
                 tracing::warn!(stage, subject = %message.subject, "terminating an undecodable message: {}", err.0);
                 if let Err(err) = acker.ack_with(AckKind::Term).await {
                     tracing::warn!(stage, "could not terminate a message: {err}");
@@ -298,6 +344,7 @@ impl NatsSource {
             }
         };
         if batch.is_empty() {
+            metrics.acked.inc();
             if let Err(err) = acker.ack().await {
                 tracing::warn!(stage, "could not acknowledge an empty message: {err}");
             }
@@ -305,11 +352,14 @@ impl NatsSource {
         }
         let delivered = crate::delivery::send_and_track(cx, output, batch).await;
         let stage = stage.to_string();
+        let (acked, naked) = (metrics.acked.clone(), metrics.naked.clone());
         Some(async move {
             let done = delivered.await;
             let kind = if done {
+                acked.inc();
                 AckKind::Ack
             } else {
+                naked.inc();
                 AckKind::Nak(None)
             };
             if let Err(err) = acker.ack_with(kind).await {

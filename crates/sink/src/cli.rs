@@ -9,9 +9,11 @@ use sink_api::{KeyInfo, registered_stages};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::DEFAULT_PIPELINE;
+use crate::api::ReadyState;
 use crate::health::{self, HealthArgs};
 use crate::logging::LogControl;
-use crate::pipeline::{LogLevel, Pipeline, PipelineErrors};
+use crate::metrics::{ReloadOutcome, RuntimeMetrics};
+use crate::pipeline::{LogLevel, Pipeline, PipelineError, PipelineErrors};
 use crate::reload::{FileWatcher, Plan, Snapshot, configs_to_apply};
 use crate::runtime::{Ending, Running};
 
@@ -76,6 +78,15 @@ enum Command {
     /// Ask a running sink over gRPC health (grpc.health.v1) whether it serves:
     /// exit 0 if every address answers SERVING, 1 if not.
     Health(HealthArgs),
+    /// Watch a running sink live: per stage its rates, channel fill and
+    /// errors, the gRPC calls by status and the reloads, read each second
+    /// from its `[api]` endpoint. `q` or Ctrl-C quits; plain lines when
+    /// stdout is not a terminal.
+    Top {
+        /// The `[api] address` of the running sink, `host:port`.
+        #[arg(long, value_name = "ADDRESS")]
+        api: String,
+    },
 }
 
 /// Runs the command line given by `args` (the first being the program name).
@@ -106,6 +117,7 @@ pub fn run_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
         Command::Describe { name } => describe(&name),
         Command::Health(args) => health::run(args, || load(cli.pipeline.as_deref())),
+        Command::Top { api } => crate::top::run(&api),
     }
 }
 
@@ -277,18 +289,32 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     };
     let code = runtime.block_on(async move {
         logs.apply(pipeline.settings.log_level);
+        let registry = sink_api::metrics::MetricsRegistry::new();
+        let ready = ReadyState::starting();
+        // Bound before any stage is built, so that a taken address stops
+        // everything first, like every other mistake.
+        let api = match start_api(&pipeline, &registry, &ready) {
+            Ok(api) => api,
+            Err(errors) => return config_failure(&errors),
+        };
         let reloader = Reloader {
             watched: path.is_some(),
             file,
             current: Snapshot::of(&pipeline),
             last_text: text,
             logs,
+            metrics: RuntimeMetrics::register(&registry),
+            ready,
         };
-        let running = match Running::start(pipeline) {
+        let running = match Running::start_observed(pipeline, &registry) {
             Ok(running) => running,
             Err(errors) => return config_failure(&errors),
         };
-        match run_until_signal(running, reloader).await {
+        let ending = run_until_signal(running, reloader).await;
+        if let Some(api) = api {
+            api.abort();
+        }
+        match ending {
             Ok(Ending::Clean) => {
                 tracing::info!("shut down cleanly: everything accepted was written");
                 ExitCode::SUCCESS
@@ -304,6 +330,31 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     // keep a timed-out process alive: what it held is already counted as lost.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     code
+}
+
+/// Starts the `[api]` endpoint, if the file asks for one.
+fn start_api(
+    pipeline: &Pipeline,
+    registry: &sink_api::metrics::MetricsRegistry,
+    ready: &ReadyState,
+) -> Result<Option<tokio::task::JoinHandle<()>>, PipelineErrors> {
+    let Some(address) = &pipeline.api.address else {
+        return Ok(None);
+    };
+    let error = |message: String| {
+        PipelineErrors(vec![PipelineError {
+            file: pipeline.file.clone(),
+            stage: None,
+            key: Some("api.address".into()),
+            message,
+        }])
+    };
+    let listener = crate::api::bind(address)
+        .map_err(|err| error(format!("cannot listen on {address}: {err}")))?;
+    let (local, task) = crate::api::spawn(listener, registry.clone(), ready.clone())
+        .map_err(|err| error(format!("cannot serve on {address}: {err}")))?;
+    tracing::info!("api listening on {local} (/metrics, /health, /ready)");
+    Ok(Some(task))
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -326,6 +377,11 @@ struct Reloader {
     /// The text last read, so that events that change nothing are ignored.
     last_text: String,
     logs: LogControl,
+    /// Counts each reload's outcome.
+    metrics: RuntimeMetrics,
+    /// What `/ready` answers: told when the pipeline runs and when
+    /// shutdown begins.
+    ready: ReadyState,
 }
 
 impl Reloader {
@@ -362,6 +418,7 @@ impl Reloader {
                 tracing::warn!(
                     "reload failed ({trigger}): {file}: cannot read: {err}; the running pipeline is unchanged"
                 );
+                self.metrics.reloaded(ReloadOutcome::Failed);
                 return;
             }
         };
@@ -378,6 +435,7 @@ impl Reloader {
                     "reload failed ({trigger}): {}; the running pipeline is unchanged",
                     errors.join("; ")
                 );
+                self.metrics.reloaded(ReloadOutcome::Failed);
                 return;
             }
         };
@@ -388,10 +446,12 @@ impl Reloader {
                 "reload refused ({trigger}): needs a restart: {}; the running pipeline is unchanged",
                 plan.needs_restart.join("; ")
             );
+            self.metrics.reloaded(ReloadOutcome::Refused);
             return;
         }
         if plan.is_empty() {
             tracing::info!("reload ({trigger}): nothing changed");
+            self.metrics.reloaded(ReloadOutcome::Unchanged);
             return;
         }
         self.logs.apply(new.settings.log_level);
@@ -410,6 +470,7 @@ impl Reloader {
             }
         }
         self.current = snapshot;
+        self.metrics.reloaded(ReloadOutcome::Applied);
         if pending.is_empty() {
             tracing::info!("reload applied ({trigger}): {described}");
         } else {
@@ -450,6 +511,7 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
     // Said only once signals and the file are watched: from here on, every
     // SIGTERM drains and every edit reloads.
     tracing::info!(pipeline = %reloader.file.display(), "pipeline running");
+    reloader.ready.running(running.readiness().clone());
     let failed = loop {
         let wake = tokio::select! {
             _ = interrupt.recv() => Wake::Stop,
@@ -469,6 +531,7 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
         }
     };
     let timeout = reloader.current.settings().shutdown_timeout;
+    reloader.ready.shutting_down();
     tracing::info!("shutting down: sources stop accepting, then every stage drains");
     let accounts = running.accounts();
     let second = tokio::select! {

@@ -15,13 +15,16 @@
 //! }
 //! ```
 
+pub mod api;
 mod cli;
 pub mod env;
 mod health;
 mod logging;
+pub mod metrics;
 pub mod pipeline;
 pub mod reload;
 pub mod runtime;
+pub mod top;
 
 use std::process::ExitCode;
 

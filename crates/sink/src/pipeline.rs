@@ -25,6 +25,8 @@ pub struct Pipeline {
     pub file: PathBuf,
     /// `[settings]`.
     pub settings: Settings,
+    /// `[api]`.
+    pub api: crate::api::ApiConfig,
     /// Every stage, sources first, then processors, then sinks, each section in file order.
     pub stages: Vec<StageSpec>,
 }
@@ -293,6 +295,8 @@ impl Pipeline {
             );
         }
 
+        let api = parse_api(document.api, &mut errors);
+
         let mut stages = Vec::new();
         // Every declared stage takes part in the graph checks, even one whose
         // own keys are wrong, so that one mistake is not also reported as
@@ -317,6 +321,7 @@ impl Pipeline {
             Ok(Self {
                 file: file.to_path_buf(),
                 settings,
+                api,
                 stages,
             })
         } else {
@@ -396,6 +401,8 @@ struct Document {
     #[serde(default)]
     settings: Table,
     #[serde(default)]
+    api: Table,
+    #[serde(default)]
     sources: Table,
     #[serde(default)]
     processors: Table,
@@ -415,6 +422,16 @@ fn parse_settings(table: Table, errors: &mut Errors) -> Settings {
         return Settings::default();
     }
     deserialize_key::<Settings>(Value::Table(table), errors, None, "settings.").unwrap_or_default()
+}
+
+/// Reads `[api]`, reporting a bad key or address as `api.<key>`.
+fn parse_api(table: Table, errors: &mut Errors) -> crate::api::ApiConfig {
+    let config: crate::api::ApiConfig =
+        deserialize_key(Value::Table(table), errors, None, "api.").unwrap_or_default();
+    if let Err(message) = config.validate() {
+        errors.push(None, Some("api.address".into()), message);
+    }
+    config
 }
 
 /// Collects mistakes, each naming the file.

@@ -22,6 +22,7 @@ use crate::pipeline::{Pipeline, Settings, StageConfig};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     settings: Settings,
+    api: crate::api::ApiConfig,
     stages: BTreeMap<String, StageShape>,
 }
 
@@ -40,6 +41,7 @@ impl Snapshot {
     pub fn of(pipeline: &Pipeline) -> Self {
         Self {
             settings: pipeline.settings.clone(),
+            api: pipeline.api.clone(),
             stages: pipeline
                 .stages
                 .iter()
@@ -85,6 +87,18 @@ impl Plan {
             plan.needs_restart.push(format!(
                 "settings.channel_capacity changed from {} to {}",
                 old.settings.channel_capacity, new.settings.channel_capacity
+            ));
+        }
+        if old.api != new.api {
+            let shown = |api: &crate::api::ApiConfig| {
+                api.address
+                    .as_deref()
+                    .map_or_else(|| "(none)".to_string(), |a| format!("\"{a}\""))
+            };
+            plan.needs_restart.push(format!(
+                "api.address changed from {} to {}",
+                shown(&old.api),
+                shown(&new.api)
             ));
         }
         if old.settings.log_level != new.settings.log_level {
@@ -310,6 +324,16 @@ path = "a.json"
             "{text}"
         );
         assert!(text.contains("sinks.more was added"), "{text}");
+    }
+
+    #[test]
+    fn the_api_address_needs_a_restart() {
+        let new = format!("[api]\naddress = \"127.0.0.1:0\"\n{BASE}");
+        let plan = Plan::between(&snapshot(BASE), &snapshot(&new));
+        assert_eq!(
+            plan.needs_restart,
+            ["api.address changed from (none) to \"127.0.0.1:0\""]
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ use sink_api::{
 };
 use tokio::task::JoinSet;
 
+use sink_api::metrics::MetricsRegistry;
+
+use crate::metrics::{MemoryCollector, StageCollector, StageCounters};
 use crate::pipeline::{Pipeline, PipelineError, PipelineErrors, StageConfig};
 
 /// How long a timed-out shutdown waits, once it has cut the processors and
@@ -180,6 +183,14 @@ impl Running {
     /// bounded channels and starts them. A stage that cannot be built stops
     /// everything before any data flows.
     pub fn start(pipeline: Pipeline) -> Result<Self, PipelineErrors> {
+        Self::start_observed(pipeline, &MetricsRegistry::new())
+    }
+
+    /// [`start`](Self::start), with every stage's metrics in `registry`.
+    pub fn start_observed(
+        pipeline: Pipeline,
+        registry: &MetricsRegistry,
+    ) -> Result<Self, PipelineErrors> {
         let mut built = Vec::new();
         let mut errors = Vec::new();
         for stage in &pipeline.stages {
@@ -206,6 +217,7 @@ impl Running {
         // Every processor and sink gets one input channel; each upstream
         // stage's output holds a sender into it.
         let mut senders: HashMap<String, BatchSender> = HashMap::new();
+        let mut fills = HashMap::new();
         let mut inputs: HashMap<String, Input> = HashMap::new();
         let mut inlets: HashMap<String, Arc<Inlet>> = HashMap::new();
         for stage in pipeline
@@ -214,6 +226,7 @@ impl Running {
             .filter(|s| s.kind != StageKind::Source)
         {
             let (sender, input) = sink_api::channel(stage.capacity);
+            fills.insert(stage.id.clone(), (sender.fill(), stage.capacity));
             let inlet = sender.inlet();
             inlet.set_when_full(stage.when_full);
             inlets.insert(stage.id.clone(), inlet);
@@ -263,6 +276,7 @@ impl Running {
             memory: MemoryBudget::new(pipeline.settings.memory_limit.0),
             downstream: Vec::new(),
         };
+        let mut counters = Vec::new();
         let mut accepted: HashMap<String, Arc<AtomicU64>> = HashMap::new();
         let mut written: Vec<(String, Arc<AtomicU64>)> = Vec::new();
         let Pipeline { stages, .. } = pipeline;
@@ -275,10 +289,27 @@ impl Running {
             let (cx, params) = Context::new(&stage.id, running.shutdown.clone(), initial);
             let cx = cx
                 .with_memory(running.memory.clone())
-                .with_readiness(readiness.clone());
+                .with_readiness(readiness.clone())
+                .with_metrics(registry.for_stage(&stage.id, &stage.type_name, stage.kind));
             running.params.insert(stage.id.clone(), params);
             let output = outputs.get(&stage.id).cloned().unwrap_or_default();
             let input = inputs.remove(&stage.id);
+            counters.push(StageCounters {
+                labels: StageCounters::labels(&stage.id, &stage.type_name, stage.kind),
+                received: input
+                    .as_ref()
+                    .map_or_else(|| output.sent_counter(), Input::received_counter),
+                sent: match (&built, &input) {
+                    (Built::Sink(_), Some(input)) => input.handled_counter(),
+                    _ => output.sent_counter(),
+                },
+                batches: match (&built, &input) {
+                    (Built::Sink(_), Some(input)) => input.handled_batches_counter(),
+                    _ => output.batches_counter(),
+                },
+                input: fills.remove(&stage.id),
+                inlet: inlets.get(&stage.id).cloned(),
+            });
             let id = stage.id.clone();
             let task = match (built, input) {
                 (Built::Source(source), _) => {
@@ -322,6 +353,8 @@ impl Running {
             .collect();
         running.accounts = Accounts(accounts.into());
         running.monitor = tokio::spawn(monitor_drops(running.accounts.clone()));
+        registry.register_collector(Box::new(StageCollector(counters)));
+        registry.register_collector(Box::new(MemoryCollector(running.memory.clone())));
         Ok(running)
     }
 

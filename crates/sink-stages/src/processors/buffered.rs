@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sink_api::metrics::{Counter, Gauge, Metrics};
 use sink_api::{
     Batch, BuildContext, ConfigError, Context, Input, Output, Processor, ProcessorConfig,
     StageError,
@@ -101,26 +102,28 @@ impl Processor for Buffered {
         let mut buffer = Batch::new();
         let mut ticker = periodic(config.flush_interval);
         let mut flushed_for_shutdown = false;
+        let metrics = BufferMetrics::new(cx.metrics());
         loop {
             tokio::select! {
                 received = input.recv() => {
                     let Some(batch) = received else {
-                        return forward(&mut buffer, &output).await;
+                        return forward(&mut buffer, &output, &metrics, Reason::InputClosed).await;
                     };
                     // Readings and the tokens of their calls, merged.
                     buffer.append(batch);
+                    metrics.held.set(buffer.len() as i64);
                     if buffer.len() >= config.max_events {
-                        forward(&mut buffer, &output).await?;
+                        forward(&mut buffer, &output, &metrics, Reason::Size).await?;
                         ticker.reset();
                     }
                 }
-                _ = ticker.tick() => forward(&mut buffer, &output).await?,
+                _ = ticker.tick() => forward(&mut buffer, &output, &metrics, Reason::Interval).await?,
                 new = params.changed() => {
                     if new.flush_interval != config.flush_interval {
                         ticker = periodic(new.flush_interval);
                     }
                     if buffer.len() >= new.max_events {
-                        forward(&mut buffer, &output).await?;
+                        forward(&mut buffer, &output, &metrics, Reason::Reload).await?;
                         ticker.reset();
                     }
                     config = new;
@@ -129,7 +132,7 @@ impl Processor for Buffered {
                 // finished: it shortens shutdown. Input is still drained after.
                 _ = cx.shutdown().wait(), if !flushed_for_shutdown => {
                     flushed_for_shutdown = true;
-                    forward(&mut buffer, &output).await?;
+                    forward(&mut buffer, &output, &metrics, Reason::Shutdown).await?;
                 }
             }
         }
@@ -143,12 +146,71 @@ fn periodic(period: Duration) -> Interval {
     ticker
 }
 
+/// Why the buffer was forwarded: the `reason` label of
+/// `sink_buffered_flushes_total`.
+#[derive(Debug, Clone, Copy)]
+enum Reason {
+    Size,
+    Interval,
+    InputClosed,
+    Shutdown,
+    Reload,
+}
+
+impl Reason {
+    const ALL: [Self; 5] = [
+        Self::Size,
+        Self::Interval,
+        Self::InputClosed,
+        Self::Shutdown,
+        Self::Reload,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Size => "size",
+            Self::Interval => "interval",
+            Self::InputClosed => "input_closed",
+            Self::Shutdown => "shutdown",
+            Self::Reload => "reload",
+        }
+    }
+}
+
+/// The stage's metrics: readings held now, and flushes by reason.
+struct BufferMetrics {
+    held: Gauge,
+    flushes: [Counter; 5],
+}
+
+impl BufferMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            held: metrics.gauge("sink_buffered_readings", "Readings held in the buffer now"),
+            flushes: Reason::ALL.map(|reason| {
+                metrics.counter_with(
+                    "sink_buffered_flushes_total",
+                    "Batches forwarded, by reason: size, interval, input_closed, shutdown, reload (a lower max_events)",
+                    &[("reason", reason.as_str())],
+                )
+            }),
+        }
+    }
+}
+
 /// Sends the buffer on whole, leaving an empty one; sends nothing when empty.
 /// The sent batch is moved away, never touched again.
-async fn forward(buffer: &mut Batch, output: &Output) -> Result<(), StageError> {
+async fn forward(
+    buffer: &mut Batch,
+    output: &Output,
+    metrics: &BufferMetrics,
+    reason: Reason,
+) -> Result<(), StageError> {
     if buffer.is_empty() {
         return Ok(());
     }
     output.send(std::mem::take(buffer)).await?;
+    metrics.flushes[reason as usize].inc();
+    metrics.held.set(0);
     Ok(())
 }

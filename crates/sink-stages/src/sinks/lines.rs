@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use sink_api::json::{Layout, encode_batch};
+use sink_api::metrics::{Counter, Metrics};
 use sink_api::{Batch, Context, Input, Params, StageError, Timestamp};
 
 /// Waiting batches are added to one write until it holds this many bytes.
@@ -85,6 +86,11 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     /// This config now applies to `target`: at start, and on a reload that
     /// keeps the target. Must not block (start background work instead).
     fn applied(&self, _target: &mut Self::Target) {}
+
+    /// Hands `target` the stage's metrics handle, once opened (at start, and
+    /// after a reload moved it), for counts only the target knows (its own
+    /// reopens and rotations). Must not block.
+    fn observe(&self, _target: &mut Self::Target, _metrics: &Metrics) {}
 }
 
 /// Writes every batch of `input` to `target` until the input ends, then flushes.
@@ -104,9 +110,15 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
         failing_since: None,
         last_wake: None,
         trim: BufferTrim::default(),
+        metrics: LineMetrics::new(cx.metrics()),
+        handle: cx.metrics().clone(),
         progress: Progress::default(),
     };
-    writer.open_for.applied(&mut lock(&writer.target));
+    {
+        let mut target = lock(&writer.target);
+        writer.open_for.observe(&mut target, &writer.handle);
+        writer.open_for.applied(&mut target);
+    }
     loop {
         // At most one wake-up a second: a target whose wish cannot be met
         // (a rotation failing) must not spin the loop.
@@ -178,6 +190,9 @@ struct Writer<C: LineSinkConfig> {
     /// When the target was last woken without a batch.
     last_wake: Option<SystemTime>,
     trim: BufferTrim,
+    metrics: LineMetrics,
+    /// The stage's handle, for [`LineSinkConfig::observe`].
+    handle: Metrics,
     progress: Progress,
 }
 
@@ -226,7 +241,9 @@ impl<C: LineSinkConfig> Writer<C> {
             .await
             .unwrap_or_else(|err| Err(io::Error::other(err)));
         match opened {
-            Ok(target) => {
+            Ok(mut target) => {
+                self.metrics.reopens.inc();
+                self.wanted.observe(&mut target, &self.handle);
                 let old = std::mem::replace(&mut self.target, Arc::new(Mutex::new(target)));
                 close(old, &self.open_for.target_name(), &self.stage).await;
                 self.open_for = Arc::clone(&self.wanted);
@@ -294,6 +311,7 @@ impl<C: LineSinkConfig> Writer<C> {
             })
             .await?;
             self.bytes = bytes;
+            self.metrics.count(written, &outcome, self.bytes.len());
             let err = match outcome {
                 Ok(()) => {
                     if let Some(since) = self.failing_since.take() {
@@ -437,6 +455,52 @@ fn write_from(
         }
     }
     target.flush().map_err(|err| (from, err))
+}
+
+/// The metrics of a line-writing sink.
+struct LineMetrics {
+    bytes: Counter,
+    errors: Counter,
+    /// Reopens by a reload; a target counts its own (rotation) in the same
+    /// series through [`LineSinkConfig::observe`].
+    reopens: Counter,
+}
+
+impl LineMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            bytes: metrics.counter(
+                "sink_bytes_written_total",
+                "Bytes written to the sink's target",
+            ),
+            errors: metrics.counter(
+                "sink_write_errors_total",
+                "Failed writes (each is retried with backoff, so none loses a reading)",
+            ),
+            reopens: target_reopens(metrics),
+        }
+    }
+
+    /// Counts one attempt that started at byte `from` of a write of `len`
+    /// bytes: what it wrote, and whether it failed.
+    fn count(&self, from: usize, outcome: &Result<(), (usize, io::Error)>, len: usize) {
+        let reached = match outcome {
+            Ok(()) => len,
+            Err((done, _)) => {
+                self.errors.inc();
+                *done
+            }
+        };
+        self.bytes.inc_by(reached.saturating_sub(from) as u64);
+    }
+}
+
+/// The `sink_target_reopens_total` series of the stage `metrics` is for.
+pub(crate) fn target_reopens(metrics: &Metrics) -> Counter {
+    metrics.counter(
+        "sink_target_reopens_total",
+        "Times a new file was opened: rotated (by the sink or by another program) or moved by a reload",
+    )
 }
 
 async fn close<T: Write + Send + 'static>(target: Arc<Mutex<T>>, name: &str, stage: &str) {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use super::FileMetrics;
 use super::open::identity;
 use super::rotate::{Compression, Names, Retain, Rotated};
 
@@ -21,6 +22,7 @@ pub(super) struct Job {
     pub names: Names,
     pub compression: Compression,
     pub retain: Option<Retain>,
+    pub metrics: FileMetrics,
 }
 
 /// Runs passes one at a time; a request while one runs is remembered and
@@ -129,6 +131,7 @@ pub(super) fn pass(job: &Job, in_use: Option<(u64, u64)>, now: SystemTime) -> bo
                 "cannot list `{}` to compress or retain rotated files: {err}",
                 dir.display()
             );
+            job.metrics.housekeeping_errors.inc();
             return false;
         }
     };
@@ -144,6 +147,7 @@ pub(super) fn pass(job: &Job, in_use: Option<(u64, u64)>, now: SystemTime) -> bo
         Err(err) if err.kind() == io::ErrorKind::NotFound => true,
         Err(err) => {
             tracing::warn!("cannot remove `{}` ({why}): {err}", path.display());
+            job.metrics.housekeeping_errors.inc();
             succeeded = false;
             false
         }
@@ -189,7 +193,9 @@ pub(super) fn pass(job: &Job, in_use: Option<(u64, u64)>, now: SystemTime) -> bo
             for codec in &unit.compressed {
                 all_gone &= remove(&compressed_path(&plain, *codec), "past `retain`");
             }
-            if !all_gone {
+            if all_gone {
+                job.metrics.retention_removed.inc();
+            } else {
                 kept.push(unit);
             }
         }
@@ -202,12 +208,18 @@ pub(super) fn pass(job: &Job, in_use: Option<(u64, u64)>, now: SystemTime) -> bo
             if busy(&plain) {
                 continue;
             }
-            if let Err(err) = compress(&plain, job.compression) {
-                tracing::warn!(
-                    "cannot compress `{}`: {err}; it stays uncompressed for now and is tried again",
-                    plain.display()
-                );
-                succeeded = false;
+            match compress(&plain, job.compression) {
+                Ok(()) => {
+                    job.metrics.compressed.inc();
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "cannot compress `{}`: {err}; it stays uncompressed for now and is tried again",
+                        plain.display()
+                    );
+                    job.metrics.housekeeping_errors.inc();
+                    succeeded = false;
+                }
             }
         }
     }
@@ -339,8 +351,10 @@ mod tests {
                 names,
                 compression: codec,
                 retain: None,
+                metrics: FileMetrics::default(),
             };
             assert!(pass(&job, None, SystemTime::now()));
+            assert_eq!(job.metrics.compressed.get(), 1);
             assert_eq!(
                 listing(dir.path()),
                 vec![format!("{A}.{ext}"), "out.json".into()]
@@ -375,8 +389,10 @@ mod tests {
             names,
             compression: Compression::Zstd,
             retain: None,
+            metrics: FileMetrics::default(),
         };
         assert!(pass(&job, None, SystemTime::now()));
+        assert_eq!(job.metrics.compressed.get(), 1);
         assert_eq!(
             listing(dir.path()),
             vec![format!("{A}.zst"), format!("{B}.zst")]
@@ -398,12 +414,14 @@ mod tests {
                 max_files: Some(2),
                 max_age: None,
             }),
+            metrics: FileMetrics::default(),
         };
         // The oldest is the file the sink has open: it stays.
         let open = std::fs::metadata(dir.path().join(A)).unwrap();
         assert!(pass(&count, Some(identity(&open)), SystemTime::now()));
         assert_eq!(listing(dir.path()).len(), 4);
         assert!(pass(&count, None, SystemTime::now()));
+        assert_eq!(count.metrics.retention_removed.get(), 1);
         assert_eq!(
             listing(dir.path()),
             vec![format!("{B}.gz"), C.into(), "out.json".into()]
@@ -416,9 +434,11 @@ mod tests {
                 max_files: None,
                 max_age: Some(Duration::from_secs(1800)),
             }),
+            metrics: FileMetrics::default(),
         };
         let now = humantime::parse_rfc3339("2026-12-01T07:10:00Z").unwrap();
         assert!(pass(&age, None, now));
+        assert_eq!(age.metrics.retention_removed.get(), 1);
         assert_eq!(listing(dir.path()), vec![C.to_string(), "out.json".into()]);
     }
 }

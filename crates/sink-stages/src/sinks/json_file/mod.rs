@@ -18,13 +18,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sink_api::json::Layout;
+use sink_api::metrics::{Counter, Metrics};
 use sink_api::{BuildContext, ConfigError, Context, Input, Sink, SinkConfig, StageError};
 
 use self::housekeeping::{Housekeeper, Job};
 use self::open::{Opened, identity, open_output};
 pub use self::rotate::{Compression, Retain, Rotate};
 use self::rotate::{Names, period_end, rename_no_replace};
-use super::lines::{LineSinkConfig, write_lines};
+use super::lines::{LineSinkConfig, target_reopens, write_lines};
 
 /// Appends JSON lines to a file, one write and flush per batch; rotates it
 /// on size or time, keeps what `retain` asks and compresses rotated files.
@@ -110,6 +111,51 @@ pub(crate) struct ActiveFile {
     /// After a failed rotation, not tried again before this.
     retry_rotation_at: Option<SystemTime>,
     housekeeper: Arc<Housekeeper>,
+    metrics: FileMetrics,
+}
+
+/// What json_file counts beside the line sinks' metrics; exported once the
+/// writer hands the stage's handle over ([`LineSinkConfig::observe`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct FileMetrics {
+    /// New files opened at the path (ours or another's rotation).
+    reopens: Counter,
+    rotations: Counter,
+    rotation_errors: Counter,
+    /// Rotated files removed by `retain`.
+    pub(super) retention_removed: Counter,
+    /// Rotated files compressed.
+    pub(super) compressed: Counter,
+    /// Housekeeping steps that failed (to be retried).
+    pub(super) housekeeping_errors: Counter,
+}
+
+impl FileMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            reopens: target_reopens(metrics),
+            rotations: metrics.counter(
+                "sink_file_rotations_total",
+                "Times the sink rotated its file (rotate.max_bytes or rotate.every)",
+            ),
+            rotation_errors: metrics.counter(
+                "sink_file_rotation_errors_total",
+                "Rotations that failed (writing goes on in the active file; retried each second)",
+            ),
+            retention_removed: metrics.counter(
+                "sink_file_retention_removed_total",
+                "Rotated files removed by retain (max_files, max_age)",
+            ),
+            compressed: metrics.counter(
+                "sink_file_compressions_total",
+                "Rotated files compressed in the background",
+            ),
+            housekeeping_errors: metrics.counter(
+                "sink_file_housekeeping_errors_total",
+                "Failed steps of the background housekeeping (list, remove, compress); retried later",
+            ),
+        }
+    }
 }
 
 impl ActiveFile {
@@ -122,6 +168,7 @@ impl ActiveFile {
             since: opened.modified,
             last_rotation: None,
             retry_rotation_at: None,
+            metrics: FileMetrics::default(),
             housekeeper,
         }
     }
@@ -133,6 +180,7 @@ impl ActiveFile {
         self.file = opened.file;
         self.len = opened.len;
         self.since = opened.modified;
+        self.metrics.reopens.inc();
     }
 }
 
@@ -219,6 +267,7 @@ impl JsonFileConfig {
                 names,
                 compression: self.compression,
                 retain: self.retain.clone(),
+                metrics: file.metrics.clone(),
             });
         }
     }
@@ -279,9 +328,11 @@ impl LineSinkConfig for JsonFileConfig {
             match self.rotate(file, time) {
                 Ok(rotated) => {
                     file.retry_rotation_at = None;
+                    file.metrics.rotations.inc();
                     tracing::debug!("rotated {} to `{}`", self.target_name(), rotated.display());
                 }
                 Err(err) => {
+                    file.metrics.rotation_errors.inc();
                     if file.retry_rotation_at.is_none() {
                         tracing::warn!(
                             "cannot rotate {}: {err}; writing on in it, trying again each second",
@@ -296,6 +347,10 @@ impl LineSinkConfig for JsonFileConfig {
             self.housekeep(file);
         }
         Ok(())
+    }
+
+    fn observe(&self, file: &mut ActiveFile, metrics: &Metrics) {
+        file.metrics = FileMetrics::new(metrics);
     }
 
     fn room(&self, file: &ActiveFile) -> usize {

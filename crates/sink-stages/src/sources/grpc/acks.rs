@@ -15,6 +15,7 @@ use sink_api::{
 use sink_proto::SensorValuesResponse;
 use tonic::{Code, Response, Status};
 
+use super::metrics::{GrpcMetrics, Refusal};
 use super::ready::Stall;
 use super::{FULL_RETRY_DELAY, WhenFull, retry_status};
 
@@ -50,7 +51,8 @@ pub(super) fn decoded_bound(message_len: usize, max_readings: usize) -> u64 {
     decoded_bytes((message_len / 2).min(max_readings), message_len)
 }
 
-/// The calls' account of acknowledgements, for logs (and metrics to come).
+/// The calls' account of acknowledgements, for logs (the metrics are
+/// [`GrpcMetrics`]'s).
 #[derive(Debug, Default)]
 pub(super) struct AckStats {
     /// Calls waiting for their readings to be written now.
@@ -134,6 +136,7 @@ pub(super) struct Handoff<'a> {
     pub(super) when_full: WhenFull,
     pub(super) acknowledge: Acknowledge,
     pub(super) stats: &'a AckStats,
+    pub(super) metrics: &'a GrpcMetrics,
     pub(super) stage: &'a str,
     pub(super) epoch: Instant,
     /// Tells readiness when the output stays full.
@@ -167,6 +170,7 @@ impl Handoff<'_> {
         let Self {
             output,
             stats,
+            metrics,
             stage,
             epoch,
             ..
@@ -177,6 +181,7 @@ impl Handoff<'_> {
             // The batch handed back is dropped unsent: its token fails, and
             // nobody waits for it.
             Err(SendError::Full(_)) => {
+                metrics.refused(Refusal::PipelineFull);
                 return Err(retry_status(
                     Code::Unavailable,
                     "the pipeline is full; retry later".into(),
@@ -184,12 +189,13 @@ impl Handoff<'_> {
                 ));
             }
             Err(SendError::Closed(_)) => {
+                metrics.refused(Refusal::ShuttingDown);
                 return Err(Status::unavailable("the pipeline is shutting down"));
             }
         }
         match acknowledgement {
             None => Ok(Response::new(SensorValuesResponse {})),
-            Some(acknowledgement) => wait(acknowledgement, stats, stage, epoch).await,
+            Some(acknowledgement) => wait(acknowledgement, stats, metrics, stage, epoch).await,
         }
     }
 }
@@ -198,30 +204,39 @@ impl Handoff<'_> {
 async fn wait(
     acknowledgement: Acknowledgement,
     stats: &AckStats,
+    metrics: &GrpcMetrics,
     stage: &str,
     epoch: Instant,
 ) -> Result<Response<SensorValuesResponse>, Status> {
     let started = Instant::now();
     tracing::debug!(stage, "a call waits for its readings to be written");
     stats.waiting.fetch_add(1, Ordering::Relaxed);
+    metrics.acks_waiting.inc();
     // Counted down even if the client goes away while it waits.
-    let _waiting = Waiting(&stats.waiting);
+    let _waiting = Waiting(&stats.waiting, metrics);
     let outcome = acknowledgement.await;
     stats.record(stage, outcome, started.elapsed(), epoch);
     match outcome {
-        Delivery::Written => Ok(Response::new(SensorValuesResponse {})),
-        Delivery::Failed => Err(Status::unavailable(
-            "some readings of this call were not written (a sink failed, or the sink shut down before writing them); retry the call",
-        )),
+        Delivery::Written => {
+            metrics.acks_written.inc();
+            Ok(Response::new(SensorValuesResponse {}))
+        }
+        Delivery::Failed => {
+            metrics.acks_failed.inc();
+            Err(Status::unavailable(
+                "some readings of this call were not written (a sink failed, or the sink shut down before writing them); retry the call",
+            ))
+        }
     }
 }
 
 /// Counts a waiting call out when it ends, however it ends.
-struct Waiting<'a>(&'a AtomicU64);
+struct Waiting<'a>(&'a AtomicU64, &'a GrpcMetrics);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.acks_waiting.dec();
     }
 }
 

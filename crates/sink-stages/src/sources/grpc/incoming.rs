@@ -43,6 +43,8 @@ use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{Body, BoxFuture, Service};
 use tonic::transport::server::Connected;
 
+use super::metrics::ConnectionMetrics;
+
 /// Connections the kernel queues for `accept` (Linux caps it at somaxconn).
 pub const LISTEN_BACKLOG: i32 = 1024;
 
@@ -129,7 +131,12 @@ fn millis(duration: Duration) -> u64 {
 /// at once. Accepts only when polled (as tonic's `TcpIncoming` does), so a
 /// connection accepted is always handed to the server; dropping the stream
 /// (tonic does when shutdown starts) closes the listener.
-pub fn incoming(listener: TcpListener, max_connections: usize, idle: IdleTimeout) -> Incoming {
+pub fn incoming(
+    listener: TcpListener,
+    max_connections: usize,
+    idle: IdleTimeout,
+    metrics: ConnectionMetrics,
+) -> Incoming {
     Incoming {
         local: listener.local_addr().ok(),
         listener,
@@ -138,6 +145,8 @@ pub fn incoming(listener: TcpListener, max_connections: usize, idle: IdleTimeout
         pause: None,
         failures: Failures::default(),
         idle,
+        metrics,
+        at_limit: false,
     }
 }
 
@@ -153,6 +162,10 @@ pub struct Incoming {
     pause: Option<Pin<Box<Sleep>>>,
     failures: Failures,
     idle: IdleTimeout,
+    metrics: ConnectionMetrics,
+    /// Whether the last wait for a slot found none: counted once per time
+    /// the bound is reached.
+    at_limit: bool,
 }
 
 impl Stream for Incoming {
@@ -168,9 +181,19 @@ impl Stream for Incoming {
             // At the bound, wait here: new clients queue in the backlog.
             let slot = match this.slot.take() {
                 Some(slot) => slot,
-                None => match ready!(this.slots.poll_acquire(cx)) {
-                    Some(slot) => slot,
-                    None => return Poll::Ready(None),
+                None => match this.slots.poll_acquire(cx) {
+                    Poll::Ready(Some(slot)) => {
+                        this.at_limit = false;
+                        slot
+                    }
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {
+                        if !this.at_limit {
+                            this.at_limit = true;
+                            this.metrics.limit_reached.inc();
+                        }
+                        return Poll::Pending;
+                    }
                 },
             };
             let accepted = match this.listener.poll_accept(cx) {
@@ -185,11 +208,14 @@ impl Stream for Incoming {
                     this.failures.recovered(this.local);
                     // Without it, small answers wait for the client's delayed ACK.
                     let _ = stream.set_nodelay(true);
-                    let connection = Connection::new(stream, remote, slot, this.idle.clone());
+                    this.metrics.accepted.inc();
+                    let open = Open::new(&this.metrics);
+                    let connection = Connection::new(stream, remote, slot, this.idle.clone(), open);
                     return Poll::Ready(Some(Ok(connection)));
                 }
                 Err(err) => {
                     this.slot = Some(slot);
+                    this.metrics.accept_errors.inc();
                     let pause = this.failures.failed(&err, this.local);
                     this.pause = Some(Box::pin(tokio::time::sleep(pause)));
                 }
@@ -328,6 +354,23 @@ pub struct Connection {
     /// Set once idle: every later read sees the end.
     closed: bool,
     _slot: OwnedSemaphorePermit,
+    open: Open,
+}
+
+/// A connection counted open (`sink_grpc_connections`) until dropped.
+struct Open(ConnectionMetrics);
+
+impl Open {
+    fn new(metrics: &ConnectionMetrics) -> Self {
+        metrics.open.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.dec();
+    }
 }
 
 impl Connection {
@@ -336,6 +379,7 @@ impl Connection {
         remote: SocketAddr,
         slot: OwnedSemaphorePermit,
         idle: IdleTimeout,
+        open: Open,
     ) -> Self {
         let check = Box::pin(tokio::time::sleep(idle.get()));
         Self {
@@ -348,6 +392,7 @@ impl Connection {
             check,
             closed: false,
             _slot: slot,
+            open,
         }
     }
 
@@ -397,6 +442,7 @@ impl AsyncRead for Connection {
                 if this.poll_idle(cx) {
                     tracing::debug!(remote = %this.info.remote, "closing an idle connection");
                     this.closed = true;
+                    this.open.0.idle_closed.inc();
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Pending

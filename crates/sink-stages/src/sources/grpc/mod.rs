@@ -11,6 +11,7 @@ mod acks;
 mod body;
 mod decode;
 mod incoming;
+mod metrics;
 mod ready;
 mod tls;
 
@@ -39,6 +40,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub use self::acks::Acknowledge;
 use self::acks::{AckStats, Handoff};
 use self::decode::{DecodedRequest, decode_request};
+use self::metrics::{GrpcMetrics, Refusal};
 pub use self::tls::{HandshakeFailures, TlsConfig};
 
 /// Receives batches of readings over gRPC (`sensor.v1.SensorService`,
@@ -321,9 +323,14 @@ impl Source for GrpcSource {
                 Some(_) => " (TLS)",
             }
         );
-        let tls = self
-            .tls
-            .map(|tls| tls.start(cx.id(), cx.shutdown().clone()));
+        let metrics = GrpcMetrics::new(cx.metrics());
+        let tls = self.tls.map(|tls| {
+            tls.start(
+                cx.id(),
+                cx.shutdown().clone(),
+                metrics.handshake_failures.clone(),
+            )
+        });
         let shared = Arc::new(Shared {
             limits: ArcSwap::from_pointee(Limits::new(&self.config, None)),
             output: ArcSwapOption::from_pointee(output),
@@ -332,6 +339,7 @@ impl Source for GrpcSource {
             acks: AckStats::default(),
             stage: cx.id().into(),
             started: std::time::Instant::now(),
+            metrics,
             stall: ready::Stall::new(&cx),
         });
         let idle = incoming::IdleTimeout::new(self.config.idle_timeout);
@@ -369,7 +377,12 @@ impl Source for GrpcSource {
                 .serve_with_incoming_shutdown(
                     incoming::TrackCalls(routes),
                     tls::Incoming::new(
-                        incoming::incoming(listener, max_connections, idle.clone()),
+                        incoming::incoming(
+                            listener,
+                            max_connections,
+                            idle.clone(),
+                            shared.metrics.connections.clone(),
+                        ),
                         tls.as_ref().map(tls::Running::handshaker),
                     ),
                     async move { shutdown.wait().await },
@@ -470,6 +483,7 @@ struct Shared {
     acks: AckStats,
     stage: Arc<str>,
     started: std::time::Instant,
+    metrics: GrpcMetrics,
     /// Tells readiness when the output stays full.
     stall: Arc<ready::Stall>,
 }
@@ -539,15 +553,20 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let started = std::time::Instant::now();
         if request.uri().path() != sink_proto::SEND_SENSOR_VALUES_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+            let response = Status::unimplemented("no such method").into_http();
+            self.0.metrics.answered(started, &response);
+            return Box::pin(async { Ok(response) });
         }
         let service = self.clone();
         Box::pin(async move {
-            Ok(match service.unary(request).await {
+            let response = match service.unary(request).await {
                 Ok(response) => ok_response(response),
                 Err(status) => status.into_http(),
-            })
+            };
+            service.0.metrics.answered(started, &response);
+            Ok(response)
         })
     }
 }
@@ -632,6 +651,7 @@ impl SensorService {
         // awaited, not while the call waits for a permit.
         let started = Instant::now();
         let too_slow = || {
+            self.0.metrics.refused(Refusal::BodyTimeout);
             Status::deadline_exceeded(format!(
                 "the request body did not arrive within body_timeout ({})",
                 humantime::format_duration(limits.body_timeout)
@@ -644,6 +664,7 @@ impl SensorService {
             return Err(Status::internal("the request carries no message"));
         };
         if prefix.len > limits.max_message_bytes {
+            self.0.metrics.refused(Refusal::MessageTooLarge);
             return Err(Status::resource_exhausted(format!(
                 "the message of {} bytes is too large: max_message_bytes is {}",
                 prefix.len, limits.max_message_bytes
@@ -651,18 +672,21 @@ impl SensorService {
         }
         if prefix.len > 0 {
             if self.0.output.load().is_none() {
+                self.0.metrics.refused(Refusal::ShuttingDown);
                 return Err(Status::unavailable("the sink is shutting down"));
             }
             // Charged on the encoded (for a compressed message, the
             // compressed) size, known from the prefix: refused before the
             // body is read, let alone decoded.
             if let Some((limit, bucket)) = &limits.rate {
-                admit(prefix.len, *limit, bucket)?;
+                admit(prefix.len, *limit, bucket)
+                    .inspect_err(|_| self.0.metrics.rate_limited(prefix.len))?;
             }
         }
         let waited = Instant::now();
         // Beyond `max_concurrent_calls`, wait here with the body unread.
         let Ok(_permit) = Arc::clone(&self.0.calls).acquire_owned().await else {
+            self.0.metrics.refused(Refusal::ShuttingDown);
             return Err(Status::unavailable("the sink is shutting down"));
         };
         // The most the message can decode to, reserved before it is read
@@ -676,13 +700,17 @@ impl SensorService {
         };
         let bound = acks::decoded_bound(raw_len, limits.max_readings_per_call);
         let bound = bound.min(self.0.memory.limit());
-        let memory = acks::reserve(&self.0.memory, bound, limits.when_full).await?;
+        let memory = acks::reserve(&self.0.memory, bound, limits.when_full)
+            .await
+            .inspect_err(|_| self.0.metrics.refused(Refusal::MemoryLimit))?;
         let deadline = started + limits.body_timeout + waited.elapsed();
         let message = timeout_at(deadline, body.message(prefix))
             .await
             .map_err(|_| too_slow())??;
+        self.0.metrics.request(prefix.len);
         let message = if prefix.compressed {
-            body::decompress(encoding, &message, limits.max_message_bytes)?
+            body::decompress(encoding, &message, limits.max_message_bytes)
+                .inspect_err(|status| self.refused_if_exhausted(status, Refusal::MessageTooLarge))?
         } else {
             message
         };
@@ -690,7 +718,8 @@ impl SensorService {
             &message,
             Timestamp::now(),
             limits.max_readings_per_call,
-        )?;
+        )
+        .inspect_err(|status| self.refused_if_exhausted(status, Refusal::TooManyReadings))?;
         let decoded_len = message.len();
         drop(message);
         self.accept(request, memory, decoded_len).await
@@ -710,6 +739,7 @@ impl SensorService {
             return Ok(Response::new(SensorValuesResponse {}));
         }
         let Some(output) = self.0.output.load_full() else {
+            self.0.metrics.refused(Refusal::ShuttingDown);
             return Err(Status::unavailable("the sink is shutting down"));
         };
         let limits = self.0.limits.load_full();
@@ -723,18 +753,29 @@ impl SensorService {
             // At most the whole limit was reserved before decoding; it takes
             // more (and is refused as too large).
             drop(memory);
-            acks::reserve(&self.0.memory, bytes, limits.when_full).await?
+            acks::reserve(&self.0.memory, bytes, limits.when_full)
+                .await
+                .inspect_err(|_| self.0.metrics.refused(Refusal::MemoryLimit))?
         };
         let handoff = Handoff {
             output,
             when_full: limits.when_full,
             acknowledge: limits.acknowledge,
             stats: &self.0.acks,
+            metrics: &self.0.metrics,
             stage: &self.0.stage,
             epoch: self.0.started,
             stall: &self.0.stall,
         };
         handoff.send(batch, memory).await
+    }
+
+    /// Counts `reason` if `status` is RESOURCE_EXHAUSTED (the other errors
+    /// of the same step are malformed input, counted by code alone).
+    fn refused_if_exhausted(&self, status: &Status, reason: Refusal) {
+        if status.code() == Code::ResourceExhausted {
+            self.0.metrics.refused(reason);
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
+use sink_api::metrics::Counter;
 use sink_api::watch::FileWatcher;
 use sink_api::{ConfigError, ShutdownSignal};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,6 +39,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
 use super::incoming::ConnectionInfo;
+use super::metrics::HANDSHAKE_FAILURES;
 
 use self::material::{LeafInfo, Loaded, rfc3339, unix_now};
 
@@ -134,14 +136,24 @@ impl Tls {
     }
 
     /// Starts keeping the material up to date (file changes, SIGHUP, new
-    /// config through [`Running::update`], a daily expiry check) until shutdown.
-    pub(super) fn start(self, stage: &str, shutdown: ShutdownSignal) -> Running {
+    /// config through [`Running::update`], a daily expiry check) until
+    /// shutdown. Failed handshakes are counted in `by_reason` (in
+    /// [`HANDSHAKE_FAILURES`] order) too.
+    pub(super) fn start(
+        self,
+        stage: &str,
+        shutdown: ShutdownSignal,
+        by_reason: [Counter; HANDSHAKE_FAILURES.len()],
+    ) -> Running {
         let stage: Arc<str> = stage.into();
         let current = Arc::new(ArcSwap::from_pointee(Material {
             server: TlsAcceptor::from(Arc::clone(&self.loaded.server)),
             handshake_timeout: self.config.handshake_timeout,
         }));
-        let failures = Arc::new(HandshakeFailures::default());
+        let failures = Arc::new(HandshakeFailures {
+            by_reason,
+            ..HandshakeFailures::default()
+        });
         let (updates, receiver) = watch::channel(self.config.clone());
         let upkeep = Upkeep {
             stage: Arc::clone(&stage),
@@ -191,6 +203,8 @@ impl Running {
 #[derive(Debug, Default)]
 pub struct HandshakeFailures {
     count: AtomicU64,
+    /// The `sink_grpc_tls_handshake_failures_total` series, by reason.
+    by_reason: [Counter; HANDSHAKE_FAILURES.len()],
     last_warned: Mutex<Option<Instant>>,
 }
 
@@ -200,8 +214,13 @@ impl HandshakeFailures {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn record(&self, stage: &str, peer: std::net::SocketAddr, reason: &str) {
+    fn record(&self, stage: &str, peer: std::net::SocketAddr, (label, reason): (&str, String)) {
         let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let index = HANDSHAKE_FAILURES
+            .iter()
+            .position(|known| *known == label)
+            .unwrap_or(HANDSHAKE_FAILURES.len() - 1);
+        self.by_reason[index].inc();
         let warn = {
             let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
             let due = last.is_none_or(|at| at.elapsed() >= FAILURE_WARN_EVERY);
@@ -250,37 +269,46 @@ impl Handshaker {
             let reason = match tokio::time::timeout(timeout, material.server.accept(io)).await {
                 Ok(Ok(stream)) => return Some(stream),
                 Ok(Err(err)) => describe_failure(&err),
-                Err(_) => format!(
-                    "not completed within {} (handshake_timeout)",
-                    humantime::format_duration(timeout)
+                Err(_) => (
+                    "timeout",
+                    format!(
+                        "not completed within {} (handshake_timeout)",
+                        humantime::format_duration(timeout)
+                    ),
                 ),
             };
-            this.failures.record(&this.stage, peer, &reason);
+            this.failures.record(&this.stage, peer, reason);
             None
         }
     }
 }
 
-/// Why a handshake failed, in the operator's words where rustls's are terse.
-fn describe_failure(err: &io::Error) -> String {
+/// Why a handshake failed: its `reason` label (one of
+/// [`HANDSHAKE_FAILURES`]), and in the operator's words where rustls's are
+/// terse.
+fn describe_failure(err: &io::Error) -> (&'static str, String) {
     let rustls_error = err
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_error {
-        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
-            "the client did not speak TLS (a plaintext client on a TLS port?)".into()
-        }
-        Some(rustls::Error::NoCertificatesPresented) => {
-            "the client sent no certificate, and client_ca requires one".into()
-        }
-        Some(rustls::Error::InvalidCertificate(why)) => {
-            format!("the client's certificate was refused: {why:?}")
-        }
-        Some(other) => other.to_string(),
-        None if err.kind() == io::ErrorKind::UnexpectedEof => {
-            "the client closed the connection during the handshake".into()
-        }
-        None => err.to_string(),
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => (
+            "not_tls",
+            "the client did not speak TLS (a plaintext client on a TLS port?)".into(),
+        ),
+        Some(rustls::Error::NoCertificatesPresented) => (
+            "no_client_certificate",
+            "the client sent no certificate, and client_ca requires one".into(),
+        ),
+        Some(rustls::Error::InvalidCertificate(why)) => (
+            "bad_client_certificate",
+            format!("the client's certificate was refused: {why:?}"),
+        ),
+        Some(other) => ("other", other.to_string()),
+        None if err.kind() == io::ErrorKind::UnexpectedEof => (
+            "closed",
+            "the client closed the connection during the handshake".into(),
+        ),
+        None => ("other", err.to_string()),
     }
 }
 

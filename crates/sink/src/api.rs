@@ -1,0 +1,200 @@
+//! `[api]`: the HTTP endpoint that serves `/metrics` (Prometheus),
+//! `/health` and `/ready`, off unless the file gives it an address.
+//!
+//! The listener is bound before any stage is built, so an address in use is
+//! refused at startup like every other mistake; it stays open through the
+//! drain that follows SIGTERM (with `/ready` answering 503), and closes as
+//! the process exits.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::Deserialize;
+use sink_api::Readiness;
+use sink_api::metrics::{MetricsRegistry, OPENMETRICS_TEXT, PROMETHEUS_TEXT};
+
+/// The `[api]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port` to serve on; absent: no endpoint. Port 0 picks a free
+    /// port, which the log names. Needs a restart to change.
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+impl ApiConfig {
+    /// Checks that the address is `host:port` and resolves; the message
+    /// suits key `api.address`.
+    pub fn validate(&self) -> Result<(), String> {
+        let Some(address) = &self.address else {
+            return Ok(());
+        };
+        match address.to_socket_addrs() {
+            Ok(addresses) if addresses.len() > 0 => Ok(()),
+            Ok(_) => Err(format!("`{address}` resolves to no address")),
+            Err(err) => Err(format!(
+                "`{address}` is not a host:port address such as \"127.0.0.1:9464\": {err}"
+            )),
+        }
+    }
+}
+
+/// Binds the endpoint's listener on `address`.
+pub fn bind(address: &str) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// What `/ready` answers from: the process's own phase (starting, running,
+/// shutting down) and, while running, the pipeline's [`sink_api::Readiness`],
+/// the one value the stages mark (a stalled source, a failed sink) and the
+/// gRPC health service reports. So `/ready` is 503 exactly when gRPC health
+/// says NOT_SERVING, plus while the pipeline starts.
+#[derive(Debug, Clone, Default)]
+pub struct ReadyState(Arc<ReadyInner>);
+
+#[derive(Debug, Default)]
+struct ReadyInner {
+    /// [`STARTING`], [`RUNNING`] or [`SHUTTING_DOWN`].
+    phase: AtomicU8,
+    /// The running pipeline's readiness, once it runs.
+    pipeline: OnceLock<Readiness>,
+}
+
+const STARTING: u8 = 0;
+const RUNNING: u8 = 1;
+const SHUTTING_DOWN: u8 = 2;
+
+impl ReadyState {
+    /// Not ready yet: the pipeline is starting.
+    pub fn starting() -> Self {
+        Self::default()
+    }
+
+    /// The pipeline runs; from now on its `readiness` decides.
+    pub fn running(&self, readiness: Readiness) {
+        let _ = self.0.pipeline.set(readiness);
+        let _ =
+            self.0
+                .phase
+                .compare_exchange(STARTING, RUNNING, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Shutdown has begun: not ready from now on.
+    pub fn shutting_down(&self) {
+        self.0.phase.store(SHUTTING_DOWN, Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready, else why, on one line.
+    pub fn check(&self) -> Result<(), String> {
+        match self.0.phase.load(Ordering::Relaxed) {
+            STARTING => Err("the pipeline is starting".into()),
+            SHUTTING_DOWN => Err("shutting down".into()),
+            _ => match self.0.pipeline.get() {
+                Some(readiness) if !readiness.is_ready() => Err(readiness.reasons().join("; ")),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+/// Serves the endpoint on `listener` until the process ends; says where.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    registry: MetricsRegistry,
+    readiness: ReadyState,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move |headers: HeaderMap| {
+                let registry = registry.clone();
+                async move { metrics(&registry, &headers) }
+            }),
+        )
+        .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/ready",
+            get(move || {
+                let readiness = readiness.clone();
+                async move {
+                    match readiness.check() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+                    }
+                }
+            }),
+        );
+    let task = tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, router).await {
+            tracing::error!("the [api] endpoint stopped: {err}");
+        }
+    });
+    Ok((local, task))
+}
+
+/// `/metrics`: OpenMetrics when the scraper accepts it, else the Prometheus
+/// text format.
+fn metrics(registry: &MetricsRegistry, headers: &HeaderMap) -> axum::response::Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("application/openmetrics-text"));
+    let content_type = if openmetrics {
+        OPENMETRICS_TEXT
+    } else {
+        PROMETHEUS_TEXT
+    };
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        registry.encode(openmetrics),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_follows_the_phase_then_the_pipelines_readiness() {
+        let ready = ReadyState::starting();
+        assert_eq!(ready.check(), Err("the pipeline is starting".into()));
+        let pipeline = Readiness::new();
+        ready.running(pipeline.clone());
+        assert_eq!(ready.check(), Ok(()));
+        pipeline.set_not_ready("file", "failed and stopped");
+        pipeline.set_not_ready("sensors", "full for 1s");
+        assert_eq!(
+            ready.check(),
+            Err("stage `file`: failed and stopped; stage `sensors`: full for 1s".into())
+        );
+        pipeline.set_ready("file");
+        pipeline.set_ready("sensors");
+        assert_eq!(ready.check(), Ok(()));
+        ready.shutting_down();
+        assert_eq!(ready.check(), Err("shutting down".into()));
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        let config = |address: &str| ApiConfig {
+            address: Some(address.into()),
+        };
+        assert!(config("127.0.0.1:0").validate().is_ok());
+        assert!(config("localhost:9464").validate().is_ok());
+        assert!(config("127.0.0.1").validate().is_err());
+        assert!(config("127.0.0.1:99999").validate().is_err());
+        assert!(ApiConfig::default().validate().is_ok());
+    }
+}
