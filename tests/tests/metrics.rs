@@ -711,3 +711,36 @@ async fn rotations_retention_and_compression_are_counted() {
         Some(0.0)
     );
 }
+
+#[tokio::test]
+async fn a_flood_of_silent_connections_to_the_api_is_cut_off_and_scrapes_go_on() {
+    let mut sink = SinkProcess::start(&[API, &basic_pipeline("")].concat());
+    let address = sink.api_address();
+    // More connections than the endpoint serves at once (64), sending
+    // nothing, or half a request line.
+    let mut silent: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&address).expect("connect"))
+        .collect();
+    for stream in silent.iter_mut().step_by(2) {
+        std::io::Write::write_all(stream, b"GET /met").expect("write");
+    }
+    // A scrape gets through once the header timeout (5 s) frees slots.
+    assert!(
+        wait_until(|| sink::top::fetch(&address, "/metrics", None).is_ok_and(|(s, _)| s == 200)),
+        "no scrape got through the flood"
+    );
+    // Every silent connection is closed by the endpoint.
+    for stream in &mut silent {
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let mut answer = Vec::new();
+        let closed = std::io::Read::read_to_end(stream, &mut answer).is_ok()
+            || answer.starts_with(b"HTTP/1.1 408");
+        assert!(closed, "a silent connection was kept open");
+    }
+    let mut client = sink.client("sensors").await;
+    client
+        .send_sensor_values(request("after-", 3))
+        .await
+        .expect("the gRPC side serves on");
+    sink.stop();
+}

@@ -107,7 +107,7 @@ impl NatsSinkConfig {
     }
 }
 
-#[typetag::serde(name = "nats")]
+#[sink_api::stage(name = "nats")]
 impl SinkConfig for NatsSinkConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         Connection::validate(&self.url, self.auth.as_ref(), self.tls.as_ref())?;
@@ -169,8 +169,6 @@ impl SinkConfig for NatsSinkConfig {
         }))
     }
 }
-
-sink_api::register_stage!(sink "nats" => NatsSinkConfig);
 
 struct NatsSink {
     config: Arc<NatsSinkConfig>,

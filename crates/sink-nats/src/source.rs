@@ -70,7 +70,7 @@ fn default_ack_wait() -> Duration {
     Duration::from_secs(30)
 }
 
-#[typetag::serde(name = "nats")]
+#[sink_api::stage(name = "nats")]
 impl SourceConfig for NatsSourceConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         Connection::validate(&self.url, self.auth.as_ref(), self.tls.as_ref())?;
@@ -116,8 +116,6 @@ impl SourceConfig for NatsSourceConfig {
         }))
     }
 }
-
-sink_api::register_stage!(source "nats" => NatsSourceConfig);
 
 /// How long one pull request waits on the server. Short, because a pull sent
 /// to a consumer leader that dies is answered by no one: the client notices

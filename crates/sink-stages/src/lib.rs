@@ -8,7 +8,7 @@
 //! | sink | `stdout` | [`sinks::stdout`] |
 //! | sink | `blackhole` | [`sinks::blackhole`] |
 //!
-//! Types register themselves with `typetag` when this crate is linked; a binary
+//! Types register themselves (`#[sink_api::stage]`) when this crate is linked; a binary
 //! that names no item of it must still say `use sink_stages as _;`.
 
 pub mod processors;

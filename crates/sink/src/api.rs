@@ -9,6 +9,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -134,12 +135,55 @@ pub fn spawn(
                 }
             }),
         );
-    let task = tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, router).await {
-            tracing::error!("the [api] endpoint stopped: {err}");
-        }
-    });
+    let task = tokio::spawn(serve(listener, router));
     Ok((local, task))
+}
+
+/// Connections served at once; more wait in the kernel's queue. A scraper or
+/// a probe needs one or two: the bound keeps a flood of idle connections from
+/// taking the descriptors the gRPC listener needs.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may stay open, requests included: a scrape takes
+/// milliseconds, and a client that keeps a connection alive opens a new one.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Accepts connections and serves each in a task of its own, within the
+/// bounds above (axum's own loop has no header timeout or connection bound).
+async fn serve(listener: tokio::net::TcpListener, router: Router) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of descriptors, most likely: wait for some to close.
+                tracing::warn!("the [api] endpoint cannot accept a connection: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            if tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut())
+                .await
+                .is_err()
+            {
+                // Finish the answer in progress, if any, then close.
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(HEADER_TIMEOUT, connection).await;
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// `/metrics`: OpenMetrics when the scraper accepts it, else the Prometheus

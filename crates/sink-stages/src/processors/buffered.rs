@@ -53,7 +53,7 @@ impl Default for BufferedConfig {
     }
 }
 
-#[typetag::serde(name = "buffered")]
+#[sink_api::stage(name = "buffered")]
 impl ProcessorConfig for BufferedConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.max_events == 0 {
@@ -82,8 +82,6 @@ impl ProcessorConfig for BufferedConfig {
         }))
     }
 }
-
-sink_api::register_stage!(processor "buffered" => BufferedConfig);
 
 struct Buffered {
     config: Arc<BufferedConfig>,

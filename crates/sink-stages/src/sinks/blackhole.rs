@@ -21,7 +21,7 @@ pub struct BlackholeConfig {
     pub delay_per_batch: Duration,
 }
 
-#[typetag::serde(name = "blackhole")]
+#[sink_api::stage(name = "blackhole")]
 impl SinkConfig for BlackholeConfig {
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Sink>, ConfigError> {
         Ok(Box::new(Blackhole {
@@ -29,8 +29,6 @@ impl SinkConfig for BlackholeConfig {
         }))
     }
 }
-
-sink_api::register_stage!(sink "blackhole" => BlackholeConfig);
 
 struct Blackhole {
     delay_per_batch: Duration,

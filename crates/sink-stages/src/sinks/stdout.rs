@@ -20,7 +20,7 @@ pub struct StdoutConfig {
     pub layout: Layout,
 }
 
-#[typetag::serde(name = "stdout")]
+#[sink_api::stage(name = "stdout")]
 impl SinkConfig for StdoutConfig {
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Sink>, ConfigError> {
         Ok(Box::new(StdoutSink {
@@ -28,8 +28,6 @@ impl SinkConfig for StdoutConfig {
         }))
     }
 }
-
-sink_api::register_stage!(sink "stdout" => StdoutConfig);
 
 impl LineSinkConfig for StdoutConfig {
     type Target = Stdout;

@@ -71,7 +71,7 @@ pub struct JsonFileConfig {
     pub compression: Compression,
 }
 
-#[typetag::serde(name = "json_file")]
+#[sink_api::stage(name = "json_file")]
 impl SinkConfig for JsonFileConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.path.as_os_str().is_empty() {
@@ -92,8 +92,6 @@ impl SinkConfig for JsonFileConfig {
         }))
     }
 }
-
-sink_api::register_stage!(sink "json_file" => JsonFileConfig);
 
 /// The file being written, and what rotation needs to know of it.
 #[derive(Debug)]

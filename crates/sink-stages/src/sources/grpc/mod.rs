@@ -197,7 +197,7 @@ impl RateLimit {
     }
 }
 
-#[typetag::serde(name = "grpc")]
+#[sink_api::stage(name = "grpc")]
 impl SourceConfig for GrpcConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.max_concurrent_calls == 0 {
@@ -289,8 +289,6 @@ impl SourceConfig for GrpcConfig {
         }))
     }
 }
-
-sink_api::register_stage!(source "grpc" => GrpcConfig);
 
 /// What `address` binds: Go's `:port` (an original `.env`'s
 /// GRPC_SERVER_SOCKET may say `:8000`) is every IPv4 interface.
