@@ -140,3 +140,74 @@ async fn a_flood_of_empty_items_into_a_stuck_sink_stays_within_the_bound() {
         BOUND >> 20
     );
 }
+
+/// The whole server's gRPC health status, polled until it is `want` (at
+/// most [`DEADLINE`]).
+async fn health_becomes(
+    address: std::net::SocketAddr,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < DEADLINE {
+        if health_of(address, "")
+            .await
+            .is_ok_and(|status| status == want)
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Calls waiting for room in memory_limit (the channel itself has room)
+/// make the pipeline not ready, as a full channel does; room makes it ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_for_memory_turn_health_not_serving_until_there_is_room() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let pipeline = format!(
+        "[settings]\nmemory_limit = \"16MiB\"\n{}",
+        [
+            grpc("sensors", UNBOUNDED_READINGS),
+            stage(
+                "sinks",
+                "slow",
+                "blackhole",
+                &["sensors"],
+                "delay_per_batch = \"3s\"",
+            ),
+        ]
+        .concat()
+    );
+    let mut sink = SinkProcess::start(&pipeline);
+    let address = sink.address("sensors");
+    // About 9.5 MB each once decoded: one fits in 16 MiB, two do not.
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = connect(address).await;
+                client.send_sensor_values(empty_items(110_000)).await
+            })
+        })
+        .collect();
+    assert!(
+        health_becomes(address, ServingStatus::NotServing).await,
+        "health stayed SERVING while a call waited for memory"
+    );
+    assert!(
+        sink.wait_log("for room in settings.memory_limit"),
+        "{}",
+        sink.log_text()
+    );
+    assert!(
+        health_becomes(address, ServingStatus::Serving).await,
+        "health did not recover once there was room"
+    );
+    for call in calls {
+        call.await
+            .expect("call task")
+            .expect("both calls are accepted in the end");
+    }
+    sink.stop();
+    assert!(sink.log_text().contains("220000"), "{}", sink.log_text());
+}

@@ -698,7 +698,10 @@ impl SensorService {
         };
         let bound = acks::decoded_bound(raw_len, limits.max_readings_per_call);
         let bound = bound.min(self.0.memory.limit());
-        let memory = acks::reserve(&self.0.memory, bound, limits.when_full)
+        let memory = self
+            .0
+            .stall
+            .waiting_for_memory(acks::reserve(&self.0.memory, bound, limits.when_full))
             .await
             .inspect_err(|_| self.0.metrics.refused(Refusal::MemoryLimit))?;
         let deadline = started + limits.body_timeout + waited.elapsed();
@@ -751,7 +754,9 @@ impl SensorService {
             // At most the whole limit was reserved before decoding; it takes
             // more (and is refused as too large).
             drop(memory);
-            acks::reserve(&self.0.memory, bytes, limits.when_full)
+            self.0
+                .stall
+                .waiting_for_memory(acks::reserve(&self.0.memory, bytes, limits.when_full))
                 .await
                 .inspect_err(|_| self.0.metrics.refused(Refusal::MemoryLimit))?
         };

@@ -3,8 +3,9 @@
 //! reports readiness on the standard gRPC health service, so that load
 //! balancers move traffic away from a stalled sink and back once it drains.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use sink_api::{Batch, Context, Output, Readiness, SendError, ShutdownSignal};
@@ -23,6 +24,14 @@ pub(super) struct Stall {
     shutdown: ShutdownSignal,
     /// Whether a watcher task runs (at most one does).
     watching: AtomicBool,
+    /// Whether the output has been full for over [`STALL_AFTER`].
+    output_full: AtomicBool,
+    /// Calls that have waited over [`STALL_AFTER`] for room in
+    /// `settings.memory_limit`.
+    waiting_for_memory: AtomicUsize,
+    /// Serializes the (rare) changes of the stage's readiness, so that the
+    /// last one set reflects both conditions.
+    report: Mutex<()>,
 }
 
 impl Stall {
@@ -32,7 +41,57 @@ impl Stall {
             readiness: cx.readiness().clone(),
             shutdown: cx.shutdown().clone(),
             watching: AtomicBool::new(false),
+            output_full: AtomicBool::new(false),
+            waiting_for_memory: AtomicUsize::new(0),
+            report: Mutex::new(()),
         })
+    }
+
+    /// Awaits `reserving` (a call's wait for room in `settings.memory_limit`);
+    /// past [`STALL_AFTER`] the pipeline counts as stalled until the wait ends,
+    /// as when the output is full.
+    pub(super) async fn waiting_for_memory<T>(&self, reserving: impl Future<Output = T>) -> T {
+        let mut reserving = std::pin::pin!(reserving);
+        // Most calls find room at once: no timer for them.
+        let first = std::future::poll_fn(|cx| Poll::Ready(reserving.as_mut().poll(cx))).await;
+        if let Poll::Ready(reserved) = first {
+            return reserved;
+        }
+        if let Ok(reserved) = tokio::time::timeout(STALL_AFTER, reserving.as_mut()).await {
+            return reserved;
+        }
+        if self.waiting_for_memory.fetch_add(1, Ordering::AcqRel) == 0 {
+            tracing::warn!(
+                stage = self.stage,
+                "calls have waited {STALL_AFTER:?} for room in settings.memory_limit: gRPC health says NOT_SERVING until there is room"
+            );
+        }
+        self.report();
+        let reserved = reserving.await;
+        if self.waiting_for_memory.fetch_sub(1, Ordering::AcqRel) == 1 {
+            tracing::info!(stage = self.stage, "settings.memory_limit has room again");
+        }
+        self.report();
+        reserved
+    }
+
+    /// Sets the stage's readiness from both conditions.
+    fn report(&self) {
+        let _one_at_a_time = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let stage = self.stage.as_str();
+        if self.output_full.load(Ordering::Acquire) {
+            self.readiness.set_not_ready(
+                stage,
+                format!("its output has been full for over {STALL_AFTER:?}"),
+            );
+        } else if self.waiting_for_memory.load(Ordering::Acquire) > 0 {
+            self.readiness.set_not_ready(
+                stage,
+                format!("settings.memory_limit has been reached for over {STALL_AFTER:?}"),
+            );
+        } else {
+            self.readiness.set_ready(stage);
+        }
     }
 
     /// Hands `batch` to `output`: at once if there is room; otherwise it
@@ -89,13 +148,12 @@ impl Stall {
             stage,
             "the pipeline has been full for {STALL_AFTER:?}: calls wait or are refused, and gRPC health says NOT_SERVING until it drains"
         );
-        self.readiness.set_not_ready(
-            stage,
-            format!("its output has been full for over {STALL_AFTER:?}"),
-        );
+        self.output_full.store(true, Ordering::Release);
+        self.report();
         let since = tokio::time::Instant::now();
         output.room().await;
-        self.readiness.set_ready(stage);
+        self.output_full.store(false, Ordering::Release);
+        self.report();
         tracing::info!(
             stage,
             "the pipeline has room again, after being full for about {:.1}s: gRPC health says SERVING unless another stage is not ready",
