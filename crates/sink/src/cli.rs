@@ -420,10 +420,10 @@ impl Reloader {
                 return;
             }
             Err(err) => {
+                self.metrics.reloaded(ReloadOutcome::Failed);
                 tracing::warn!(
                     "reload failed ({trigger}): {file}: cannot read: {err}; the running pipeline is unchanged"
                 );
-                self.metrics.reloaded(ReloadOutcome::Failed);
                 return;
             }
         };
@@ -436,27 +436,27 @@ impl Reloader {
             Ok(new) => new,
             Err(errors) => {
                 let errors: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+                self.metrics.reloaded(ReloadOutcome::Failed);
                 tracing::warn!(
                     "reload failed ({trigger}): {}; the running pipeline is unchanged",
                     errors.join("; ")
                 );
-                self.metrics.reloaded(ReloadOutcome::Failed);
                 return;
             }
         };
         let snapshot = Snapshot::of(&new);
         let plan = Plan::between(&self.current, &snapshot);
         if !plan.needs_restart.is_empty() {
+            self.metrics.reloaded(ReloadOutcome::Refused);
             tracing::warn!(
                 "reload refused ({trigger}): needs a restart: {}; the running pipeline is unchanged",
                 plan.needs_restart.join("; ")
             );
-            self.metrics.reloaded(ReloadOutcome::Refused);
             return;
         }
         if plan.is_empty() {
-            tracing::info!("reload ({trigger}): nothing changed");
             self.metrics.reloaded(ReloadOutcome::Unchanged);
+            tracing::info!("reload ({trigger}): nothing changed");
             return;
         }
         self.logs.apply(new.settings.log_level);
