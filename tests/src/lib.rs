@@ -384,7 +384,10 @@ pub fn request_range(prefix: &str, range: std::ops::Range<usize>) -> SensorValue
 /// The JSON lines of the file at `path` (none if it does not exist); panics
 /// on a line that is not valid JSON.
 pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    parse_lines(&std::fs::read_to_string(path).unwrap_or_default())
+}
+
+fn parse_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|line| {
             serde_json::from_str(line)
@@ -393,9 +396,21 @@ pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The sensor names of the whole lines of the file at `path` while the sink
+/// may be writing to it: a line being written is not one yet.
+pub fn sensor_names_so_far(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
+    names_of(&parse_lines(whole))
+}
+
 /// The sensor names in a `value`-layout file, in file order.
 pub fn sensor_names(path: &Path) -> Vec<String> {
-    json_lines(path)
+    names_of(&json_lines(path))
+}
+
+fn names_of(lines: &[serde_json::Value]) -> Vec<String> {
+    lines
         .iter()
         .map(|line| {
             line["sensor_name"]
@@ -406,11 +421,11 @@ pub fn sensor_names(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Waits until the file at `path` holds `count` lines.
+/// Waits until the file at `path` holds `count` whole lines.
 pub fn wait_for_lines(path: &Path, count: usize) -> bool {
     wait_until(|| {
-        std::fs::read_to_string(path)
-            .map(|t| t.lines().count() >= count)
+        std::fs::read(path)
+            .map(|bytes| bytes.iter().filter(|&&b| b == b'\n').count() >= count)
             .unwrap_or(false)
     })
 }

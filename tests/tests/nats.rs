@@ -208,13 +208,10 @@ fn writer(urls: &[String], consumer: &str, filter: &str, out: &Path) -> String {
     .concat()
 }
 
-/// The sensor names in `path`, or none when it does not exist yet.
+/// The sensor names of the whole lines in `path` (none when it does not
+/// exist yet): the writer may be writing.
 fn names_at(path: &Path) -> Vec<String> {
-    if path.exists() {
-        sensor_names(path)
-    } else {
-        Vec::new()
-    }
+    sensor_names_so_far(path)
 }
 
 /// Waits until `path` holds every one of `expected` (duplicates aside).

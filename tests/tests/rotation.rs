@@ -150,7 +150,7 @@ async fn sigkill_during_compression_loses_nothing_and_the_next_start_finishes_it
             .any(|name| name.ends_with(".gz.tmp"))
     };
     assert!(
-        wait_until(|| compressing() && sensor_names(&path).len() == 10),
+        wait_until(|| compressing() && sensor_names_so_far(&path).len() == 10),
         "never saw the compression running; files: {:?}",
         listing(data.path())
     );
