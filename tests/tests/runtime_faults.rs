@@ -149,6 +149,24 @@ async fn debug_logs_are_ours_not_every_http2_frame() {
     );
 }
 
+#[tokio::test]
+async fn at_debug_level_the_stages_are_described_without_their_values() {
+    let pipeline = format!(
+        "[settings]\nlog_level = \"debug\"\n{}",
+        basic_pipeline("max_events = 7\nflush_interval = \"250ms\"")
+    );
+    let mut sink = SinkProcess::start(&pipeline);
+    sink.stop();
+    let text = sink.log_text();
+    assert!(
+        text.contains("DEBUG")
+            && text.contains("stage `batch`: processor of type `buffered`, inputs [\"sensors\"]")
+            && text.contains("keys [\"max_events\", \"flush_interval\"]"),
+        "{text}"
+    );
+    assert!(!text.contains("250ms"), "a key's value was logged:\n{text}");
+}
+
 /// grpc -> buffered (1 reading per batch) -> json_file `out.json` and stdout
 /// (with `console` keys), one-batch channels so that a stdout nobody reads
 /// fills the pipeline within a few dozen calls.

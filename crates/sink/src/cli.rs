@@ -289,6 +289,7 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
     };
     let (code, loss) = runtime.block_on(async move {
         logs.apply(pipeline.settings.log_level);
+        log_shape(&pipeline);
         let registry = sink_api::metrics::MetricsRegistry::new();
         let ready = ReadyState::starting();
         // Bound before any stage is built, so that a taken address stops
@@ -549,4 +550,22 @@ async fn run_until_signal(mut running: Running, mut reloader: Reloader) -> std::
         accounts,
         format!("second signal ({second}): exiting without draining"),
     )))
+}
+
+/// At debug level, what the runtime is about to build: each stage's kind,
+/// type, inputs and the names of its keys (not their values: they may hold
+/// credentials).
+fn log_shape(pipeline: &Pipeline) {
+    for stage in &pipeline.stages {
+        let keys: Vec<&str> = stage.params.keys().map(String::as_str).collect();
+        tracing::debug!(
+            "stage `{}`: {} of type `{}`, inputs {:?}, input capacity {} batches, keys {:?}",
+            stage.id,
+            stage.kind,
+            stage.type_name,
+            stage.inputs,
+            stage.capacity,
+            keys
+        );
+    }
 }
