@@ -208,17 +208,11 @@ fn writer(urls: &[String], consumer: &str, filter: &str, out: &Path) -> String {
     .concat()
 }
 
-/// The sensor names of the whole lines in `path` (none when it does not
-/// exist yet): the writer may be writing.
-fn names_at(path: &Path) -> Vec<String> {
-    sensor_names_so_far(path)
-}
-
 /// Waits until `path` holds every one of `expected` (duplicates aside).
 fn wait_for_names(path: &Path, expected: &[String]) -> bool {
     let want: std::collections::BTreeSet<&String> = expected.iter().collect();
     wait_until(|| {
-        let have = names_at(path);
+        let have = sensor_names_so_far(path);
         let have: std::collections::BTreeSet<&String> = have.iter().collect();
         want.is_subset(&have)
     })
@@ -250,9 +244,9 @@ async fn readings_round_trip_through_jetstream_in_both_encodings() {
         assert!(wait_for_names(&out, &sent), "not every reading arrived");
         all.stop();
         filtered.stop();
-        assert_each_once(&names_at(&out), &sent);
+        assert_each_once(&sensor_names_so_far(&out), &sent);
         assert_eq!(
-            names_at(&only_t1),
+            sensor_names_so_far(&only_t1),
             [format!("{encoding}1")],
             "the consumer filtered on the sensor's subject"
         );
@@ -313,7 +307,8 @@ async fn a_killed_node_of_three_loses_no_acknowledged_reading() {
     }
     ingest.stop();
     if !wait_for_names(&out, &acknowledged) {
-        let have: std::collections::BTreeSet<String> = names_at(&out).into_iter().collect();
+        let have: std::collections::BTreeSet<String> =
+            sensor_names_so_far(&out).into_iter().collect();
         let missing = acknowledged.iter().filter(|name| !have.contains(*name));
         panic!(
             "{} of {} acknowledged readings are missing (first: {:?})\ningest log:\n{}\nwriter log:\n{}",
@@ -333,7 +328,7 @@ async fn a_killed_node_of_three_loses_no_acknowledged_reading() {
     // Publishes retried across the node's death are stored once (message
     // ids), and messages delivered again because the dead node held the
     // writer's acknowledgement are recognised by the writer (stream sequence).
-    assert_each_once(&names_at(&out), &acknowledged);
+    assert_each_once(&sensor_names_so_far(&out), &acknowledged);
 }
 
 #[tokio::test]
@@ -351,7 +346,7 @@ async fn a_killed_writer_is_refilled_by_redelivery() {
     let first = send_all(&mut client, "a", 50, 100).await;
     let mut writer = SinkProcess::start(&pipeline);
     assert!(
-        wait_until(|| !names_at(&out).is_empty()),
+        wait_until(|| !sensor_names_so_far(&out).is_empty()),
         "the writer wrote nothing"
     );
     writer.signal(libc::SIGKILL);
@@ -366,7 +361,7 @@ async fn a_killed_writer_is_refilled_by_redelivery() {
         "redelivery did not fill the gap"
     );
     writer.stop();
-    let written = names_at(&out);
+    let written = sensor_names_so_far(&out);
     let unique: std::collections::BTreeSet<&String> = written.iter().collect();
     assert_eq!(unique.len(), all.len(), "nothing but the readings sent");
     // At least once: what the killed writer had written but not yet
@@ -421,7 +416,7 @@ async fn nats_down_at_start_and_mid_run_delays_but_loses_nothing() {
         "readings sent while NATS was down are missing"
     );
     writer.stop();
-    assert_each_once(&names_at(&out), &all);
+    assert_each_once(&sensor_names_so_far(&out), &all);
 }
 
 #[tokio::test]
@@ -488,7 +483,7 @@ async fn a_poison_message_is_terminated_and_counted() {
             .log_text()
             .contains("2 undecodable messages were terminated")
     );
-    assert_each_once(&names_at(&out), &sent);
+    assert_each_once(&sensor_names_so_far(&out), &sent);
     // Terminated, not redelivered: the consumer has nothing pending.
     let stream = js.get_stream("TELEMETRY").await.unwrap();
     let mut consumer: jetstream::consumer::PullConsumer =
@@ -523,7 +518,7 @@ async fn round_trip(ingest: &str, writer: &str, out: &Path, prefix: &str) {
         writer.log_text()
     );
     writer.stop();
-    assert_each_once(&names_at(out), &sent);
+    assert_each_once(&sensor_names_so_far(out), &sent);
 }
 
 #[tokio::test]
