@@ -241,3 +241,70 @@ async fn a_timed_out_shutdown_on_a_full_disk_counts_the_loss_exactly() {
     );
     assert!(line.contains(&expected), "expected {expected:?} in {line}");
 }
+
+#[tokio::test]
+#[ignore = "system test: run by .ci/system/20-files.sh"]
+async fn a_full_disk_answers_written_calls_unavailable_and_loses_no_ok() {
+    // Issue 10: with `acknowledge = "written"` and `fsync = true`, the call
+    // whose write fails for want of room is never OK'd; once there is room
+    // the sink's retry writes it, and every reading OK'd is in the file once.
+    let disk = SmallDisk::new("1m");
+    let full = disk.path("out.json");
+    let text = [
+        grpc("sensors", "acknowledge = \"written\""),
+        json_file(
+            "file",
+            &["sensors"],
+            &full.display().to_string(),
+            "fsync = true",
+        ),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start(&text);
+    let mut client = sink.client("sensors").await;
+    let per_call = 200;
+    let (mut acknowledged, refused) = tokio::time::timeout(
+        DEADLINE,
+        fill_until_refused(&mut client, "f", per_call, 200),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("a call was never answered; log:\n{}", sink.log_text()));
+    let status = refused.unwrap_or_else(|| panic!("the disk never filled:\n{}", sink.log_text()));
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unavailable,
+        "{status:?}\n{}",
+        sink.log_text()
+    );
+    // What was OK'd is on the disk already, each reading once.
+    let on_disk = sensor_names(&full);
+    let refused_call: Vec<String> = (acknowledged.len()..acknowledged.len() + per_call)
+        .map(|i| format!("f{i}"))
+        .collect();
+    let before_room: Vec<String> = on_disk
+        .into_iter()
+        .filter(|name| !refused_call.contains(name))
+        .collect();
+    assert_each_once(&before_room, &acknowledged);
+
+    disk.grow("8m");
+    assert!(
+        sink.wait_log("works again, after failing for"),
+        "{}",
+        sink.log_text()
+    );
+    acknowledged.extend(send_all(&mut client, "after", 5, 10).await);
+    sink.stop();
+    // The refused call's readings are written too, by the sink's retry: at
+    // least once, as the client retrying it would.
+    let written: Vec<String> = sensor_names(&full)
+        .into_iter()
+        .filter(|name| !refused_call.contains(name))
+        .collect();
+    assert_each_once(&written, &acknowledged);
+    let all = sensor_names(&full);
+    assert!(
+        refused_call.iter().all(|name| all.contains(name)),
+        "the refused call's readings were never written"
+    );
+}

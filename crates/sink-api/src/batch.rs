@@ -5,7 +5,13 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use smallvec::SmallVec;
+
 use crate::{Reading, Token};
+
+/// A batch from one source call holds one token: kept inline, it costs no
+/// allocation per call.
+type Tokens = SmallVec<[Token; 1]>;
 
 /// What crosses a channel between two stages: readings that travel together,
 /// and the [`Token`]s of the source calls they came from.
@@ -47,7 +53,7 @@ use crate::{Reading, Token};
 #[derive(Debug, Default)]
 pub struct Batch {
     readings: Vec<Reading>,
-    tokens: Vec<Token>,
+    tokens: Tokens,
     /// Set while the batch is in the hands of the stage that took it from
     /// its input, until that stage asks for more.
     lent: Option<Lent>,
@@ -204,7 +210,7 @@ impl From<Vec<Reading>> for Batch {
     fn from(readings: Vec<Reading>) -> Self {
         Self {
             readings,
-            tokens: Vec::new(),
+            tokens: Tokens::new(),
             lent: None,
         }
     }

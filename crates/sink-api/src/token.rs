@@ -6,10 +6,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Mutex, Notify, oneshot};
 
 /// Shared by every copy of the batches that hold one source call's readings
 /// (one `Arc`, cloned per copy, never per reading). When the last copy is
@@ -155,16 +155,31 @@ impl Future for Acknowledgement {
 #[derive(Debug, Clone)]
 pub struct MemoryBudget(Arc<BudgetState>);
 
+/// Every call reserves and releases, so the common path is one atomic
+/// update each way, with no lock: a lock here is taken twice per call, from
+/// two threads. Only a reservation that finds too little free waits, in a
+/// first-come-first-served line.
 #[derive(Debug)]
 struct BudgetState {
-    /// One permit per KiB free.
-    free: Semaphore,
+    /// KiB free: the limit less what is reserved. Below zero while a limit
+    /// lowered under what is held waits for releases to pay it back.
+    free: AtomicI64,
     /// The limit, in KiB.
-    limit: AtomicU64,
-    /// KiB still to be taken out of circulation after the limit was lowered
-    /// while more than the new limit was reserved: paid from releases.
-    debt: AtomicU64,
+    limit: AtomicI64,
+    /// Reservations waiting in the line. While any wait, newcomers queue
+    /// behind them: a stream of small calls cannot starve a large one.
+    waiting: AtomicUsize,
+    /// The line: only its head waits for room, the others for the head.
+    line: Mutex<()>,
+    /// Woken by a release while someone waits.
+    room: Notify,
 }
+
+// Every update is one atomic operation, and the line's lock guards no data:
+// a panic cannot leave the state half-changed. (Declared so that `Context`,
+// which holds a budget, stays unwind-safe as it was.)
+impl std::panic::RefUnwindSafe for BudgetState {}
+impl std::panic::UnwindSafe for BudgetState {}
 
 /// Why memory could not be reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -186,24 +201,30 @@ pub enum ReserveError {
 #[derive(Debug)]
 pub struct Reservation {
     budget: Arc<BudgetState>,
-    kib: u64,
+    kib: i64,
 }
 
-/// The budget counts whole KiB, so that a u32 of permits covers 4 TiB.
+/// The budget counts whole KiB.
 const KIB: u64 = 1024;
 
-fn kib_of(bytes: u64) -> u64 {
-    bytes.div_ceil(KIB)
+/// The largest limit, in KiB (`u64::MAX` bytes, "unlimited", fits).
+const MAX_KIB: u64 = u64::MAX / KIB + 1;
+
+fn kib_of(bytes: u64) -> i64 {
+    // At most 2^54: every sum of limits and reservations fits an i64.
+    bytes.div_ceil(KIB).min(MAX_KIB) as i64
 }
 
 impl MemoryBudget {
     /// A budget of `limit_bytes` (rounded up to whole KiB).
     pub fn new(limit_bytes: u64) -> Self {
-        let limit = kib_of(limit_bytes).min(Semaphore::MAX_PERMITS as u64);
+        let limit = kib_of(limit_bytes);
         Self(Arc::new(BudgetState {
-            free: Semaphore::new(limit as usize),
-            limit: AtomicU64::new(limit),
-            debt: AtomicU64::new(0),
+            free: AtomicI64::new(limit),
+            limit: AtomicI64::new(limit),
+            waiting: AtomicUsize::new(0),
+            line: Mutex::new(()),
+            room: Notify::new(),
         }))
     }
 
@@ -214,83 +235,76 @@ impl MemoryBudget {
 
     /// The limit, in bytes.
     pub fn limit(&self) -> u64 {
-        self.0.limit.load(Ordering::Relaxed).saturating_mul(KIB)
+        (self.0.limit.load(Ordering::Relaxed) as u64).saturating_mul(KIB)
     }
 
     /// Bytes reserved now (approximate while the limit is being changed).
     pub fn used(&self) -> u64 {
         let state = &self.0;
-        let limit = state.limit.load(Ordering::Relaxed);
-        let free = state.free.available_permits() as u64;
-        limit
-            .saturating_sub(free)
-            .saturating_add(state.debt.load(Ordering::Relaxed))
-            .saturating_mul(KIB)
+        let used = state.limit.load(Ordering::Relaxed) - state.free.load(Ordering::Relaxed);
+        (used.max(0) as u64).saturating_mul(KIB)
     }
 
     /// Changes the limit, live. Lowering it below what is reserved takes
     /// effect as reservations are released.
     pub fn set_limit(&self, limit_bytes: u64) {
         let state = &self.0;
-        let new = kib_of(limit_bytes).min(Semaphore::MAX_PERMITS as u64);
-        let old = state.limit.swap(new, Ordering::Relaxed);
-        if new > old {
-            let mut more = new - old;
-            // Cancel debt before adding room.
-            let _ = state
-                .debt
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
-                    let paid = debt.min(more);
-                    more -= paid;
-                    Some(debt - paid)
-                });
-            state.free.add_permits(more as usize);
-        } else if new < old {
-            let less = old - new;
-            let forgotten = state.free.forget_permits(less as usize) as u64;
-            state.debt.fetch_add(less - forgotten, Ordering::Relaxed);
-        }
+        let new = kib_of(limit_bytes);
+        let old = state.limit.swap(new, Ordering::SeqCst);
+        state.release(new - old);
     }
 
     /// Reserves `bytes`, waiting until that much is free. Refuses at once a
-    /// request for more than the whole limit.
+    /// request for more than the whole limit, and one waiting when the limit
+    /// is lowered below it.
     pub async fn reserve(&self, bytes: u64) -> Result<Reservation, ReserveError> {
         let kib = self.admissible(bytes)?;
-        let permit = self
-            .0
-            .free
-            .acquire_many(kib as u32)
-            .await
-            .map_err(|_| ReserveError::Full)?;
-        permit.forget();
-        Ok(self.reservation(kib))
+        let state = &self.0;
+        if state.waiting.load(Ordering::SeqCst) == 0 && state.take(kib) {
+            return Ok(self.reservation(kib));
+        }
+        state.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted out however the wait ends, the caller's going away included.
+        let _waiting = Waiting(&state.waiting);
+        let _head = state.line.lock().await;
+        loop {
+            let room = state.room.notified();
+            let mut room = std::pin::pin!(room);
+            // Registered before looking, so that a release between the look
+            // and the wait still wakes it.
+            room.as_mut().enable();
+            if state.take(kib) {
+                return Ok(self.reservation(kib));
+            }
+            self.admissible(bytes)?;
+            room.await;
+        }
     }
 
-    /// Reserves `bytes` if that much is free now.
+    /// Reserves `bytes` if that much is free now and nobody waits for room.
     pub fn try_reserve(&self, bytes: u64) -> Result<Reservation, ReserveError> {
         let kib = self.admissible(bytes)?;
-        let permit = self
-            .0
-            .free
-            .try_acquire_many(kib as u32)
-            .map_err(|_| ReserveError::Full)?;
-        permit.forget();
-        Ok(self.reservation(kib))
+        let state = &self.0;
+        if state.waiting.load(Ordering::SeqCst) == 0 && state.take(kib) {
+            Ok(self.reservation(kib))
+        } else {
+            Err(ReserveError::Full)
+        }
     }
 
-    fn admissible(&self, bytes: u64) -> Result<u64, ReserveError> {
+    fn admissible(&self, bytes: u64) -> Result<i64, ReserveError> {
         let kib = kib_of(bytes);
         let limit = self.0.limit.load(Ordering::Relaxed);
-        if kib > limit || kib > u64::from(u32::MAX) {
+        if kib > limit {
             return Err(ReserveError::TooLarge {
                 bytes,
-                limit: limit.saturating_mul(KIB),
+                limit: self.limit(),
             });
         }
         Ok(kib)
     }
 
-    fn reservation(&self, kib: u64) -> Reservation {
+    fn reservation(&self, kib: i64) -> Reservation {
         Reservation {
             budget: Arc::clone(&self.0),
             kib,
@@ -298,10 +312,19 @@ impl MemoryBudget {
     }
 }
 
+/// Counts a reservation out of the line when it stops waiting.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Reservation {
     /// The bytes held (in whole KiB).
     pub fn bytes(&self) -> u64 {
-        self.kib * KIB
+        self.kib as u64 * KIB
     }
 
     /// Gives back all but `bytes` of it, once the real size is known to be
@@ -320,21 +343,26 @@ impl Drop for Reservation {
 }
 
 impl BudgetState {
-    fn release(&self, kib: u64) {
+    /// Takes `kib` if that much is free.
+    fn take(&self, kib: i64) -> bool {
+        self.free
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
+                (free >= kib).then_some(free - kib)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `kib` (a negative amount takes it out of circulation: a
+    /// lowered limit) and wakes the head of the line if there is one.
+    fn release(&self, kib: i64) {
         if kib == 0 {
             return;
         }
-        let mut back = kib;
-        // Pay what a lowered limit still owes before freeing room.
-        let _ = self
-            .debt
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
-                let paid = debt.min(kib);
-                back = kib - paid;
-                Some(debt - paid)
-            });
-        if back > 0 {
-            self.free.add_permits(back as usize);
+        self.free.fetch_add(kib, Ordering::SeqCst);
+        // SeqCst on both sides: either the waiter, which counts itself in
+        // before it looks, sees this release, or this sees the waiter.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_one();
         }
     }
 }
@@ -395,6 +423,75 @@ mod tests {
         assert!(!waiting.is_finished(), "granted beyond the limit");
         drop(held);
         assert_eq!(waiting.await.unwrap(), Ok(4 * KIB));
+    }
+
+    #[tokio::test]
+    async fn a_large_waiter_is_served_before_later_small_ones() {
+        let budget = MemoryBudget::new(8 * KIB);
+        let held = budget.try_reserve(6 * KIB).unwrap();
+        let large = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(8 * KIB).await.map(|r| r.bytes()) }
+        });
+        wait_until(|| budget.0.waiting.load(Ordering::SeqCst) == 1).await;
+        // 2 KiB are free, but the line is not empty: newcomers queue.
+        assert_eq!(budget.try_reserve(KIB).unwrap_err(), ReserveError::Full);
+        let mut small = std::pin::pin!(budget.reserve(KIB));
+        assert!(futures_poll(&mut small).is_none(), "jumped the line");
+        drop(held);
+        assert_eq!(large.await.unwrap(), Ok(8 * KIB));
+        assert_eq!(small.await.unwrap().bytes(), KIB);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_leaves_the_line() {
+        let budget = MemoryBudget::new(4 * KIB);
+        let held = budget.try_reserve(4 * KIB).unwrap();
+        let gone = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(4 * KIB).await.map(|r| r.bytes()) }
+        });
+        wait_until(|| budget.0.waiting.load(Ordering::SeqCst) == 1).await;
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(budget.0.waiting.load(Ordering::SeqCst), 0);
+        drop(held);
+        assert_eq!(budget.reserve(4 * KIB).await.unwrap().bytes(), 4 * KIB);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_larger_than_a_lowered_limit_is_refused() {
+        let budget = MemoryBudget::new(8 * KIB);
+        let held = budget.try_reserve(8 * KIB).unwrap();
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(6 * KIB).await.map(|r| r.bytes()) }
+        });
+        wait_until(|| budget.0.waiting.load(Ordering::SeqCst) == 1).await;
+        budget.set_limit(4 * KIB);
+        drop(held);
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(ReserveError::TooLarge { .. })
+        ));
+        assert_eq!(budget.used(), 0);
+    }
+
+    /// Polls `future` once.
+    fn futures_poll<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        match Pin::new(future).poll(&mut TaskContext::from_waker(waker)) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        }
+    }
+
+    async fn wait_until(condition: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     #[test]

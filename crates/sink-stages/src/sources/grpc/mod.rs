@@ -559,7 +559,7 @@ where
         }
         let service = self.clone();
         Box::pin(async move {
-            let response = match service.unary(request).await {
+            let response = match service.unary(request, started.into()).await {
                 Ok(response) => ok_response(response),
                 Err(status) => status.into_http(),
             };
@@ -636,6 +636,7 @@ impl SensorService {
     async fn unary<B>(
         &self,
         request: http::Request<B>,
+        started: Instant,
     ) -> Result<Response<SensorValuesResponse>, Status>
     where
         B: Body,
@@ -645,9 +646,8 @@ impl SensorService {
         let (head, body) = request.into_parts();
         let encoding = body::Encoding::from_headers(&head.headers)?;
         let mut body = body::BodyReader::new(body);
-        // The client's time to deliver the body: it runs while its bytes are
-        // awaited, not while the call waits for a permit.
-        let started = Instant::now();
+        // The client's time to deliver the body runs from `started`, while
+        // its bytes are awaited, not while the call waits for a permit.
         let too_slow = || {
             self.0.metrics.refused(Refusal::BodyTimeout);
             Status::deadline_exceeded(format!(
@@ -681,11 +681,17 @@ impl SensorService {
                     .inspect_err(|_| self.0.metrics.rate_limited(prefix.len))?;
             }
         }
-        let waited = Instant::now();
         // Beyond `max_concurrent_calls`, wait here with the body unread.
-        let Ok(_permit) = Arc::clone(&self.0.calls).acquire_owned().await else {
-            self.0.metrics.refused(Refusal::ShuttingDown);
-            return Err(Status::unavailable("the sink is shutting down"));
+        let (_permit, waited) = match Arc::clone(&self.0.calls).try_acquire_owned() {
+            Ok(permit) => (permit, Duration::ZERO),
+            Err(_) => {
+                let waiting = Instant::now();
+                let Ok(permit) = Arc::clone(&self.0.calls).acquire_owned().await else {
+                    self.0.metrics.refused(Refusal::ShuttingDown);
+                    return Err(Status::unavailable("the sink is shutting down"));
+                };
+                (permit, waiting.elapsed())
+            }
         };
         // The most the message can decode to, reserved before it is read
         // (waiting or refusing per `when_full`, as at a full channel), so
@@ -698,13 +704,8 @@ impl SensorService {
         };
         let bound = acks::decoded_bound(raw_len, limits.max_readings_per_call);
         let bound = bound.min(self.0.memory.limit());
-        let memory = self
-            .0
-            .stall
-            .waiting_for_memory(acks::reserve(&self.0.memory, bound, limits.when_full))
-            .await
-            .inspect_err(|_| self.0.metrics.refused(Refusal::MemoryLimit))?;
-        let deadline = started + limits.body_timeout + waited.elapsed();
+        let memory = self.reserve_memory(bound, limits.when_full).await?;
+        let deadline = started + limits.body_timeout + waited;
         let message = timeout_at(deadline, body.message(prefix))
             .await
             .map_err(|_| too_slow())??;
@@ -754,11 +755,7 @@ impl SensorService {
             // At most the whole limit was reserved before decoding; it takes
             // more (and is refused as too large).
             drop(memory);
-            self.0
-                .stall
-                .waiting_for_memory(acks::reserve(&self.0.memory, bytes, limits.when_full))
-                .await
-                .inspect_err(|_| self.0.metrics.refused(Refusal::MemoryLimit))?
+            self.reserve_memory(bytes, limits.when_full).await?
         };
         let handoff = Handoff {
             output,
@@ -771,6 +768,20 @@ impl SensorService {
             stall: &self.0.stall,
         };
         handoff.send(batch, memory).await
+    }
+
+    /// Reserves `bytes` of `settings.memory_limit` for a call: at once when
+    /// there is room (every call does this twice), else as `when_full` says,
+    /// telling readiness when the wait lasts.
+    async fn reserve_memory(&self, bytes: u64, when_full: WhenFull) -> Result<Reservation, Status> {
+        if let Ok(memory) = self.0.memory.try_reserve(bytes) {
+            return Ok(memory);
+        }
+        self.0
+            .stall
+            .waiting_for_memory(acks::reserve(&self.0.memory, bytes, when_full))
+            .await
+            .inspect_err(|_| self.0.metrics.refused(Refusal::MemoryLimit))
     }
 
     /// Counts `reason` if `status` is RESOURCE_EXHAUSTED (the other errors
