@@ -6,6 +6,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use smallvec::SmallVec;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -727,6 +728,10 @@ pub struct Output {
     batches: Arc<AtomicU64>,
 }
 
+/// Room reserved in the channels a batch goes to: inline for up to two
+/// (most stages feed one or two), so a send allocates nothing.
+type Permits<'a> = SmallVec<[(&'a BatchSender, mpsc::Permit<'a, Batch>); 2]>;
+
 /// The batch could not be sent; it is handed back.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -754,7 +759,7 @@ impl Output {
     /// them or none; a channel that drops when full is tried last, at once.
     pub async fn send(&self, batch: impl Into<Batch>) -> Result<(), SendError> {
         let batch = batch.into();
-        let mut permits = Vec::with_capacity(self.targets.len());
+        let mut permits = Permits::new();
         let mut dropping = false;
         for target in self.targets.iter() {
             if target.inlet.when_full() == WhenFull::Drop {
@@ -776,7 +781,7 @@ impl Output {
     /// room now; otherwise sends nothing and hands it back.
     pub fn try_send(&self, batch: impl Into<Batch>) -> Result<(), SendError> {
         let batch = batch.into();
-        let mut permits = Vec::with_capacity(self.targets.len());
+        let mut permits = Permits::new();
         let mut dropping = false;
         for target in self.targets.iter() {
             if target.inlet.when_full() == WhenFull::Drop {
@@ -806,10 +811,7 @@ impl Output {
     }
 
     /// Adds the room there is now in the channels that drop when full.
-    fn reserve_dropping<'a>(
-        &'a self,
-        permits: &mut Vec<(&'a BatchSender, mpsc::Permit<'a, Batch>)>,
-    ) {
+    fn reserve_dropping<'a>(&'a self, permits: &mut Permits<'a>) {
         for target in self.targets.iter() {
             let taken = permits.iter().any(|(t, _)| std::ptr::eq(*t, target));
             if !taken && let Ok(permit) = target.sender.try_reserve() {
@@ -832,11 +834,7 @@ impl Output {
     /// batch counts as dropped there and fails its tokens (the readings are
     /// not written everywhere they were meant to go). When every target has
     /// stopped, nothing is sent and the batch comes back as `Closed`.
-    fn deliver(
-        &self,
-        permits: Vec<(&BatchSender, mpsc::Permit<'_, Batch>)>,
-        batch: Batch,
-    ) -> Result<(), SendError> {
+    fn deliver(&self, permits: Permits<'_>, batch: Batch) -> Result<(), SendError> {
         let readings = batch.len() as u64;
         if permits.len() < self.targets.len() {
             let open = self.targets.iter().any(|t| !t.sender.is_closed());
