@@ -645,6 +645,17 @@ async fn acknowledgements_of_written_calls_are_counted() {
         |name: &str| sink.metric("sink_grpc_acknowledgements_total", &[("outcome", name)]);
     assert_eq!(outcome("written"), Some(3.0));
     assert_eq!(outcome("failed"), Some(0.0));
+    // Each waited for the buffer's 50 ms flush and the write: in seconds,
+    // far under one each.
+    let waited = |series: &str| {
+        sink.metric(
+            &format!("sink_grpc_acknowledgement_wait_seconds_{series}"),
+            &[],
+        )
+    };
+    assert_eq!(waited("count"), Some(3.0));
+    let total = waited("sum").expect("a sum");
+    assert!(total > 0.0 && total < 3.0, "waited {total} s in all");
     assert_eq!(
         sink.metric("sink_grpc_calls_waiting_for_write", &[]),
         Some(0.0)

@@ -57,12 +57,8 @@ pub(super) fn decoded_bound(message_len: usize, max_readings: usize) -> u64 {
 pub(super) struct AckStats {
     /// Calls waiting for their readings to be written now.
     pub(super) waiting: AtomicU64,
-    /// Calls answered OK once written.
-    pub(super) written: AtomicU64,
     /// Calls answered UNAVAILABLE because some reading was not written.
     pub(super) failed: AtomicU64,
-    /// Total microseconds calls waited for their acknowledgement.
-    pub(super) wait_micros: AtomicU64,
     /// `failed` when a failure was last logged, and when (ms since start).
     logged: AtomicU64,
     logged_at_ms: AtomicU64,
@@ -73,12 +69,9 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl AckStats {
     fn record(&self, stage: &str, outcome: Delivery, waited: Duration, epoch: Instant) {
-        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-        self.wait_micros.fetch_add(micros, Ordering::Relaxed);
         match outcome {
             Delivery::Written => {
-                self.written.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!(stage, "call acknowledged as written after {} µs", micros);
+                tracing::trace!(stage, "call acknowledged as written after {waited:?}");
             }
             Delivery::Failed => {
                 let failed = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
@@ -215,7 +208,9 @@ async fn wait(
     // Counted down even if the client goes away while it waits.
     let _waiting = Waiting(&stats.waiting, metrics);
     let outcome = acknowledgement.await;
-    stats.record(stage, outcome, started.elapsed(), epoch);
+    let waited = started.elapsed();
+    metrics.ack_wait.observe(waited.as_secs_f64());
+    stats.record(stage, outcome, waited, epoch);
     match outcome {
         Delivery::Written => {
             metrics.acks_written.inc();

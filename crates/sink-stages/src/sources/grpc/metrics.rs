@@ -92,6 +92,8 @@ pub(super) struct GrpcMetrics {
     pub(super) acks_failed: Counter,
     /// Calls waiting for their readings to be written now.
     pub(super) acks_waiting: Gauge,
+    /// How long answered calls waited for their readings to be written.
+    pub(super) ack_wait: Histogram,
     pub(super) connections: ConnectionMetrics,
     /// Failed TLS handshakes by reason, in [`HANDSHAKE_FAILURES`] order.
     pub(super) handshake_failures: [Counter; 6],
@@ -153,6 +155,11 @@ impl GrpcMetrics {
             acks_waiting: metrics.gauge(
                 "sink_grpc_calls_waiting_for_write",
                 "Calls waiting now for their readings to be written (acknowledge = \"written\")",
+            ),
+            ack_wait: metrics.histogram(
+                "sink_grpc_acknowledgement_wait_seconds",
+                "Time a call of acknowledge = \"written\" waited, once its readings were handed on, until every sink had written them or one could not, in seconds",
+                &LATENCY_BUCKETS,
             ),
             connections: ConnectionMetrics {
                 open: metrics.gauge("sink_grpc_connections", "Client connections open now"),
