@@ -415,11 +415,7 @@ mod tests {
     async fn reserve_waits_for_room() {
         let budget = MemoryBudget::new(8 * KIB);
         let held = budget.reserve(6 * KIB).await.unwrap();
-        let waiting = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(4 * KIB).await.map(|r| r.bytes()) }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiting = queued(&budget, 4 * KIB).await;
         assert!(!waiting.is_finished(), "granted beyond the limit");
         drop(held);
         assert_eq!(waiting.await.unwrap(), Ok(4 * KIB));
@@ -429,11 +425,7 @@ mod tests {
     async fn a_large_waiter_is_served_before_later_small_ones() {
         let budget = MemoryBudget::new(8 * KIB);
         let held = budget.try_reserve(6 * KIB).unwrap();
-        let large = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(8 * KIB).await.map(|r| r.bytes()) }
-        });
-        wait_until(|| budget.0.waiting.load(Ordering::SeqCst) == 1).await;
+        let large = queued(&budget, 8 * KIB).await;
         // 2 KiB are free, but the line is not empty: newcomers queue.
         assert_eq!(budget.try_reserve(KIB).unwrap_err(), ReserveError::Full);
         let mut small = std::pin::pin!(budget.reserve(KIB));
@@ -447,11 +439,7 @@ mod tests {
     async fn a_waiter_that_goes_away_leaves_the_line() {
         let budget = MemoryBudget::new(4 * KIB);
         let held = budget.try_reserve(4 * KIB).unwrap();
-        let gone = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(4 * KIB).await.map(|r| r.bytes()) }
-        });
-        wait_until(|| budget.0.waiting.load(Ordering::SeqCst) == 1).await;
+        let gone = queued(&budget, 4 * KIB).await;
         gone.abort();
         let _ = gone.await;
         assert_eq!(budget.0.waiting.load(Ordering::SeqCst), 0);
@@ -463,11 +451,7 @@ mod tests {
     async fn a_waiter_larger_than_a_lowered_limit_is_refused() {
         let budget = MemoryBudget::new(8 * KIB);
         let held = budget.try_reserve(8 * KIB).unwrap();
-        let waiting = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(6 * KIB).await.map(|r| r.bytes()) }
-        });
-        wait_until(|| budget.0.waiting.load(Ordering::SeqCst) == 1).await;
+        let waiting = queued(&budget, 6 * KIB).await;
         budget.set_limit(4 * KIB);
         drop(held);
         assert!(matches!(
@@ -486,12 +470,22 @@ mod tests {
         }
     }
 
-    async fn wait_until(condition: impl Fn() -> bool) {
+    /// A task reserving `bytes` of `budget`, once it waits in the line (the
+    /// only one there).
+    async fn queued(
+        budget: &MemoryBudget,
+        bytes: u64,
+    ) -> tokio::task::JoinHandle<Result<u64, ReserveError>> {
+        let task = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(bytes).await.map(|r| r.bytes()) }
+        });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !condition() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out");
+        while budget.0.waiting.load(Ordering::SeqCst) != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "never waited");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        task
     }
 
     #[test]
