@@ -538,7 +538,7 @@ impl Input {
     /// those batches' [`Token`]s (see [`Batch`] for the rules).
     pub async fn recv(&mut self) -> Option<Batch> {
         if self.batches_in_hand > 0 {
-            self.done_marker().mark_all_done();
+            all_done(&self.in_hand, &self.handled);
             self.handled_batches
                 .fetch_add(self.batches_in_hand, Ordering::Relaxed);
         }
@@ -613,7 +613,7 @@ impl Input {
     /// timed-out shutdown's loss count is exact. At most what is in hand counts.
     /// From a blocking thread, use a [`DoneMarker`].
     pub fn mark_done(&mut self, readings: u64) {
-        self.done_marker().mark_done(readings);
+        done(&self.in_hand, &self.handled, readings);
     }
 
     /// A handle that marks readings in hand done from wherever the work
@@ -668,16 +668,7 @@ impl DoneMarker {
     /// Says that `readings` of those in hand are done; at most what is in
     /// hand counts, so nothing counts twice.
     pub fn mark_done(&self, readings: u64) {
-        let Ok(held) = self
-            .in_hand
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                Some(held - readings.min(held))
-            })
-        else {
-            unreachable!("the update always returns a new value")
-        };
-        self.handled
-            .fetch_add(readings.min(held), Ordering::Relaxed);
+        done(&self.in_hand, &self.handled, readings);
     }
 
     /// Says that every reading in hand is done: a write that carried them
@@ -697,9 +688,23 @@ impl DoneMarker {
     /// # }
     /// ```
     pub fn mark_all_done(&self) {
-        let held = self.in_hand.swap(0, Ordering::Relaxed);
-        self.handled.fetch_add(held, Ordering::Relaxed);
+        all_done(&self.in_hand, &self.handled);
     }
+}
+
+/// Moves `readings` of those `in_hand` (at most all of them) to `handled`.
+fn done(in_hand: &AtomicU64, handled: &AtomicU64, readings: u64) {
+    let held = in_hand
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            Some(held - readings.min(held))
+        })
+        .unwrap_or_else(|held| held);
+    handled.fetch_add(readings.min(held), Ordering::Relaxed);
+}
+
+/// Moves every reading `in_hand` to `handled`.
+fn all_done(in_hand: &AtomicU64, handled: &AtomicU64) {
+    handled.fetch_add(in_hand.swap(0, Ordering::Relaxed), Ordering::Relaxed);
 }
 
 impl Drop for Input {

@@ -269,16 +269,20 @@ impl Running {
             senders.insert(stage.id.clone(), sender);
             inputs.insert(stage.id.clone(), input);
         }
+        // The stages that read each stage's output.
+        let readers_of = |id: &String| {
+            pipeline
+                .stages
+                .iter()
+                .filter(|reader| reader.inputs.contains(id))
+                .map(|reader| &reader.id)
+                .collect::<Vec<_>>()
+        };
         let graph: HashMap<String, (StageKind, Vec<String>)> = pipeline
             .stages
             .iter()
             .map(|stage| {
-                let readers = pipeline
-                    .stages
-                    .iter()
-                    .filter(|reader| reader.inputs.contains(&stage.id))
-                    .map(|reader| reader.id.clone())
-                    .collect();
+                let readers = readers_of(&stage.id).into_iter().cloned().collect();
                 (stage.id.clone(), (stage.kind, readers))
             })
             .collect();
@@ -286,11 +290,9 @@ impl Running {
             .stages
             .iter()
             .map(|stage| {
-                let targets = pipeline
-                    .stages
-                    .iter()
-                    .filter(|reader| reader.inputs.contains(&stage.id))
-                    .filter_map(|reader| senders.get(&reader.id).cloned())
+                let targets = readers_of(&stage.id)
+                    .into_iter()
+                    .filter_map(|reader| senders.get(reader).cloned())
                     .collect();
                 (stage.id.clone(), Output::new(targets))
             })
