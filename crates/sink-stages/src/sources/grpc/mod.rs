@@ -682,16 +682,12 @@ impl SensorService {
             }
         }
         // Beyond `max_concurrent_calls`, wait here with the body unread.
-        let (_permit, waited) = match Arc::clone(&self.0.calls).try_acquire_owned() {
-            Ok(permit) => (permit, Duration::ZERO),
-            Err(_) => {
-                let waiting = Instant::now();
-                let Ok(permit) = Arc::clone(&self.0.calls).acquire_owned().await else {
-                    self.0.metrics.refused(Refusal::ShuttingDown);
-                    return Err(Status::unavailable("the sink is shutting down"));
-                };
-                (permit, waiting.elapsed())
-            }
+        // Neither the wait for a slot nor the wait for memory below counts
+        // against the client's body_timeout.
+        let waited = Instant::now();
+        let Ok(_permit) = Arc::clone(&self.0.calls).acquire_owned().await else {
+            self.0.metrics.refused(Refusal::ShuttingDown);
+            return Err(Status::unavailable("the sink is shutting down"));
         };
         // The most the message can decode to, reserved before it is read
         // (waiting or refusing per `when_full`, as at a full channel), so
@@ -705,7 +701,7 @@ impl SensorService {
         let bound = acks::decoded_bound(raw_len, limits.max_readings_per_call);
         let bound = bound.min(self.0.memory.limit());
         let memory = self.reserve_memory(bound, limits.when_full).await?;
-        let deadline = started + limits.body_timeout + waited;
+        let deadline = started + limits.body_timeout + waited.elapsed();
         let message = timeout_at(deadline, body.message(prefix))
             .await
             .map_err(|_| too_slow())??;
