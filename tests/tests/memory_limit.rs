@@ -18,6 +18,25 @@ fn empty_items(count: usize) -> SensorValuesRequest {
     }
 }
 
+/// `[settings]` with `settings` (and whatever tables follow), then grpc with
+/// `grpc_keys` into a blackhole that holds its first batch for an hour.
+fn stuck_pipeline(settings: &str, grpc_keys: &str) -> String {
+    format!(
+        "[settings]\n{settings}\n{}",
+        [
+            grpc("sensors", grpc_keys),
+            stage(
+                "sinks",
+                "stuck",
+                "blackhole",
+                &["sensors"],
+                "delay_per_batch = \"1h\"",
+            ),
+        ]
+        .concat()
+    )
+}
+
 /// The peak resident memory of `pid`, in bytes, from /proc.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -89,22 +108,9 @@ fn memory_limit_takes_units_and_refuses_too_small_a_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_empty_items_into_a_stuck_sink_stays_within_the_bound() {
     const BOUND: u64 = 128 << 20;
-    let pipeline = format!(
-        "[settings]\nmemory_limit = \"64MiB\"\n{}",
-        [
-            grpc(
-                "sensors",
-                &format!("{UNBOUNDED_READINGS}\nwhen_full = \"reject\"")
-            ),
-            stage(
-                "sinks",
-                "stuck",
-                "blackhole",
-                &["sensors"],
-                "delay_per_batch = \"1h\"",
-            ),
-        ]
-        .concat()
+    let pipeline = stuck_pipeline(
+        "memory_limit = \"64MiB\"",
+        &format!("{UNBOUNDED_READINGS}\nwhen_full = \"reject\""),
     );
     let sink = SinkProcess::start(&pipeline);
     let address = sink.address("sensors");
@@ -150,20 +156,10 @@ async fn a_flood_of_empty_items_into_a_stuck_sink_stays_within_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_tiny_labels_stays_within_the_bound() {
     const BOUND: u64 = 192 << 20;
-    let pipeline = format!(
-        "[settings]\nmemory_limit = \"128MiB\"\n[api]\naddress = \"127.0.0.1:0\"\n{}",
-        [
-            // The test's own debug-built client is slow to encode these.
-            grpc("sensors", "when_full = \"reject\"\nbody_timeout = \"60s\""),
-            stage(
-                "sinks",
-                "stuck",
-                "blackhole",
-                &["sensors"],
-                "delay_per_batch = \"1h\"",
-            ),
-        ]
-        .concat()
+    let pipeline = stuck_pipeline(
+        "memory_limit = \"128MiB\"\n[api]\naddress = \"127.0.0.1:0\"",
+        // The test's own debug-built client is slow to encode these.
+        "when_full = \"reject\"\nbody_timeout = \"60s\"",
     );
     const ITEMS: usize = 10_000;
     const LABELS: usize = 64;
