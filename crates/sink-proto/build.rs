@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The server is written by hand (crates/sink-stages/src/sources/grpc/mod.rs) so
         // that message-size limits can change live; only the client is generated.
         .build_server(false)
+        // Labels in key order, as the sink keeps them.
+        .btree_map(".")
         .file_descriptor_set_path(&descriptor)
         .compile_protos(&[proto], &[proto_root, well_known])?;
     println!("cargo:rerun-if-changed=../../proto");

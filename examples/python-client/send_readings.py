@@ -16,6 +16,10 @@ with a client certificate when the sink requires one (--tls-cert, --tls-key):
     python3 examples/python-client/send_readings.py --address 127.0.0.1:8443 \
         --tls-ca tls/ca.crt --tls-cert tls/client.crt --tls-key tls/client.key
 
+Float values (sensor_value_float, i + 0.5) and labels on every reading:
+
+    python3 examples/python-client/send_readings.py --float --labels site=north,unit=C
+
 It prints one line per call and exits non-zero if a call fails.
 """
 
@@ -51,13 +55,16 @@ def compile_proto(out_dir):
     )
 
 
-def readings(pb, prefix, count):
-    """count readings: `<prefix><i>` with value i at 2026-11-28T10:00:00Z, except
-    that the second has no value and the third no timestamp."""
+def readings(pb, prefix, count, floats=False, labels=None):
+    """count readings: `<prefix><i>` with value i (i + 0.5 as a float with
+    floats) at 2026-11-28T10:00:00Z, each with labels, except that the second
+    has no value and the third no timestamp."""
     items = []
     for i in range(count):
-        item = pb.SensorValue(sensor_name=f"{prefix}{i}")
-        if i != 1:
+        item = pb.SensorValue(sensor_name=f"{prefix}{i}", labels=labels or {})
+        if i != 1 and floats:
+            item.measurement.sensor_value_float.value = i + 0.5
+        elif i != 1:
             item.measurement.sensor_value.value = i
         if i != 2:
             item.measurement.created_at.FromJsonString("2026-11-28T10:00:00Z")
@@ -66,6 +73,17 @@ def readings(pb, prefix, count):
             item.measurement.SetInParent()
         items.append(item)
     return items
+
+
+def parse_labels(text):
+    """`site=a,unit=C` as a dict."""
+    labels = {}
+    for pair in filter(None, text.split(",")):
+        key, sep, value = pair.partition("=")
+        if not key or not sep:
+            raise argparse.ArgumentTypeError(f"`{pair}` is not key=value with a key")
+        labels[key] = value
+    return labels
 
 
 def open_channel(args):
@@ -100,6 +118,10 @@ def main():
     parser.add_argument("--count", type=int, default=10, help="readings to send")
     parser.add_argument("--per-call", type=int, default=5, help="readings per call")
     parser.add_argument("--prefix", default="py-")
+    parser.add_argument("--float", action="store_true",
+                        help="send float values (sensor_value_float) instead of integers")
+    parser.add_argument("--labels", type=parse_labels, default={},
+                        help="labels on every reading: key=value pairs separated by commas")
     parser.add_argument("--tls-ca", help="PEM CA certificates to trust (TLS; default: the system's)")
     parser.add_argument("--tls-cert", help="PEM client certificate, for a sink that requires one")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -109,7 +131,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as out_dir:
         pb, pb_grpc = compile_proto(out_dir)
-        items = readings(pb, args.prefix, args.count)
+        items = readings(pb, args.prefix, args.count, args.float, args.labels)
         with open_channel(args) as channel:
             stub = pb_grpc.SensorServiceStub(channel)
             for start in range(0, len(items), args.per_call):

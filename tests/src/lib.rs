@@ -375,7 +375,9 @@ pub fn request_range(prefix: &str, range: std::ops::Range<usize>) -> SensorValue
                         seconds: 1_795_860_000,
                         nanos: 0,
                     }),
+                    sensor_value_float: None,
                 }),
+                labels: Default::default(),
             })
             .collect(),
     }

@@ -141,6 +141,78 @@ async fn a_flood_of_empty_items_into_a_stuck_sink_stays_within_the_bound() {
     );
 }
 
+/// Labels count in memory_limit as names do: a request of nothing but tiny
+/// labels (64 per item, 6 bytes each on the wire, about 50 decoded) weighs
+/// 4 MiB and decodes to about 40 MB. Twelve of them into a stuck sink: only
+/// what fits the 128 MiB limit is accepted, and the process stays within the
+/// limit plus 64 MiB (without labels counted, all twelve, about 480 MB, went
+/// in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tiny_labels_stays_within_the_bound() {
+    const BOUND: u64 = 192 << 20;
+    let pipeline = format!(
+        "[settings]\nmemory_limit = \"128MiB\"\n{}",
+        [
+            grpc("sensors", "when_full = \"reject\""),
+            stage(
+                "sinks",
+                "stuck",
+                "blackhole",
+                &["sensors"],
+                "delay_per_batch = \"1h\"",
+            ),
+        ]
+        .concat()
+    );
+    let labels: std::collections::BTreeMap<String, String> = (0..64)
+        .map(|i| (format!("{i:02}"), String::new()))
+        .collect();
+    let item = SensorValue {
+        labels,
+        ..SensorValue::default()
+    };
+    let request = SensorValuesRequest {
+        items: vec![item; 10_000],
+    };
+    assert!(encoded_len(&request) < 4 << 20);
+    let sink = SinkProcess::start(&pipeline);
+    let address = sink.address("sensors");
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut client = connect(address).await;
+                let mut answers = Vec::new();
+                for _ in 0..3 {
+                    answers.push(client.send_sensor_values(request.clone()).await.map(|_| ()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut oks = 0;
+    for client in clients {
+        for answer in client.await.expect("client task") {
+            match answer {
+                Ok(()) => oks += 1,
+                Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+            }
+        }
+    }
+    let peak = peak_rss(sink.pid());
+    eprintln!("{oks} of 12 calls accepted; peak RSS {} MiB", peak >> 20);
+    assert!(
+        (1..=4).contains(&oks),
+        "{oks} calls of about 40 MB each let into 128 MiB"
+    );
+    assert!(
+        peak < BOUND,
+        "peak RSS {} MiB over {} MiB",
+        peak >> 20,
+        BOUND >> 20
+    );
+}
+
 /// The whole server's gRPC health status, polled until it is `want` (at
 /// most [`DEADLINE`]).
 async fn health_becomes(

@@ -87,6 +87,29 @@ fn a_python_grpcio_client_is_understood() {
     );
     assert!(by_name("py-2")["created_at"].is_null());
     assert_eq!(by_name("py-24")["sensor_value"], 24);
+    assert!(by_name("py-24").get("labels").is_none());
+}
+
+#[test]
+fn a_python_grpcio_client_sends_floats_and_labels() {
+    if !python_ready() {
+        return;
+    }
+    let mut sink = SinkProcess::start(&basic_pipeline("max_events = 5"));
+    run_client(&sink, &["--float", "--labels", "unit=C,site=north"]);
+    sink.stop();
+    let text = std::fs::read_to_string(sink.path("out.json")).expect("written");
+    let line = text
+        .lines()
+        .find(|line| line.contains(r#""py-3""#))
+        .expect("py-3 written");
+    assert!(
+        line.starts_with(
+            r#"{"sensor_name":"py-3","labels":{"site":"north","unit":"C"},"sensor_value":3.5,"#
+        ),
+        "{line}"
+    );
+    assert_eq!(text.lines().count(), 25);
 }
 
 #[test]

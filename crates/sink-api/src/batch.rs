@@ -47,7 +47,7 @@ type Tokens = SmallVec<[Token; 1]>;
 /// }
 /// assert_eq!(merged.len(), 15);
 /// assert_eq!(merged.tokens().len(), 3);
-/// merged.retain(|reading| reading.value.unwrap_or(0) % 2 == 0);
+/// merged.retain(|reading| reading.value.and_then(|v| v.as_i64()).unwrap_or(0) % 2 == 0);
 /// assert_eq!(merged.tokens().len(), 3);
 /// ```
 #[derive(Debug, Default)]

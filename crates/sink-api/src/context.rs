@@ -898,7 +898,8 @@ mod tests {
         (0..n)
             .map(|i| Reading {
                 sensor_name: format!("s{i}"),
-                value: Some(i as i64),
+                labels: crate::Labels::new(),
+                value: Some(crate::Value::Int(i as i64)),
                 created_at: None,
                 received_at: Timestamp::now(),
             })

@@ -1,18 +1,21 @@
 //! The JSON lines the built-in sinks write, shared so that custom sinks can
 //! write the same format.
 
-use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
-use crate::{Reading, Timestamp};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::{Labels, Reading, Timestamp, Value};
 
 /// How readings are laid out as JSON lines.
 ///
 /// ```
 /// use sink_api::json::{Layout, encode_batch};
-/// use sink_api::{Reading, Timestamp};
+/// use sink_api::{Labels, Reading, Timestamp, Value};
 /// let reading = Reading {
 ///     sensor_name: "t1".into(),
-///     value: Some(42),
+///     labels: Labels::new(),
+///     value: Some(Value::Int(42)),
 ///     created_at: Timestamp::new(1_795_860_000, 0),
 ///     received_at: Timestamp::new(1_795_860_000, 512_000_000).unwrap(),
 /// };
@@ -29,7 +32,8 @@ use crate::{Reading, Timestamp};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
-    /// One line per reading: `{"sensor_name":…,"sensor_value":…,"created_at":…,"received_at":…}`.
+    /// One line per reading: `{"sensor_name":…,"labels":{…},"sensor_value":…,"created_at":…,"received_at":…}`
+    /// (`labels` only when the reading has some).
     #[default]
     Value,
     /// One line per batch, as the original Go service wrote its log file.
@@ -90,9 +94,21 @@ impl ReadingEncoder {
     fn encode(&mut self, reading: &Reading, out: &mut Vec<u8>) {
         out.extend_from_slice(br#"{"sensor_name":"#);
         write_string(&reading.sensor_name, out);
+        if !reading.labels.is_empty() {
+            out.extend_from_slice(br#","labels":{"#);
+            for (i, (key, value)) in reading.labels.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_string(key, out);
+                out.push(b':');
+                write_string(value, out);
+            }
+            out.push(b'}');
+        }
         out.extend_from_slice(br#","sensor_value":"#);
         match reading.value {
-            Some(value) => out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
+            Some(value) => write_value(value, out),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(br#","created_at":"#);
@@ -103,6 +119,185 @@ impl ReadingEncoder {
         out.extend_from_slice(br#","received_at":"#);
         self.received_at.write_quoted(reading.received_at, out);
         out.push(b'}');
+    }
+}
+
+/// Appends `value` as a JSON number: an integer as its digits, a float in
+/// the shortest form that reads back to the same `f64`, always with a `.` or
+/// an exponent (`3.0`, `1e21`) so that a reader tells it from an integer.
+/// NaN and the infinities, which JSON cannot write and the built-in sources
+/// refuse, are written `null`.
+///
+/// ```
+/// use sink_api::{Value, json::write_value};
+/// let text = |value| {
+///     let mut out = Vec::new();
+///     write_value(value, &mut out);
+///     String::from_utf8(out).unwrap()
+/// };
+/// assert_eq!(text(Value::Int(-3)), "-3");
+/// assert_eq!(text(Value::Float(3.0)), "3.0");
+/// assert_eq!(text(Value::Float(0.1)), "0.1");
+/// assert_eq!(text(Value::Float(1e21)), "1e21");
+/// assert_eq!(text(Value::Float(f64::NAN)), "null");
+/// ```
+pub fn write_value(value: Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Int(value) => out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
+        Value::Float(value) if value.is_finite() => {
+            out.extend_from_slice(ryu::Buffer::new().format_finite(value).as_bytes())
+        }
+        Value::Float(_) => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A reading read from JSON in the shape [`encode_reading`] writes, where
+/// every field but `sensor_value` may be left out: a source fills in what is
+/// missing (the name from a topic, `received_at` from its clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedReading {
+    /// `sensor_name`, if given.
+    pub sensor_name: Option<String>,
+    /// `labels`, empty if not given.
+    pub labels: Labels,
+    /// `sensor_value`: a number (an integer without `.` or exponent, else a
+    /// float) or `null`.
+    pub value: Option<Value>,
+    /// `created_at`, if given and not `null`.
+    pub created_at: Option<Timestamp>,
+    /// `received_at`, if given.
+    pub received_at: Option<Timestamp>,
+}
+
+impl ParsedReading {
+    /// The reading, with `sensor_name` and `received_at` taken from the JSON
+    /// when it has them and from the arguments when it does not.
+    pub fn into_reading(self, sensor_name: &str, received_at: Timestamp) -> Reading {
+        Reading {
+            sensor_name: self.sensor_name.unwrap_or_else(|| sensor_name.to_owned()),
+            labels: self.labels,
+            value: self.value,
+            created_at: self.created_at,
+            received_at: self.received_at.unwrap_or(received_at),
+        }
+    }
+}
+
+/// Why JSON did not read as readings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(String);
+
+/// Reads one JSON object in the shape [`encode_reading`] writes.
+///
+/// ```
+/// use sink_api::{Value, json::parse_reading};
+/// let r = parse_reading(br#"{"labels":{"site":"a"},"sensor_value":21.5}"#).unwrap();
+/// assert_eq!(r.value, Some(Value::Float(21.5)));
+/// assert_eq!(r.labels.get("site"), Some("a"));
+/// assert!(parse_reading(br#"{"sensor_name":"t1"}"#).is_err()); // no value, not even null
+/// ```
+pub fn parse_reading(json: &[u8]) -> Result<ParsedReading, ParseError> {
+    let object: JsonReading =
+        serde_json::from_slice(json).map_err(|err| ParseError(err.to_string()))?;
+    object.parsed()
+}
+
+/// Reads a JSON object as [`parse_reading`] does, or an array of them.
+///
+/// ```
+/// use sink_api::json::parse_readings;
+/// let all = parse_readings(br#"[{"sensor_value":1},{"sensor_value":null}]"#).unwrap();
+/// assert_eq!(all.len(), 2);
+/// assert_eq!(all[1].value, None);
+/// ```
+pub fn parse_readings(json: &[u8]) -> Result<Vec<ParsedReading>, ParseError> {
+    let is_array = json.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'[');
+    if is_array {
+        let many: Vec<JsonReading> =
+            serde_json::from_slice(json).map_err(|err| ParseError(err.to_string()))?;
+        many.into_iter()
+            .enumerate()
+            .map(|(i, object)| {
+                object
+                    .parsed()
+                    .map_err(|ParseError(why)| ParseError(format!("[{i}]: {why}")))
+            })
+            .collect()
+    } else {
+        parse_reading(json).map(|one| vec![one])
+    }
+}
+
+/// One reading's JSON object as it arrives.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonReading<'a> {
+    #[serde(borrow, default)]
+    sensor_name: Option<Cow<'a, str>>,
+    #[serde(default)]
+    labels: Labels,
+    /// `None`: the key is missing; `Some(None)`: it is `null`.
+    #[serde(default, deserialize_with = "present")]
+    sensor_value: Option<Option<serde_json::Number>>,
+    #[serde(borrow, default)]
+    created_at: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    received_at: Option<Cow<'a, str>>,
+}
+
+/// Deserializes a key that is there, `null` or not.
+fn present<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<serde_json::Number>>, D::Error> {
+    Option::deserialize(deserializer).map(Some)
+}
+
+impl JsonReading<'_> {
+    fn parsed(self) -> Result<ParsedReading, ParseError> {
+        let value = match self.sensor_value {
+            None => {
+                return Err(ParseError(
+                    "missing `sensor_value` (a number, or null for no value)".into(),
+                ));
+            }
+            Some(None) => None,
+            Some(Some(number)) => Some(number_value(&number)?),
+        };
+        let time = |text: Option<Cow<str>>, key: &str| {
+            text.map(|text| {
+                Timestamp::parse_rfc3339(&text).ok_or_else(|| {
+                    ParseError(format!(
+                        "`{key}`: `{text}` is not an RFC 3339 time in the years 0001 to 9999"
+                    ))
+                })
+            })
+            .transpose()
+        };
+        Ok(ParsedReading {
+            created_at: time(self.created_at, "created_at")?,
+            received_at: time(self.received_at, "received_at")?,
+            sensor_name: self.sensor_name.map(Cow::into_owned),
+            labels: self.labels,
+            value,
+        })
+    }
+}
+
+/// An integer when the text had no `.` or exponent, else a float.
+fn number_value(number: &serde_json::Number) -> Result<Value, ParseError> {
+    if let Some(int) = number.as_i64() {
+        Ok(Value::Int(int))
+    } else if number.is_u64() {
+        Err(ParseError(format!(
+            "`sensor_value`: {number} is beyond the 64-bit integer range (write it as a float)"
+        )))
+    } else {
+        number
+            .as_f64()
+            .filter(|float| float.is_finite())
+            .map(Value::Float)
+            .ok_or_else(|| ParseError(format!("`sensor_value`: {number} is not a finite number")))
     }
 }
 
@@ -164,7 +359,8 @@ mod tests {
     fn reading(name: &str, value: Option<i64>) -> Reading {
         Reading {
             sensor_name: name.into(),
-            value,
+            labels: Labels::new(),
+            value: value.map(Value::Int),
             created_at: None,
             received_at: Timestamp::new(0, 0).unwrap(),
         }

@@ -48,6 +48,7 @@ mod batch;
 mod config;
 mod context;
 pub mod json;
+mod limits;
 mod map;
 pub mod metrics;
 mod readiness;
@@ -68,9 +69,10 @@ pub use context::{
     AnyConfig, BatchSender, ChannelFill, Context, DoneMarker, Inlet, Input, Output, ParamSender,
     Params, SendError, ShutdownSignal, WhenFull, channel,
 };
+pub use limits::ReadingLimits;
 pub use map::{MapBatch, MapReadings, map_processor};
 pub use readiness::{Readiness, ReadinessWatch};
-pub use reading::{Reading, Timestamp};
+pub use reading::{Labels, Reading, Timestamp, Value};
 pub use registration::{RegistrationErrors, check_registrations};
 pub use registry::{ConfigType, KeyInfo, StageInfo, StageKind, registered_stages};
 pub use size::{ByteSize, ByteSizeError};

@@ -26,7 +26,7 @@ use crate::{Batch, Context, Input, Output, Processor, Reading, StageError};
 /// impl MapReadings for Offset {
 ///     fn map_reading(&self, reading: &mut Reading) -> bool {
 ///         let Some(value) = &mut reading.value else { return false };
-///         *value = value.saturating_add(self.offset);
+///         *value = value.map(|i| i.saturating_add(self.offset), |f| f + self.offset as f64);
 ///         true
 ///     }
 /// }
@@ -35,7 +35,7 @@ use crate::{Batch, Context, Input, Output, Processor, Reading, StageError};
 /// batch[1].value = None;
 /// Offset { offset: 10 }.map_batch(&mut batch);
 /// let values: Vec<_> = batch.iter().map(|r| r.value).collect();
-/// assert_eq!(values, [Some(10), Some(12)]);
+/// assert_eq!(values, [Some(10.into()), Some(12.into())]);
 /// ```
 pub trait MapReadings: Any + Send + Sync {
     /// Changes `reading` in place; returns whether to keep it.
@@ -104,7 +104,7 @@ impl<T: MapReadings> MapBatch for T {
 ///
 /// impl MapReadings for AtLeast {
 ///     fn map_reading(&self, reading: &mut Reading) -> bool {
-///         reading.value.is_some_and(|value| value >= self.min)
+///         reading.value.is_some_and(|value| value.as_f64() >= self.min as f64)
 ///     }
 /// }
 /// # #[tokio::main(flavor = "current_thread")]

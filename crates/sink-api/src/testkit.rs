@@ -48,8 +48,8 @@ use tokio::task::JoinHandle;
 
 use crate::{
     Acknowledgement, Batch, BatchSender, BuildContext, ConfigError, ConfigType, Context, Delivery,
-    Input, Output, ParamSender, ProcessorConfig, Reading, ShutdownSignal, SinkConfig, SourceConfig,
-    StageError, StageKind, Timestamp, Token,
+    Input, Labels, Output, ParamSender, ProcessorConfig, Reading, ShutdownSignal, SinkConfig,
+    SourceConfig, StageError, StageKind, Timestamp, Token, Value,
 };
 
 /// A batch of readings made up for a test: for each `i` in `range`, the
@@ -63,7 +63,7 @@ use crate::{
 /// let batch = readings("t", 5..7);
 /// assert_eq!(batch.len(), 2);
 /// assert_eq!(batch[0].sensor_name, "t5");
-/// assert_eq!(batch[0].value, Some(5));
+/// assert_eq!(batch[0].value, Some(5.into()));
 /// assert_eq!(batch[1].created_at.unwrap().to_string(), "2026-11-28T10:00:06Z");
 /// assert_eq!(batch[0].received_at, batch[1].received_at);
 /// ```
@@ -72,11 +72,46 @@ pub fn readings(prefix: &str, range: Range<i64>) -> Batch {
     range
         .map(|i| Reading {
             sensor_name: format!("{prefix}{i}"),
-            value: Some(i),
+            labels: Labels::new(),
+            value: Some(Value::Int(i)),
             created_at: Timestamp::new(1_795_860_000 + i, 0),
             received_at,
         })
         .collect()
+}
+
+/// As [`readings`], but of every kind a reading can be: by `i % 4`, an
+/// integer `i`, the float `i + 0.25`, no value, or the float `-i * 1e-3`;
+/// and readings with an even `i` carry the labels `site` (`north` or
+/// `south`, by `i % 4`) and `unit = C`.
+///
+/// ```
+/// use sink_api::Value;
+/// use sink_api::testkit::mixed_readings;
+///
+/// let batch = mixed_readings("t", 0..4);
+/// assert_eq!(batch[0].value, Some(Value::Int(0)));
+/// assert_eq!(batch[1].value, Some(Value::Float(1.25)));
+/// assert_eq!(batch[2].value, None);
+/// assert_eq!(batch[2].labels.get("site"), Some("south"));
+/// assert!(batch[3].labels.is_empty());
+/// ```
+pub fn mixed_readings(prefix: &str, range: Range<i64>) -> Batch {
+    let mut batch = readings(prefix, range);
+    for reading in batch.iter_mut() {
+        let i = reading.value.and_then(Value::as_i64).unwrap_or_default();
+        reading.value = match i % 4 {
+            0 => Some(Value::Int(i)),
+            1 => Some(Value::Float(i as f64 + 0.25)),
+            2 => None,
+            _ => Some(Value::Float(-(i as f64) * 1e-3)),
+        };
+        if i % 2 == 0 {
+            let site = if i % 4 == 0 { "north" } else { "south" };
+            reading.labels = Labels::from_iter([("site", site), ("unit", "C")]);
+        }
+    }
+    batch
 }
 
 /// One stage running on its own, fed and drained by the test.
@@ -189,7 +224,7 @@ impl Harness {
     /// # }
     /// # impl sink_api::MapReadings for Scale {
     /// #     fn map_reading(&self, r: &mut sink_api::Reading) -> bool {
-    /// #         r.value = r.value.map(|v| v * self.factor);
+    /// #         r.value = r.value.map(|v| v.map(|i| i * self.factor, |f| f * self.factor as f64));
     /// #         true
     /// #     }
     /// # }
@@ -199,7 +234,7 @@ impl Harness {
     /// let mut stage = Harness::processor(Scale { factor: 1 }).unwrap();
     /// let version = stage.update(Scale { factor: 10 });
     /// stage.send(readings("t", 1..2)).await;
-    /// assert_eq!(stage.next_batch(WAIT).await.unwrap()[0].value, Some(10));
+    /// assert_eq!(stage.next_batch(WAIT).await.unwrap()[0].value, Some(10.into()));
     /// assert!(stage.applied(version, WAIT).await);
     /// # }
     /// ```
@@ -257,9 +292,11 @@ impl Harness {
 }
 
 /// The readings the conformance checks send unless given others:
-/// [`readings`]`("conformance-", 0..1000)`, that is 1000 readings named
-/// `conformance-0` to `conformance-999`, valued 0 to 999, created 0 to 999
-/// seconds after 2026-11-28T10:00:00Z. They are sent in batches of 97.
+/// [`mixed_readings`]`("conformance-", 0..1000)`, that is 1000 readings named
+/// `conformance-0` to `conformance-999`, of every kind a reading can be
+/// (integers, floats, no value; half of them with labels `site` and `unit`),
+/// created 0 to 999 seconds after 2026-11-28T10:00:00Z. They are sent in
+/// batches of 97.
 ///
 /// A stage that selects readings (by name, by value) may keep or drop all of
 /// these: a filter whose `sensors = ["sensor-*"]` matches none of them drops
@@ -269,7 +306,7 @@ impl Harness {
 /// ([`check_processor_on`], [`check_processor_maps_on`],
 /// [`check_processor_with_on`], [`check_sink_with_on`]).
 pub fn conformance_readings() -> Batch {
-    readings("conformance-", 0..1000)
+    mixed_readings("conformance-", 0..1000)
 }
 
 /// Says, on stderr, when a check's selection kept all of the readings sent or
@@ -286,7 +323,7 @@ fn note_if_uniform(kept: usize, sent: usize, check: &str) {
 }
 
 /// Conformance check for a processor, given the property it must have: the
-/// stage is fed [`readings`]`("conformance-", 0..1000)` in batches (each
+/// stage is fed [`mixed_readings`]`("conformance-", 0..1000)` in batches (each
 /// carrying a [`Token`], as a source's call would), handed its config again
 /// midway as a reload would, and shut down; then `observed` of every reading
 /// it sent must equal `expected` of every reading it was sent. It also checks
@@ -314,7 +351,7 @@ fn note_if_uniform(kept: usize, sent: usize, check: &str) {
 /// use sink_api::testkit::check_processor_with;
 ///
 /// // Whatever it does to batches, the values must add up to the same.
-/// let sum = |readings: &[Reading]| readings.iter().filter_map(|r| r.value).sum::<i64>();
+/// let sum = |readings: &[Reading]| readings.iter().filter_map(|r| r.value).map(|v| v.as_f64()).sum::<f64>();
 /// check_processor_with(Total {}, sum, sum).await;
 /// # }
 /// ```
@@ -373,8 +410,8 @@ pub async fn check_processor_with_on<C, T>(
 /// # }
 /// # impl MapReadings for Negate {
 /// #     fn map_reading(&self, r: &mut Reading) -> bool {
-/// #         r.value = r.value.map(|v| -v);
-/// #         r.value != Some(0)
+/// #         r.value = r.value.map(|v| v.map(|i| -i, |f| -f));
+/// #         r.value.is_some_and(|v| v != 0.into())
 /// #     }
 /// # }
 /// # #[tokio::main(flavor = "current_thread")]
@@ -382,8 +419,8 @@ pub async fn check_processor_with_on<C, T>(
 /// use sink_api::testkit::check_processor_maps;
 ///
 /// check_processor_maps(Negate {}, |reading| {
-///     let value = -reading.value?;
-///     (value != 0).then(|| sink_api::Reading { value: Some(value), ..reading.clone() })
+///     let value = reading.value?.map(|i| -i, |f| -f);
+///     (value != 0.into()).then(|| sink_api::Reading { value: Some(value), ..reading.clone() })
 /// })
 /// .await;
 /// # }
@@ -451,7 +488,7 @@ pub async fn check_processor_on<C: ProcessorConfig + Clone>(
 }
 
 /// Conformance check for a sink, given what it must have written: the stage
-/// is fed [`readings`]`("conformance-", 0..1000)` in batches, handed its config
+/// is fed [`mixed_readings`]`("conformance-", 0..1000)` in batches, handed its config
 /// again midway as a reload would, and shut down; then what `written` reads
 /// back from where the sink writes must equal `expected` of every reading
 /// sent. It also checks that the type is registered under one name, that a
@@ -720,7 +757,10 @@ mod tests {
 
     impl MapReadings for Times {
         fn map_reading(&self, reading: &mut Reading) -> bool {
-            reading.value = reading.value.map(|v| v * self.factor);
+            let factor = self.factor;
+            reading.value = reading
+                .value
+                .map(|v| v.map(|i| i * factor, |f| f * factor as f64));
             true
         }
     }
@@ -864,7 +904,7 @@ mod tests {
     async fn a_transform_conforms_and_its_reload_shows_as_applied_with_its_batch() {
         check_processor_maps(Times { factor: 3 }, |r| {
             Some(Reading {
-                value: r.value.map(|v| v * 3),
+                value: r.value.map(|v| v.map(|i| i * 3, |f| f * 3.0)),
                 ..r.clone()
             })
         })
@@ -876,7 +916,7 @@ mod tests {
         let version = stage.update(Times { factor: 10 });
         stage.send(readings("t", 2..3)).await;
         let out = stage.next_batch(WAIT).await.expect("a batch");
-        assert_eq!(out[0].value, Some(20));
+        assert_eq!(out[0].value, Some(Value::Int(20)));
         assert!(stage.applied(version, Duration::ZERO).await);
     }
 

@@ -26,7 +26,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::client::{Connection, Failure};
-use crate::requests::{Encoded, Plan};
+use crate::requests::{Encoded, Plan, Shape};
 use crate::stats::{Counters, Report, latency_histogram};
 
 /// Load generator for telemetry-sink: sends sensor readings over gRPC
@@ -46,6 +46,16 @@ struct Args {
     /// Readings in each call.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     readings_per_call: u64,
+
+    /// Send float values (`i + 0.5`) in `sensor_value_float` instead of
+    /// integers.
+    #[arg(long)]
+    float: bool,
+
+    /// Labels on every reading, as `key=value` pairs separated by commas:
+    /// `--labels site=a,unit=C`.
+    #[arg(long, value_parser = requests::parse_labels, default_value = "")]
+    labels: requests::LabelSet,
 
     /// Distinct sensor names the readings cycle through.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
@@ -185,11 +195,16 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
         seconds: now.as_secs() as i64,
         nanos: now.subsec_nanos() as i32,
     };
+    let shape = Shape {
+        float: args.float,
+        labels: args.labels.clone(),
+    };
     let plan = Plan::new(
         args.readings_per_call,
         args.sensors,
         args.count,
         first_created_at,
+        &shape,
     );
     let start = Instant::now();
     let deadline = match args.count {

@@ -1,5 +1,7 @@
 //! The requests of a run, encoded once before it starts.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use prost::Message;
 use sink_proto::sensor_value::Measurement;
@@ -18,6 +20,29 @@ pub struct Encoded {
     pub frame: Bytes,
     /// Its number of readings.
     pub readings: u64,
+}
+
+/// Labels every reading of a run carries.
+pub type LabelSet = BTreeMap<String, String>;
+
+/// Reads `--labels`: `key=value` pairs separated by commas (empty: none).
+pub fn parse_labels(text: &str) -> Result<LabelSet, String> {
+    text.split(',')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+            _ => Err(format!("`{pair}` is not key=value with a key")),
+        })
+        .collect()
+}
+
+/// What each reading of a run looks like beyond its name and time.
+#[derive(Debug, Clone, Default)]
+pub struct Shape {
+    /// A float value (`i + 0.5`) instead of the integer `i`.
+    pub float: bool,
+    /// Labels on every reading.
+    pub labels: LabelSet,
 }
 
 /// What every call of a run sends. Reading `i` of the run is named
@@ -45,12 +70,13 @@ impl Plan {
         sensors: u64,
         count: Option<u64>,
         start: prost_types::Timestamp,
+        shape: &Shape,
     ) -> Self {
         let per_call = per_call.max(1);
         let sensors = sensors.max(1);
         let cycle = sensors / gcd(sensors, per_call);
         let encode = |call: u64, readings: u64| Encoded {
-            frame: encode_call(call * per_call, readings, sensors, start).into(),
+            frame: encode_call(call * per_call, readings, sensors, start, shape).into(),
             readings,
         };
         let variants = (0..cycle.min(MAX_VARIANTS))
@@ -79,15 +105,23 @@ impl Plan {
     }
 }
 
-fn encode_call(first: u64, readings: u64, sensors: u64, start: prost_types::Timestamp) -> Vec<u8> {
+fn encode_call(
+    first: u64,
+    readings: u64,
+    sensors: u64,
+    start: prost_types::Timestamp,
+    shape: &Shape,
+) -> Vec<u8> {
     let request = SensorValuesRequest {
         items: (first..first + readings)
             .map(|i| SensorValue {
                 sensor_name: format!("sensor-{}", i % sensors),
                 measurement: Some(Measurement {
-                    sensor_value: Some(i as i64),
+                    sensor_value: (!shape.float).then_some(i as i64),
+                    sensor_value_float: shape.float.then_some(i as f64 + 0.5),
                     created_at: Some(millis_after(start, i)),
                 }),
+                labels: shape.labels.clone(),
             })
             .collect(),
     };
@@ -144,7 +178,7 @@ mod tests {
 
     #[test]
     fn counted_run_sends_exactly_count_readings() {
-        let plan = Plan::new(4, 3, Some(10), T);
+        let plan = Plan::new(4, 3, Some(10), T, &Shape::default());
         let sizes: Vec<u64> = (0..)
             .map_while(|call| plan.request(call))
             .map(|encoded| encoded.readings)
@@ -157,7 +191,7 @@ mod tests {
 
     #[test]
     fn calls_rotate_through_every_sensor() {
-        let plan = Plan::new(2, 3, None, T);
+        let plan = Plan::new(2, 3, None, T, &Shape::default());
         let all: Vec<String> = (0..3)
             .flat_map(|call| names(plan.request(call).unwrap()))
             .collect();
@@ -173,7 +207,7 @@ mod tests {
 
     #[test]
     fn requests_carry_values_and_distinct_timestamps() {
-        let plan = Plan::new(2, 1, Some(2), T);
+        let plan = Plan::new(2, 1, Some(2), T, &Shape::default());
         let items = decode(plan.request(0).unwrap()).items;
         let measurements: Vec<_> = items.iter().map(|i| i.measurement.unwrap()).collect();
         assert_eq!(measurements[0].sensor_value, Some(0));
@@ -187,6 +221,23 @@ mod tests {
             })
         );
         assert!(plan.request(1).is_none());
+    }
+
+    #[test]
+    fn floats_and_labels_are_sent_when_asked_for() {
+        let shape = Shape {
+            float: true,
+            labels: parse_labels("site=a,unit=C").unwrap(),
+        };
+        let plan = Plan::new(2, 1, Some(2), T, &shape);
+        let items = decode(plan.request(0).unwrap()).items;
+        let measurement = items[1].measurement.unwrap();
+        assert_eq!(measurement.sensor_value, None);
+        assert_eq!(measurement.sensor_value_float, Some(1.5));
+        assert_eq!(items[1].labels, shape.labels);
+        assert_eq!(parse_labels("").unwrap(), LabelSet::new());
+        assert!(parse_labels("=x").is_err());
+        assert!(parse_labels("novalue").is_err());
     }
 
     #[test]

@@ -2,13 +2,12 @@
 //! `json_file` writes) or protobuf (one `sensor.v1.SensorValuesRequest` per
 //! message, the original's wire format), and the subject each reading goes to.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use prost::encoding::{encode_varint, encoded_len_varint};
 use serde::{Deserialize, Serialize};
-use sink_api::json::{Layout, encode_batch};
-use sink_api::{Batch, Reading, Timestamp};
+use sink_api::json::{Layout, encode_batch, parse_reading};
+use sink_api::{Batch, Reading, ReadingLimits, Timestamp, Value};
 
 /// The header that says how a message is encoded, so that a consumer never
 /// has to guess.
@@ -209,24 +208,15 @@ pub fn decode(
 ) -> Result<Batch, Undecodable> {
     match encoding {
         Encoding::Json => decode_json(payload),
-        Encoding::Protobuf => sink_stages::sources::grpc::decode_batch(payload, stored_at)
-            .map_err(|status| Undecodable(status.message().to_string())),
+        Encoding::Protobuf => {
+            sink_stages::sources::grpc::decode_batch(payload, stored_at, &ReadingLimits::default())
+                .map_err(|status| Undecodable(status.message().to_string()))
+        }
     }
 }
 
-/// One JSON line as `json_file` writes it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Line<'a> {
-    #[serde(borrow)]
-    sensor_name: Cow<'a, str>,
-    sensor_value: Option<i64>,
-    #[serde(borrow)]
-    created_at: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    received_at: Cow<'a, str>,
-}
-
+/// Reads JSON lines as `json_file` writes them: every field there, the
+/// reading's own `received_at` kept.
 fn decode_json(payload: &[u8]) -> Result<Batch, Undecodable> {
     let mut batch = Batch::new();
     for (number, line) in payload
@@ -235,40 +225,42 @@ fn decode_json(payload: &[u8]) -> Result<Batch, Undecodable> {
         .filter(|(_, line)| !line.is_empty())
     {
         let bad = |what: String| Undecodable(format!("line {}: {what}", number + 1));
-        let line: Line = serde_json::from_slice(line).map_err(|err| bad(err.to_string()))?;
-        let created_at = match line.created_at {
-            Some(text) => Some(parse_timestamp(&text).map_err(bad)?),
-            None => None,
+        let parsed = parse_reading(line).map_err(|err| bad(err.to_string()))?;
+        let (Some(name), Some(received_at)) = (&parsed.sensor_name, parsed.received_at) else {
+            return Err(bad("a line needs `sensor_name` and `received_at`".into()));
         };
-        batch.push(Reading {
-            sensor_name: line.sensor_name.into_owned(),
-            value: line.sensor_value,
-            created_at,
-            received_at: parse_timestamp(&line.received_at).map_err(bad)?,
-        });
+        let name = name.clone();
+        batch.push(parsed.into_reading(&name, received_at));
     }
     Ok(batch)
-}
-
-fn parse_timestamp(text: &str) -> Result<Timestamp, String> {
-    let parsed = async_nats::datetime::parse_rfc3339(text)
-        .map_err(|err| format!("`{text}` is not an RFC 3339 time: {err}"))?;
-    Timestamp::new(parsed.unix_timestamp(), parsed.nanosecond())
-        .ok_or_else(|| format!("`{text}` is outside the years 0001 to 9999"))
 }
 
 /// Appends `reading` as field 1 (`items`) of a `SensorValuesRequest`, so
 /// that concatenated items make one request.
 fn encode_item(reading: &Reading, out: &mut Vec<u8>) {
-    // Measurement { Int64Value sensor_value = 2; Timestamp created_at = 3; }:
-    // a wrapper present with value 0 is an empty message, not an absent one.
-    let value = reading.value.map(|v| varint_field_len(1, v as u64));
+    // Measurement { Int64Value sensor_value = 2; Timestamp created_at = 3;
+    // DoubleValue sensor_value_float = 4; }: a wrapper present with value 0
+    // is an empty message, not an absent one.
+    let int = reading
+        .value
+        .and_then(Value::as_i64)
+        .map(|v| varint_field_len(1, v as u64));
+    let float = match reading.value {
+        Some(Value::Float(v)) => Some(if v.to_bits() == 0 { 0 } else { 9 }),
+        _ => None,
+    };
     let created = reading.created_at.map(|t| {
         varint_field_len(1, t.seconds() as u64) + varint_field_len(2, u64::from(t.nanos()))
     });
-    let measurement = value.map_or(0, nested_len) + created.map_or(0, nested_len);
+    let measurement =
+        int.map_or(0, nested_len) + float.map_or(0, nested_len) + created.map_or(0, nested_len);
     let name = reading.sensor_name.len();
-    let item = nested_len(name) + nested_len(measurement);
+    let labels: usize = reading
+        .labels
+        .iter()
+        .map(|(k, v)| nested_len(label_entry_len(k, v)))
+        .sum();
+    let item = nested_len(name) + nested_len(measurement) + labels;
 
     key(1, out);
     encode_varint(item as u64, out);
@@ -277,16 +269,53 @@ fn encode_item(reading: &Reading, out: &mut Vec<u8>) {
     out.extend_from_slice(reading.sensor_name.as_bytes());
     key(2, out);
     encode_varint(measurement as u64, out);
-    if let (Some(len), Some(v)) = (value, reading.value) {
+    if let (Some(len), Some(v)) = (int, reading.value.and_then(Value::as_i64)) {
         key(2, out);
         encode_varint(len as u64, out);
         varint_field(1, v as u64, out);
+    }
+    if let (Some(len), Some(Value::Float(v))) = (float, reading.value) {
+        key(4, out);
+        encode_varint(len as u64, out);
+        if len > 0 {
+            out.push(1 << 3 | 1);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
     }
     if let (Some(len), Some(t)) = (created, reading.created_at) {
         key(3, out);
         encode_varint(len as u64, out);
         varint_field(1, t.seconds() as u64, out);
         varint_field(2, u64::from(t.nanos()), out);
+    }
+    encode_labels(reading, out);
+}
+
+/// Size of a `labels` map entry: a key field and a value field, each left
+/// out when empty.
+fn label_entry_len(key: &str, value: &str) -> usize {
+    let field = |text: &str| {
+        if text.is_empty() {
+            0
+        } else {
+            nested_len(text.len())
+        }
+    };
+    field(key) + field(value)
+}
+
+/// Appends `labels` as field 3 entries of a `SensorValue`.
+fn encode_labels(reading: &Reading, out: &mut Vec<u8>) {
+    for (label, value) in reading.labels.iter() {
+        key(3, out);
+        encode_varint(label_entry_len(label, value) as u64, out);
+        for (field, text) in [(1, label), (2, value)] {
+            if !text.is_empty() {
+                key(field, out);
+                encode_varint(text.len() as u64, out);
+                out.extend_from_slice(text.as_bytes());
+            }
+        }
     }
 }
 
@@ -322,11 +351,13 @@ mod tests {
     use sink_proto::SensorValuesRequest;
 
     use super::*;
+    use sink_api::Labels;
 
     fn reading(name: &str, value: Option<i64>, created: Option<(i64, u32)>) -> Reading {
         Reading {
             sensor_name: name.into(),
-            value,
+            labels: Default::default(),
+            value: value.map(Value::Int),
             created_at: created.and_then(|(s, n)| Timestamp::new(s, n)),
             received_at: Timestamp::new(1_795_860_000, 512_000_000).unwrap(),
         }
@@ -339,6 +370,28 @@ mod tests {
             reading("", None, Some((-62_135_596_800, 999_999_999))),
             reading("t1", Some(-7), Some((0, 1))),
             reading("ü", Some(i64::MIN), Some((253_402_300_799, 0))),
+            Reading {
+                labels: Labels::from_iter([("site", "north"), ("unit", "°C"), ("empty", "")]),
+                value: Some(Value::Float(21.5)),
+                ..reading("floats", None, None)
+            },
+            Reading {
+                value: Some(Value::Float(-0.0)),
+                ..reading("negative zero", None, None)
+            },
+            Reading {
+                labels: Labels::from_iter([("a\"\n", "\u{1}")]),
+                value: Some(Value::Float(f64::MIN_POSITIVE / 2.0)),
+                ..reading("subnormal", None, None)
+            },
+            Reading {
+                value: Some(Value::Float(0.0)),
+                ..reading("zero", None, None)
+            },
+            Reading {
+                value: Some(Value::Float(1e300)),
+                ..reading("huge", None, None)
+            },
         ]
     }
 
@@ -348,7 +401,10 @@ mod tests {
         let messages = encode(&sample(), &template, Encoding::Protobuf, usize::MAX);
         assert_eq!(messages.len(), 1);
         let request = SensorValuesRequest::decode(&messages[0].payload[..]).unwrap();
-        assert_eq!(request.items.len(), 5);
+        assert_eq!(request.items.len(), 10);
+        let floats = &request.items[5];
+        assert_eq!(floats.measurement.unwrap().sensor_value_float, Some(21.5));
+        assert_eq!(floats.labels.get("unit").map(String::as_str), Some("°C"));
         let stored = Timestamp::new(1, 0).unwrap();
         let back = decode(Encoding::Protobuf, &messages[0].payload, stored).unwrap();
         let expected: Vec<Reading> = sample()
@@ -383,7 +439,12 @@ mod tests {
                 ("telemetry.t1.v", 2),
                 ("telemetry.t_2.v", 1),
                 ("telemetry._.v", 1),
-                ("telemetry.ü.v", 1)
+                ("telemetry.ü.v", 1),
+                ("telemetry.floats.v", 1),
+                ("telemetry.negative_zero.v", 1),
+                ("telemetry.subnormal.v", 1),
+                ("telemetry.zero.v", 1),
+                ("telemetry.huge.v", 1)
             ]
         );
         assert_eq!(template.filter(), "telemetry.*.v");

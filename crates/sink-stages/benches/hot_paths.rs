@@ -8,7 +8,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use prost::Message;
 use sink_api::json::{Layout, encode_batch};
 use sink_api::testkit::{Harness, readings};
-use sink_api::{Batch, Reading, Timestamp};
+use sink_api::{Batch, Reading, ReadingLimits, Timestamp, Value};
 use sink_proto::sensor_value::Measurement;
 use sink_proto::{SensorValue, SensorValuesRequest};
 use sink_stages::processors::buffered::BufferedConfig;
@@ -26,7 +26,9 @@ fn encoded_request(count: usize) -> Vec<u8> {
                         seconds: 1_795_860_000,
                         nanos: 512_000_000,
                     }),
+                    sensor_value_float: None,
                 }),
+                labels: Default::default(),
             })
             .collect(),
     }
@@ -39,7 +41,13 @@ fn decode(c: &mut Criterion) {
         let message = encoded_request(count);
         group.throughput(Throughput::Elements(count as u64));
         group.bench_function(format!("{count} readings"), |b| {
-            b.iter(|| decode_batch(black_box(&message), Timestamp::now()))
+            b.iter(|| {
+                decode_batch(
+                    black_box(&message),
+                    Timestamp::now(),
+                    &ReadingLimits::default(),
+                )
+            })
         });
         // What the source did before it decoded by hand, for comparison.
         group.bench_function(format!("{count} readings, prost then convert"), |b| {
@@ -62,7 +70,8 @@ fn prost_then_convert(message: &[u8], received_at: Timestamp) -> Option<Batch> {
         };
         batch.push(Reading {
             sensor_name: item.sensor_name,
-            value: measurement.sensor_value,
+            labels: item.labels.into_iter().collect(),
+            value: measurement.sensor_value.map(Value::Int),
             created_at,
             received_at,
         });

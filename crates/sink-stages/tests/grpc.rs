@@ -67,6 +67,7 @@ fn request(prefix: &str, count: usize) -> SensorValuesRequest {
                 let mut measurement = Measurement {
                     sensor_value: Some(i as i64 + 1),
                     created_at: Some(Default::default()),
+                    sensor_value_float: None,
                 };
                 if let Some(created_at) = measurement.created_at.as_mut() {
                     created_at.seconds = 1_795_860_000;
@@ -74,6 +75,7 @@ fn request(prefix: &str, count: usize) -> SensorValuesRequest {
                 SensorValue {
                     sensor_name: format!("{prefix}{i}"),
                     measurement: Some(measurement),
+                    labels: Default::default(),
                 }
             })
             .collect(),
@@ -109,7 +111,7 @@ async fn a_request_becomes_one_batch_and_an_empty_one_becomes_none() {
     let batch = stage.next_batch(WAIT).await.expect("a batch");
     let names: Vec<&str> = batch.iter().map(|r| r.sensor_name.as_str()).collect();
     assert_eq!(names, ["r0", "r1", "r2"]);
-    assert_eq!(batch[2].value, Some(3));
+    assert_eq!(batch[2].value, Some(3.into()));
     assert_eq!(
         batch[0].created_at.map(|t| t.to_string()).as_deref(),
         Some("2026-11-28T10:00:00Z")

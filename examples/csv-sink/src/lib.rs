@@ -31,7 +31,7 @@ use sink_api::{
 use tokio::io::AsyncWriteExt;
 
 /// Appends one CSV row per reading to a file:
-/// `sensor_name,sensor_value,created_at,received_at`.
+/// `sensor_name,labels,sensor_value,created_at,received_at`.
 ///
 /// ```
 /// use sink_api::SinkConfig;
@@ -50,7 +50,7 @@ pub struct CsvFileConfig {
 }
 
 /// The first line of every file `csv_file` starts.
-pub const HEADER: &str = "sensor_name,sensor_value,created_at,received_at\n";
+pub const HEADER: &str = "sensor_name,labels,sensor_value,created_at,received_at\n";
 
 #[sink_api::stage(name = "csv_file")]
 impl SinkConfig for CsvFileConfig {
@@ -143,28 +143,32 @@ impl Sink for CsvFile {
 
 /// Appends `reading` to `out` as one CSV row (RFC 4180, `\n`-terminated): a
 /// missing value or creation time is an empty field, timestamps are RFC 3339,
-/// and a name holding a comma, a quote or a line break is quoted.
+/// labels are a JSON object (empty when there are none), a float keeps its
+/// `.` or exponent, and a field holding a comma, a quote or a line break is
+/// quoted.
 ///
 /// ```
-/// use sink_api::{Reading, Timestamp};
+/// use sink_api::{Labels, Reading, Timestamp, Value};
 /// let reading = Reading {
 ///     sensor_name: "hall, north".into(),
-///     value: None,
+///     labels: Labels::from_iter([("site", "a")]),
+///     value: Some(Value::Float(21.0)),
 ///     created_at: None,
 ///     received_at: Timestamp::new(1_795_860_000, 0).unwrap(),
 /// };
 /// let mut out = Vec::new();
 /// sink_example_csv::encode_row(&reading, &mut out);
-/// assert_eq!(out, b"\"hall, north\",,,2026-11-28T10:00:00Z\n");
+/// assert_eq!(out, b"\"hall, north\",\"{\"\"site\"\":\"\"a\"\"}\",21.0,,2026-11-28T10:00:00Z\n");
 /// ```
 pub fn encode_row(reading: &Reading, out: &mut Vec<u8>) {
-    let name = &reading.sensor_name;
-    if name.contains([',', '"', '\n', '\r']) {
-        out.push(b'"');
-        out.extend_from_slice(name.replace('"', "\"\"").as_bytes());
-        out.push(b'"');
-    } else {
-        out.extend_from_slice(name.as_bytes());
+    push_field(&reading.sensor_name, out);
+    out.push(b',');
+    if !reading.labels.is_empty() {
+        // Serializing strings to a String cannot fail.
+        push_field(
+            &serde_json::to_string(&reading.labels).unwrap_or_default(),
+            out,
+        );
     }
     out.push(b',');
     if let Some(value) = reading.value {
@@ -177,6 +181,18 @@ pub fn encode_row(reading: &Reading, out: &mut Vec<u8>) {
     out.push(b',');
     reading.received_at.write_rfc3339(out);
     out.push(b'\n');
+}
+
+/// Appends `text` as one CSV field, quoted when it holds a comma, a quote or
+/// a line break.
+fn push_field(text: &str, out: &mut Vec<u8>) {
+    if text.contains([',', '"', '\n', '\r']) {
+        out.push(b'"');
+        out.extend_from_slice(text.replace('"', "\"\"").as_bytes());
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(text.as_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -266,9 +282,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("out.csv");
         let at = |seconds| Timestamp::new(seconds, 0).expect("in range");
-        let reading = |name: &str, value, created_at| Reading {
+        let reading = |name: &str, value: Option<i64>, created_at| Reading {
             sensor_name: name.into(),
-            value,
+            labels: sink_api::Labels::new(),
+            value: value.map(sink_api::Value::Int),
             created_at,
             received_at: at(1_795_860_001),
         };
@@ -285,9 +302,9 @@ mod tests {
             std::fs::read_to_string(&path).expect("written"),
             format!(
                 "{HEADER}\
-                 plain,-42,2026-11-28T10:00:00Z,2026-11-28T10:00:01Z\n\
-                 \"say \"\"hi\"\"\",,,2026-11-28T10:00:01Z\n\
-                 \"two\nlines\",0,,2026-11-28T10:00:01Z\n"
+                 plain,,-42,2026-11-28T10:00:00Z,2026-11-28T10:00:01Z\n\
+                 \"say \"\"hi\"\"\",,,,2026-11-28T10:00:01Z\n\
+                 \"two\nlines\",,0,,2026-11-28T10:00:01Z\n"
             )
         );
     }

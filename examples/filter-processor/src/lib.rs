@@ -1,7 +1,7 @@
 //! # sink-example-filter: a custom processor, `filter`
 //!
-//! Keeps the readings whose sensor name matches a glob and whose value lies in
-//! a range, and drops the rest. It shows a config that checks itself in
+//! Keeps the readings whose sensor name and labels match globs and whose
+//! value lies in a range, and drops the rest. It shows a config that checks itself in
 //! `validate`, and a processor that is only a per-reading decision: the
 //! config implements [`MapReadings`], and [`sink_api::map_processor`] runs it,
 //! applying every key live. The README's "Write your own stage" builds the
@@ -12,31 +12,42 @@
 //! type = "filter"
 //! inputs = ["sensors"]
 //! sensors = ["boiler-*", "pump-?"]
-//! min = 60
+//! labels = { site = "north-*" }
+//! min = 60.5
 //! ```
 
+use std::collections::BTreeMap;
 use std::str::Chars;
 
 use serde::{Deserialize, Serialize};
 use sink_api::{BuildContext, ConfigError, MapReadings, Processor, ProcessorConfig, Reading};
 
 /// Keeps readings whose sensor name matches `sensors` but no `exclude` glob,
-/// and whose value lies between `min` and `max`; drops the rest.
+/// whose labels match `labels`, and whose value lies between `min` and `max`;
+/// drops the rest.
 ///
 /// ```
-/// use sink_api::{Reading, Timestamp};
+/// use sink_api::{Labels, Reading, Timestamp, Value};
 /// use sink_example_filter::FilterConfig;
 ///
-/// let config = FilterConfig { sensors: vec!["boiler-*".into()], min: Some(60), ..FilterConfig::default() };
-/// let reading = |name: &str, value| Reading {
+/// let config = FilterConfig {
+///     sensors: vec!["boiler-*".into()],
+///     labels: [("site".to_string(), "north-*".to_string())].into(),
+///     min: Some(60.5),
+///     ..FilterConfig::default()
+/// };
+/// let reading = |name: &str, site: &str, value: Value| Reading {
 ///     sensor_name: name.into(),
+///     labels: Labels::from_iter([("site", site)]),
 ///     value: Some(value),
 ///     created_at: None,
 ///     received_at: Timestamp::now(),
 /// };
-/// assert!(config.keeps(&reading("boiler-1", 75)));
-/// assert!(!config.keeps(&reading("boiler-1", 20)));
-/// assert!(!config.keeps(&reading("pump-1", 75)));
+/// assert!(config.keeps(&reading("boiler-1", "north-2", Value::Int(75))));
+/// assert!(config.keeps(&reading("boiler-1", "north-2", Value::Float(60.5))));
+/// assert!(!config.keeps(&reading("boiler-1", "north-2", Value::Float(60.4))));
+/// assert!(!config.keeps(&reading("boiler-1", "south-1", Value::Int(75))));
+/// assert!(!config.keeps(&reading("pump-1", "north-2", Value::Int(75))));
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -48,12 +59,17 @@ pub struct FilterConfig {
     /// Sensor-name globs to drop, even when `sensors` keeps the name.
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// Smallest value kept; absent means no lower bound.
+    /// Label globs a reading must match to be kept: each named label must be
+    /// present and its value match the glob (`{ site = "north-*" }`).
     #[serde(default)]
-    pub min: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+    /// Smallest value kept (an integer or a float; integers compare as
+    /// floats); absent means no lower bound.
+    #[serde(default)]
+    pub min: Option<f64>,
     /// Largest value kept; absent means no upper bound.
     #[serde(default)]
-    pub max: Option<i64>,
+    pub max: Option<f64>,
     /// What happens to a reading that carries no value: `"keep"` or `"drop"`.
     #[serde(default)]
     pub missing_value: MissingValue,
@@ -88,6 +104,7 @@ impl Default for FilterConfig {
         Self {
             sensors: default_sensors(),
             exclude: Vec::new(),
+            labels: BTreeMap::new(),
             min: None,
             max: None,
             missing_value: MissingValue::default(),
@@ -101,10 +118,18 @@ impl FilterConfig {
         let name = &reading.sensor_name;
         let named = self.sensors.iter().any(|glob| glob_matches(glob, name))
             && !self.exclude.iter().any(|glob| glob_matches(glob, name));
+        let labelled = self.labels.iter().all(|(key, glob)| {
+            reading
+                .labels
+                .get(key)
+                .is_some_and(|value| glob_matches(glob, value))
+        });
         named
+            && labelled
             && match reading.value {
                 None => self.missing_value == MissingValue::Keep,
                 Some(value) => {
+                    let value = value.as_f64();
                     self.min.is_none_or(|min| value >= min)
                         && self.max.is_none_or(|max| value <= max)
                 }
@@ -120,6 +145,11 @@ impl ProcessorConfig for FilterConfig {
                 "sensors",
                 "would drop every reading; [\"*\"] keeps every name",
             ));
+        }
+        for (key, bound) in [("min", self.min), ("max", self.max)] {
+            if bound.is_some_and(|bound| !bound.is_finite()) {
+                return Err(ConfigError::new(key, "must be a finite number"));
+            }
         }
         if let (Some(min), Some(max)) = (self.min, self.max)
             && min > max
@@ -243,14 +273,14 @@ mod tests {
         };
         assert_eq!(empty.validate().map_err(|e| e.key), Err("sensors".into()));
         let inverted = FilterConfig {
-            min: Some(10),
-            max: Some(5),
+            min: Some(10.0),
+            max: Some(5.0),
             ..FilterConfig::default()
         };
         assert_eq!(inverted.validate().map_err(|e| e.key), Err("min".into()));
         let point = FilterConfig {
-            min: Some(5),
-            max: Some(5),
+            min: Some(5.0),
+            max: Some(5.0),
             ..FilterConfig::default()
         };
         assert_eq!(point.validate(), Ok(()));
@@ -261,7 +291,7 @@ mod tests {
         let mut reading = readings("t", 0..1).remove(0);
         reading.value = None;
         let keep = FilterConfig {
-            min: Some(100),
+            min: Some(100.0),
             ..FilterConfig::default()
         };
         assert!(keep.keeps(&reading), "no value is not out of range");
@@ -277,13 +307,53 @@ mod tests {
         assert!(!other_names.keeps(&reading));
     }
 
+    #[test]
+    fn float_bounds_and_label_globs_decide_together() {
+        let config: FilterConfig =
+            toml_like(r#"{"labels": {"site": "north-*", "unit": "C"}, "min": -0.5, "max": 21}"#);
+        let batch = sink_api::testkit::mixed_readings("t", 0..40);
+        let kept: Vec<&str> = batch
+            .iter()
+            .filter(|r| config.keeps(r))
+            .map(|r| r.sensor_name.as_str())
+            .collect();
+        // Labelled readings are the even ones; `north` sites are i % 4 == 0,
+        // whose values are the integers i; mixed_readings names them `north`,
+        // not `north-*`, so none match until the glob allows it.
+        assert!(kept.is_empty(), "{kept:?}");
+        let config = FilterConfig {
+            labels: [("site".to_string(), "north*".to_string())].into(),
+            ..config
+        };
+        let kept: Vec<&str> = batch
+            .iter()
+            .filter(|r| config.keeps(r))
+            .map(|r| r.sensor_name.as_str())
+            .collect();
+        assert_eq!(kept, ["t0", "t4", "t8", "t12", "t16", "t20"]);
+    }
+
+    fn toml_like(json: &str) -> FilterConfig {
+        serde_json::from_str(json).expect("a filter config")
+    }
+
+    #[test]
+    fn a_bound_that_is_not_finite_is_refused() {
+        let config = FilterConfig {
+            max: Some(f64::NAN),
+            ..FilterConfig::default()
+        };
+        assert_eq!(config.validate().map_err(|e| e.key), Err("max".into()));
+    }
+
     #[tokio::test]
     async fn conforms_to_the_stage_contract() {
         let config = FilterConfig {
             sensors: vec!["conformance-1*".into(), "conformance-?".into()],
             exclude: vec!["*7".into()],
-            min: Some(3),
-            max: Some(150),
+            labels: [("site".to_string(), "n*".to_string())].into(),
+            min: Some(0.0),
+            max: Some(150.5),
             missing_value: MissingValue::Drop,
         };
         let keeps = config.clone();
@@ -306,7 +376,7 @@ mod tests {
 
         stage.update(FilterConfig {
             sensors: vec!["b*".into()],
-            min: Some(1),
+            min: Some(1.0),
             ..FilterConfig::default()
         });
         // The `a` batch is dropped whole, so the next batch out is from `b`.
@@ -315,7 +385,7 @@ mod tests {
         assert_eq!(names(stage.next_batch(WAIT).await), ["b1", "b2"]);
 
         stage.update(FilterConfig {
-            max: Some(0),
+            max: Some(0.0),
             ..FilterConfig::default()
         });
         stage.send(readings("c", 0..3)).await;

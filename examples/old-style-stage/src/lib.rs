@@ -54,7 +54,11 @@ impl Processor for AtLeast {
             if let Some(new) = params.try_changed() {
                 min = new.min;
             }
-            batch.retain(|reading| reading.value.is_some_and(|value| value >= min));
+            batch.retain(|reading| {
+                reading
+                    .value
+                    .is_some_and(|value| value.as_f64() >= min as f64)
+            });
             if !batch.is_empty() {
                 output.send(batch).await?;
             }
@@ -118,7 +122,10 @@ mod tests {
 
     #[tokio::test]
     async fn processor_conforms() {
-        check_processor(AtLeastConfig { min: 500 }, |r| r.value >= Some(500)).await;
+        check_processor(AtLeastConfig { min: 500 }, |r| {
+            r.value.is_some_and(|v| v.as_f64() >= 500.0)
+        })
+        .await;
     }
 
     #[tokio::test]

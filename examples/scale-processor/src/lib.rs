@@ -16,8 +16,8 @@
 use serde::{Deserialize, Serialize};
 use sink_api::{BuildContext, ConfigError, MapReadings, Processor, ProcessorConfig, Reading};
 
-/// Multiplies each reading's value by `factor`; a reading without a value
-/// passes unchanged.
+/// Multiplies each reading's value by `factor`, an integer value as an
+/// integer and a float as a float; a reading without a value passes unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleConfig {
@@ -36,7 +36,10 @@ impl ProcessorConfig for ScaleConfig {
 impl MapReadings for ScaleConfig {
     fn map_reading(&self, reading: &mut Reading) -> bool {
         if let Some(value) = &mut reading.value {
-            *value = value.saturating_mul(self.factor);
+            *value = value.map(
+                |int| int.saturating_mul(self.factor),
+                |float| float * self.factor as f64,
+            );
         }
         true
     }
@@ -55,7 +58,7 @@ mod tests {
     async fn conforms_to_the_stage_contract() {
         check_processor_maps(ScaleConfig { factor: 3 }, |reading| {
             let mut scaled = reading.clone();
-            scaled.value = reading.value.map(|value| value * 3);
+            scaled.value = reading.value.map(|value| value.map(|i| i * 3, |f| f * 3.0));
             Some(scaled)
         })
         .await;
@@ -68,7 +71,7 @@ mod tests {
             batch
                 .expect("a batch came out")
                 .iter()
-                .map(|r| r.value)
+                .map(|r| r.value.and_then(|v| v.as_i64()))
                 .collect()
         };
         let mut stage = Harness::processor(ScaleConfig { factor: 2 }).expect("builds");
@@ -88,7 +91,10 @@ mod tests {
         let mut batch = readings("t", 0..3);
         batch[0].value = None;
         config.map_batch(&mut batch);
-        let values: Vec<Option<i64>> = batch.iter().map(|r| r.value).collect();
+        let values: Vec<Option<i64>> = batch
+            .iter()
+            .map(|r| r.value.and_then(|v| v.as_i64()))
+            .collect();
         assert_eq!(values, [None, Some(i64::MAX), Some(i64::MAX)]);
     }
 }

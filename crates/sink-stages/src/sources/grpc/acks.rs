@@ -35,20 +35,28 @@ pub enum Acknowledge {
     Written,
 }
 
-/// What a batch of `readings` decoded from `encoded_len` bytes holds in
-/// memory: the readings themselves, and their names' bytes, which are at
-/// most the encoded bytes.
-pub(super) fn decoded_bytes(readings: usize, encoded_len: usize) -> u64 {
+/// What a batch of `readings` with `labels` labels in all, decoded from
+/// `encoded_len` bytes, holds in memory: the readings themselves, their
+/// labels' slots, and the text of names and labels, which is at most the
+/// encoded bytes.
+pub(super) fn decoded_bytes(readings: usize, labels: usize, encoded_len: usize) -> u64 {
     (readings as u64)
         .saturating_mul(std::mem::size_of::<Reading>() as u64)
+        .saturating_add((labels as u64).saturating_mul(LABEL_SLOT))
         .saturating_add(encoded_len as u64)
 }
 
-/// The most a message of `message_len` bytes can decode to: every item takes
-/// at least 2 bytes on the wire (its tag and length), and a call carries at
-/// most `max_readings` of them.
-pub(super) fn decoded_bound(message_len: usize, max_readings: usize) -> u64 {
-    decoded_bytes((message_len / 2).min(max_readings), message_len)
+/// What one label takes beside its text: its key's and value's `String`s.
+const LABEL_SLOT: u64 = std::mem::size_of::<(String, String)>() as u64;
+
+/// The most a message of `message_len` bytes can decode to: every item and
+/// every label entry takes at least 2 bytes on the wire (its tag and length),
+/// a call carries at most `max_readings` items, and an item's labels are
+/// allocated only when they number at most `max_labels`.
+pub(super) fn decoded_bound(message_len: usize, max_readings: usize, max_labels: usize) -> u64 {
+    let readings = (message_len / 2).min(max_readings);
+    let labels = (message_len / 2).min(readings.saturating_mul(max_labels));
+    decoded_bytes(readings, labels, message_len)
 }
 
 /// The calls' account of acknowledgements, for logs (the metrics are
@@ -250,7 +258,7 @@ mod tests {
     #[test]
     fn decoded_size_counts_readings_and_names() {
         // 4 MiB of empty items (2 bytes each) decode to about 2 M readings.
-        let bytes = decoded_bytes(2 << 20, 4 << 20);
+        let bytes = decoded_bytes(2 << 20, 0, 4 << 20);
         assert_eq!(
             bytes,
             (2 << 20) * std::mem::size_of::<Reading>() as u64 + (4 << 20)

@@ -19,17 +19,26 @@
 //! - a scalar field that appears twice keeps its last value; a message field
 //!   that appears twice is merged (so `created_at` sent as two halves is one
 //!   timestamp), and each `items` field is one more reading;
-//! - no `measurement` means no value and no timestamp; an `Int64Value` present
-//!   but empty is the value 0, as its `value` defaults to 0.
+//! - no `measurement` means no value and no timestamp; an `Int64Value` (or
+//!   `DoubleValue`) present but empty is the value 0, as its `value` defaults
+//!   to 0;
+//! - `labels` is a map: each entry a message of `key = 1` and `value = 2`,
+//!   either missing meaning the empty string, a key given twice keeping its
+//!   later value.
 //!
-//! A timestamp that RFC 3339 cannot express does not make the bytes malformed:
-//! it is reported as INVALID_ARGUMENT naming `items[i]`, but only after the
-//! call's other checks, as it was when prost decoded first.
+//! What the bytes say but a reading may not hold does not make them
+//! malformed: a timestamp that RFC 3339 cannot express, both an integer and a
+//! float value, a float that is NaN or infinite, an empty label key, a name or
+//! labels past the source's [`ReadingLimits`]. Each is reported as
+//! INVALID_ARGUMENT naming `items[i]`, but only after the call's other checks,
+//! as it was when prost decoded first. Labels are allocated only once their
+//! count is known to be within `max_labels`, and exactly for that count, so
+//! that what decoding holds stays within [`decoded_bound`](super::acks::decoded_bound).
 
 use std::fmt;
 
 use prost::encoding::{WireType, decode_key, decode_varint};
-use sink_api::{Batch, Reading, Timestamp};
+use sink_api::{Batch, Labels, Reading, ReadingLimits, Timestamp, Value};
 use tonic::Status;
 
 /// `SensorValuesRequest.items`.
@@ -42,7 +51,15 @@ const MEASUREMENT: u32 = 2;
 const SENSOR_VALUE: u32 = 2;
 /// `Measurement.created_at`.
 const CREATED_AT: u32 = 3;
-/// `google.protobuf.Int64Value.value`.
+/// `Measurement.sensor_value_float`.
+const SENSOR_VALUE_FLOAT: u32 = 4;
+/// `SensorValue.labels`, a `map<string, string>`.
+const LABELS: u32 = 3;
+/// A map entry's key.
+const ENTRY_KEY: u32 = 1;
+/// A map entry's value.
+const ENTRY_VALUE: u32 = 2;
+/// `google.protobuf.Int64Value.value` and `DoubleValue.value`.
 const WRAPPED_VALUE: u32 = 1;
 /// `google.protobuf.Timestamp.seconds`.
 const SECONDS: u32 = 1;
@@ -53,13 +70,16 @@ const NANOS: u32 = 2;
 /// at depth `d` may nest groups `RECURSION_LIMIT - d` deep.
 const RECURSION_LIMIT: u32 = 100;
 
-/// A decoded request: its readings, or the first timestamp that made them
+/// A decoded request: its readings, or the first item that made them
 /// invalid.
 #[derive(Debug)]
 pub struct DecodedRequest {
     /// The readings in order, each stamped with the same `received_at`; or
-    /// INVALID_ARGUMENT for the first out-of-range `created_at`.
+    /// INVALID_ARGUMENT for the first item a reading cannot hold.
     pub readings: Result<Batch, Status>,
+    /// How many labels the readings hold in all (what they cost in memory
+    /// beyond the readings and the bytes of their text).
+    pub labels: usize,
 }
 
 impl DecodedRequest {
@@ -72,8 +92,12 @@ impl DecodedRequest {
 /// Decodes `message`, one whole encoded `SensorValuesRequest`, stamping every
 /// reading `received_at`. Malformed bytes are INTERNAL, as tonic's prost codec
 /// answers.
-pub fn decode_request(message: &[u8], received_at: Timestamp) -> Result<DecodedRequest, Status> {
-    decode_counted(message, received_at, count_items(message))
+pub fn decode_request(
+    message: &[u8],
+    received_at: Timestamp,
+    limits: &ReadingLimits,
+) -> Result<DecodedRequest, Status> {
+    decode_counted(message, received_at, limits, count_items(message))
 }
 
 /// As [`decode_request`], but a request of more than `max_items` readings is
@@ -83,6 +107,7 @@ pub fn decode_request(message: &[u8], received_at: Timestamp) -> Result<DecodedR
 pub fn decode_request_at_most(
     message: &[u8],
     received_at: Timestamp,
+    limits: &ReadingLimits,
     max_items: usize,
 ) -> Result<DecodedRequest, Status> {
     let count = count_items(message);
@@ -91,16 +116,18 @@ pub fn decode_request_at_most(
             "the request holds {count} readings, more than max_readings_per_call ({max_items}); send fewer per call"
         )));
     }
-    decode_counted(message, received_at, count)
+    decode_counted(message, received_at, limits, count)
 }
 
 /// Decodes `message`, whose `items` fields number `count` (its batch's size).
 fn decode_counted(
     message: &[u8],
     received_at: Timestamp,
+    limits: &ReadingLimits,
     count: usize,
 ) -> Result<DecodedRequest, Status> {
     let mut batch = Batch::with_capacity(count);
+    let mut labels = 0;
     let mut invalid = None;
     let mut index = 0;
     let mut buf = message;
@@ -115,13 +142,12 @@ fn decode_counted(
             .and_then(sensor_value)
             .map_err(|err| malformed(Some(index), err))?;
         if invalid.is_none() {
-            match item.created_at(index) {
-                Ok(created_at) => batch.push(Reading {
-                    sensor_name: item.name.to_owned(),
-                    value: item.value,
-                    created_at,
-                    received_at,
-                }),
+            match item.reading(index, limits, received_at) {
+                Ok(reading) => {
+                    // Slots allocated, duplicates included.
+                    labels += item.label_entries;
+                    batch.push(reading);
+                }
                 Err(status) => invalid = Some(status),
             }
         }
@@ -129,6 +155,7 @@ fn decode_counted(
     }
     Ok(DecodedRequest {
         readings: invalid.map_or(Ok(batch), Err),
+        labels,
     })
 }
 
@@ -158,11 +185,85 @@ fn count_items(message: &[u8]) -> usize {
 struct Item<'a> {
     name: &'a str,
     value: Option<i64>,
+    float: Option<f64>,
     /// `(seconds, nanos)`, unchecked.
     created_at: Option<(i64, i32)>,
+    /// The item's bytes, read again for its labels when it has some.
+    bytes: &'a [u8],
+    /// How many `labels` entries the bytes hold (a key sent twice counts twice).
+    label_entries: usize,
 }
 
 impl Item<'_> {
+    /// The reading this item makes, or INVALID_ARGUMENT naming `items[index]`
+    /// and what it may not hold.
+    fn reading(
+        &self,
+        index: usize,
+        limits: &ReadingLimits,
+        received_at: Timestamp,
+    ) -> Result<Reading, Status> {
+        let created_at = self.created_at(index)?;
+        let value = self.value(index)?;
+        let invalid = |why: String| Status::invalid_argument(format!("items[{index}]: {why}"));
+        limits.check_name(self.name).map_err(invalid)?;
+        limits
+            .check_label_count(self.label_entries)
+            .map_err(invalid)?;
+        let labels = if self.label_entries == 0 {
+            Labels::new()
+        } else {
+            self.labels(limits).map_err(invalid)?
+        };
+        Ok(Reading {
+            sensor_name: self.name.to_owned(),
+            labels,
+            value,
+            created_at,
+            received_at,
+        })
+    }
+
+    /// The value: an integer, a float, or none; not both, and no float JSON
+    /// cannot write.
+    fn value(&self, index: usize) -> Result<Option<Value>, Status> {
+        match (self.value, self.float) {
+            (Some(_), Some(_)) => Err(Status::invalid_argument(format!(
+                "items[{index}].measurement has both sensor_value and sensor_value_float; send one"
+            ))),
+            (None, Some(float)) if !float.is_finite() => Err(Status::invalid_argument(format!(
+                "items[{index}].measurement.sensor_value_float is {float}, which JSON cannot write; send a finite number"
+            ))),
+            (None, Some(float)) => Ok(Some(Value::Float(float))),
+            (value, None) => Ok(value.map(Value::Int)),
+        }
+    }
+
+    /// The labels, each checked against `limits`, allocated once for their
+    /// count (the bytes were read once already: they are well formed).
+    fn labels(&self, limits: &ReadingLimits) -> Result<Labels, String> {
+        let mut pairs = Vec::with_capacity(self.label_entries);
+        let mut buf = self.bytes;
+        while !buf.is_empty() {
+            let Ok((tag, wire_type)) = decode_key(&mut buf) else {
+                break;
+            };
+            if tag != LABELS {
+                if skip_field(wire_type, tag, &mut buf, RECURSION_LIMIT - 1).is_err() {
+                    break;
+                }
+                continue;
+            }
+            let Ok((key, value)) = length_delimited(wire_type, &mut buf).and_then(label_entry)
+            else {
+                break;
+            };
+            limits.check_label(key, value)?;
+            pairs.push((key.to_owned(), value.to_owned()));
+        }
+        Ok(Labels::from_pairs(pairs))
+    }
+
     /// The timestamp as a [`Timestamp`], refusing what RFC 3339 cannot express.
     fn created_at(&self, index: usize) -> Result<Option<Timestamp>, Status> {
         let Some((seconds, nanos)) = self.created_at else {
@@ -184,19 +285,47 @@ impl Item<'_> {
 fn sensor_value(mut buf: &[u8]) -> Result<Item<'_>, Malformed> {
     // Depths as prost counts them: SensorValue's fields are one level down.
     const DEPTH: u32 = RECURSION_LIMIT - 1;
-    let mut item = Item::default();
+    let mut item = Item {
+        bytes: buf,
+        ..Item::default()
+    };
     while !buf.is_empty() {
         let (tag, wire_type) = decode_key(&mut buf)?;
         match tag {
             SENSOR_NAME => {
                 let bytes = length_delimited(wire_type, &mut buf)?;
-                item.name = std::str::from_utf8(bytes).map_err(|_| Malformed::NotUtf8)?;
+                item.name = utf8(bytes, "sensor_name")?;
             }
             MEASUREMENT => measurement(length_delimited(wire_type, &mut buf)?, &mut item)?,
+            LABELS => {
+                label_entry(length_delimited(wire_type, &mut buf)?)?;
+                item.label_entries += 1;
+            }
             _ => skip_field(wire_type, tag, &mut buf, DEPTH)?,
         }
     }
     Ok(item)
+}
+
+/// Reads one `labels` map entry: its key and value, either missing meaning
+/// empty, the last of a repeated field winning.
+fn label_entry(mut buf: &[u8]) -> Result<(&str, &str), Malformed> {
+    const DEPTH: u32 = RECURSION_LIMIT - 2;
+    let (mut key, mut value) = ("", "");
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        match tag {
+            ENTRY_KEY => key = utf8(length_delimited(wire_type, &mut buf)?, "a label key")?,
+            ENTRY_VALUE => value = utf8(length_delimited(wire_type, &mut buf)?, "a label value")?,
+            _ => skip_field(wire_type, tag, &mut buf, DEPTH)?,
+        }
+    }
+    Ok((key, value))
+}
+
+#[inline]
+fn utf8<'a>(bytes: &'a [u8], field: &'static str) -> Result<&'a str, Malformed> {
+    std::str::from_utf8(bytes).map_err(|_| Malformed::NotUtf8(field))
 }
 
 /// Merges the fields of one `Measurement` into `item`.
@@ -213,6 +342,24 @@ fn measurement(mut buf: &[u8], item: &mut Item<'_>) -> Result<(), Malformed> {
                     let (tag, wire_type) = decode_key(&mut wrapper)?;
                     match tag {
                         WRAPPED_VALUE => *value = varint(wire_type, &mut wrapper)? as i64,
+                        _ => skip_field(wire_type, tag, &mut wrapper, DEPTH - 1)?,
+                    }
+                }
+            }
+            SENSOR_VALUE_FLOAT => {
+                let mut wrapper = length_delimited(wire_type, &mut buf)?;
+                let value = item.float.get_or_insert(0.0);
+                while !wrapper.is_empty() {
+                    let (tag, wire_type) = decode_key(&mut wrapper)?;
+                    match tag {
+                        WRAPPED_VALUE => {
+                            expect(WireType::SixtyFourBit, wire_type)?;
+                            let Some((bits, rest)) = wrapper.split_first_chunk::<8>() else {
+                                return Err(Malformed::Truncated);
+                            };
+                            *value = f64::from_le_bytes(*bits);
+                            wrapper = rest;
+                        }
                         _ => skip_field(wire_type, tag, &mut wrapper, DEPTH - 1)?,
                     }
                 }
@@ -302,8 +449,8 @@ enum Malformed {
     WireType { expected: WireType, found: WireType },
     /// A length or fixed-size field running past the end of its message.
     Truncated,
-    /// A sensor name that is not UTF-8.
-    NotUtf8,
+    /// A string field (named) that is not UTF-8.
+    NotUtf8(&'static str),
     /// An end-group key that closes no open group.
     UnexpectedEndGroup,
     /// Groups nested deeper than prost allows.
@@ -324,7 +471,7 @@ impl fmt::Display for Malformed {
                 write!(f, "invalid wire type {found:?} (expected {expected:?})")
             }
             Self::Truncated => f.write_str("a field runs past the end of its message"),
-            Self::NotUtf8 => f.write_str("sensor_name is not UTF-8"),
+            Self::NotUtf8(field) => write!(f, "{field} is not UTF-8"),
             Self::UnexpectedEndGroup => f.write_str("unexpected end-group tag"),
             Self::TooDeep => f.write_str("groups nested too deep"),
         }
@@ -384,9 +531,37 @@ mod tests {
                         })?,
                 ),
             };
+            let invalid =
+                |why: String| (Code::InvalidArgument, Some(format!("items[{index}]{why}")));
+            let value = match (measurement.sensor_value, measurement.sensor_value_float) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        ".measurement has both sensor_value and sensor_value_float; send one"
+                            .into(),
+                    ));
+                }
+                (None, Some(float)) if !float.is_finite() => {
+                    return Err(invalid(format!(
+                        ".measurement.sensor_value_float is {float}, which JSON cannot write; send a finite number"
+                    )));
+                }
+                (None, Some(float)) => Some(Value::Float(float)),
+                (value, None) => value.map(Value::Int),
+            };
+            let limits = ReadingLimits::default();
+            limits
+                .check_name(&item.sensor_name)
+                .and_then(|()| limits.check_label_count(item.labels.len()))
+                .and_then(|()| {
+                    item.labels
+                        .iter()
+                        .try_for_each(|(k, v)| limits.check_label(k, v))
+                })
+                .map_err(|why| invalid(format!(": {why}")))?;
             batch.push(Reading {
                 sensor_name: item.sensor_name,
-                value: measurement.sensor_value,
+                labels: item.labels.into_iter().collect(),
+                value,
                 created_at,
                 received_at: received_at(),
             });
@@ -395,7 +570,7 @@ mod tests {
     }
 
     fn ours(message: &[u8]) -> Outcome {
-        match decode_request(message, received_at()) {
+        match decode_request(message, received_at(), &ReadingLimits::default()) {
             Err(status) => Err((status.code(), None)),
             Ok(decoded) => {
                 let empty = decoded.is_empty();
@@ -472,17 +647,49 @@ mod tests {
         prost_types::Timestamp { seconds, nanos }
     }
 
+    fn float(rng: &mut Rng) -> f64 {
+        let random = f64::from_bits(rng.next());
+        rng.pick(&[
+            0.0,
+            -0.0,
+            21.5,
+            1e300,
+            f64::MIN_POSITIVE,
+            f64::NAN,
+            f64::INFINITY,
+            random,
+        ])
+    }
+
     fn measurement(rng: &mut Rng) -> Measurement {
+        // Mostly one value of either kind; sometimes both, which is invalid.
+        let (sensor_value, sensor_value_float) = match rng.below(8) {
+            0 => (None, None),
+            1 => (Some(value(rng)), Some(float(rng))),
+            2 | 3 => (None, Some(float(rng))),
+            _ => (Some(value(rng)), None),
+        };
         Measurement {
-            sensor_value: (!rng.one_in(4)).then(|| value(rng)),
+            sensor_value,
             created_at: (!rng.one_in(4)).then(|| timestamp(rng)),
+            sensor_value_float,
         }
+    }
+
+    fn label_text(rng: &mut Rng) -> String {
+        let random = rng.below(5);
+        rng.pick(&["", "site", "ünït", "a\nb", "z"])
+            .to_string()
+            .repeat(1 + random)
     }
 
     fn sensor_value(rng: &mut Rng) -> SensorValue {
         SensorValue {
             sensor_name: name(rng),
             measurement: (!rng.one_in(4)).then(|| measurement(rng)),
+            labels: (0..rng.pick(&[0, 0, 1, 3]))
+                .map(|_| (label_text(rng), label_text(rng)))
+                .collect(),
         }
     }
 
@@ -625,7 +832,15 @@ mod tests {
                     timestamp_payload(rng, &mut payload);
                     len_field(rng, CREATED_AT, &payload, out);
                 }
-                _ => unknown_field(rng, &[SENSOR_VALUE, CREATED_AT], 0, out),
+                3 if rng.one_in(2) => {
+                    let mut payload = Vec::new();
+                    if !rng.one_in(4) {
+                        key(rng, WRAPPED_VALUE, WireType::SixtyFourBit, &mut payload);
+                        payload.extend_from_slice(&float(rng).to_le_bytes());
+                    }
+                    len_field(rng, SENSOR_VALUE_FLOAT, &payload, out);
+                }
+                _ => unknown_field(rng, &[SENSOR_VALUE, CREATED_AT, SENSOR_VALUE_FLOAT], 0, out),
             }
         }
     }
@@ -648,7 +863,29 @@ mod tests {
                     }
                     len_field(rng, SENSOR_NAME, &name, out);
                 }
-                _ => unknown_field(rng, &[SENSOR_NAME, MEASUREMENT], 0, out),
+                4 if rng.one_in(2) => {
+                    // A map entry as any encoder might write it: fields in
+                    // either order, repeated or missing, unknown ones between.
+                    let mut entry = Vec::new();
+                    for _ in 0..rng.pick(&[0, 1, 2, 2, 3]) {
+                        match rng.below(5) {
+                            0 | 1 => {
+                                let text = label_text(rng);
+                                len_field(rng, ENTRY_KEY, text.as_bytes(), &mut entry)
+                            }
+                            2 | 3 => {
+                                let mut text = label_text(rng).into_bytes();
+                                if rng.one_in(20) {
+                                    text.push(0xff);
+                                }
+                                len_field(rng, ENTRY_VALUE, &text, &mut entry)
+                            }
+                            _ => unknown_field(rng, &[ENTRY_KEY, ENTRY_VALUE], 0, &mut entry),
+                        }
+                    }
+                    len_field(rng, LABELS, &entry, out);
+                }
+                _ => unknown_field(rng, &[SENSOR_NAME, MEASUREMENT, LABELS], 0, out),
             }
         }
     }
@@ -815,7 +1052,7 @@ mod tests {
     #[test]
     fn edge_cases_read_as_protobuf_says() {
         // Nothing at all: an empty request.
-        let empty = decode_request(&[], received_at()).expect("valid");
+        let empty = decode_request(&[], received_at(), &ReadingLimits::default()).expect("valid");
         assert!(empty.is_empty());
 
         // An empty item: one reading with an empty name, no value and no
@@ -823,10 +1060,18 @@ mod tests {
         for reading in [one_reading(&[]), one_measured(&[])] {
             assert_eq!(reading.sensor_name, "");
             assert_eq!((reading.value, reading.created_at), (None, None));
+            assert!(reading.labels.is_empty());
         }
 
         // An empty wrapper is the value 0; an empty timestamp the epoch.
-        assert_eq!(one_measured(&wrap(SENSOR_VALUE, &[])).value, Some(0));
+        assert_eq!(
+            one_measured(&wrap(SENSOR_VALUE, &[])).value,
+            Some(Value::Int(0))
+        );
+        assert_eq!(
+            one_measured(&wrap(SENSOR_VALUE_FLOAT, &[])).value,
+            Some(Value::Float(0.0))
+        );
         assert_eq!(
             one_measured(&wrap(CREATED_AT, &[])).created_at,
             Timestamp::new(0, 0)
@@ -842,7 +1087,9 @@ mod tests {
                     seconds: 1_795_860_000,
                     nanos: 0,
                 }),
+                sensor_value_float: None,
             }),
+            labels: [("site".into(), "a".into())].into(),
         };
         let second = SensorValue {
             sensor_name: "second".into(),
@@ -852,11 +1099,17 @@ mod tests {
                     seconds: 0,
                     nanos: 5,
                 }),
+                sensor_value_float: None,
             }),
+            labels: [("site".into(), "b".into()), ("unit".into(), "C".into())].into(),
         };
         let merged = one_reading(&[first.encode_to_vec(), second.encode_to_vec()].concat());
         assert_eq!(merged.sensor_name, "second");
-        assert_eq!(merged.value, Some(7));
+        assert_eq!(merged.value, Some(Value::Int(7)));
+        assert_eq!(
+            merged.labels.iter().collect::<Vec<_>>(),
+            [("site", "b"), ("unit", "C")]
+        );
         assert_eq!(merged.created_at, Timestamp::new(1_795_860_000, 5));
 
         // The longest varint, 10 bytes: -1 as the value.
@@ -864,7 +1117,7 @@ mod tests {
         assert_eq!(minus_one.len(), 11, "key and a 10-byte varint");
         assert_eq!(
             one_measured(&wrap(SENSOR_VALUE, &minus_one)).value,
-            Some(-1)
+            Some(Value::Int(-1))
         );
 
         // An unknown field with the largest tag is skipped.
@@ -875,7 +1128,8 @@ mod tests {
 
         // Not UTF-8: malformed, INTERNAL, naming the item.
         let message = wrap(ITEMS, &wrap(SENSOR_NAME, &[0xff]));
-        let refused = decode_request(&message, received_at()).expect_err("not UTF-8");
+        let refused = decode_request(&message, received_at(), &ReadingLimits::default())
+            .expect_err("not UTF-8");
         assert_eq!(refused.code(), Code::Internal);
         assert!(
             refused.message().contains("items[0]"),
@@ -891,13 +1145,16 @@ mod tests {
             measurement: Some(Measurement {
                 sensor_value: None,
                 created_at: Some(prost_types::Timestamp { seconds: 0, nanos }),
+                sensor_value_float: None,
             }),
+            labels: Default::default(),
         };
         let request = SensorValuesRequest {
             items: vec![item(0), item(-1), item(1_000_000_000)],
         };
         let message = request.encode_to_vec();
-        let decoded = decode_request(&message, received_at()).expect("well formed");
+        let decoded = decode_request(&message, received_at(), &ReadingLimits::default())
+            .expect("well formed");
         assert!(!decoded.is_empty());
         let invalid = decoded.readings.expect_err("nanos -1");
         assert_eq!(invalid.code(), Code::InvalidArgument);
@@ -924,7 +1181,113 @@ mod tests {
         // Bytes malformed after an invalid timestamp: malformed wins.
         let mut truncated_later = message;
         truncated_later.extend_from_slice(&[(ITEMS << 3 | 2) as u8, 5]);
-        let refused = decode_request(&truncated_later, received_at()).expect_err("truncated");
+        let refused = decode_request(&truncated_later, received_at(), &ReadingLimits::default())
+            .expect_err("truncated");
         assert_eq!(refused.code(), Code::Internal);
+    }
+
+    fn item_with(measurement: Measurement, labels: &[(&str, &str)], name: &str) -> Vec<u8> {
+        SensorValuesRequest {
+            items: vec![
+                SensorValue {
+                    sensor_name: "fine".into(),
+                    measurement: None,
+                    labels: Default::default(),
+                },
+                SensorValue {
+                    sensor_name: name.into(),
+                    measurement: Some(measurement),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                },
+            ],
+        }
+        .encode_to_vec()
+    }
+
+    fn refusal(message: &[u8]) -> String {
+        let decoded =
+            decode_request(message, received_at(), &ReadingLimits::default()).expect("well formed");
+        let status = decoded.readings.expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        status.message().to_owned()
+    }
+
+    #[test]
+    fn what_a_reading_cannot_hold_is_invalid_argument_naming_the_item() {
+        let float = |value| Measurement {
+            sensor_value_float: Some(value),
+            ..Measurement::default()
+        };
+        let both = Measurement {
+            sensor_value: Some(1),
+            sensor_value_float: Some(1.0),
+            created_at: None,
+        };
+        assert_eq!(
+            refusal(&item_with(both, &[], "t")),
+            "items[1].measurement has both sensor_value and sensor_value_float; send one"
+        );
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let message = refusal(&item_with(float(bad), &[], "t"));
+            assert!(
+                message.starts_with("items[1].measurement.sensor_value_float is "),
+                "{message}"
+            );
+            assert!(message.contains("JSON cannot write"), "{message}");
+        }
+        assert_eq!(
+            refusal(&item_with(float(1.0), &[("", "x")], "t")),
+            "items[1]: a label key is empty"
+        );
+        let long_key = "k".repeat(129);
+        assert!(
+            refusal(&item_with(float(1.0), &[(&long_key, "x")], "t"))
+                .contains("max_label_key_bytes (128)")
+        );
+        let long_value = "v".repeat(1025);
+        assert!(
+            refusal(&item_with(float(1.0), &[("k", &long_value)], "t"))
+                .contains("max_label_value_bytes (1024)")
+        );
+        let many: Vec<(String, String)> = (0..65)
+            .map(|i| (format!("k{i:02}"), String::new()))
+            .collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            refusal(&item_with(float(1.0), &many, "t")),
+            "items[1]: 65 labels, over max_labels (64)"
+        );
+        assert!(
+            refusal(&item_with(float(1.0), &[], &"n".repeat(1025)))
+                .contains("max_name_bytes (1024)")
+        );
+        // At the bounds, accepted.
+        let at_bounds = item_with(float(2.5), &many[..64], &"n".repeat(1024));
+        let batch = assert_same(&at_bounds).expect("within bounds");
+        assert_eq!(batch[1].labels.len(), 64);
+        assert_eq!(batch[1].value, Some(Value::Float(2.5)));
+    }
+
+    #[test]
+    fn labels_of_many_entries_are_refused_before_any_is_allocated() {
+        // 100 000 empty entries in one item: 2 bytes each on the wire.
+        let mut item = Vec::new();
+        for _ in 0..100_000 {
+            item.extend_from_slice(&wrap(LABELS, &[]));
+        }
+        let message = wrap(ITEMS, &item);
+        let decoded = decode_request(&message, received_at(), &ReadingLimits::default())
+            .expect("well formed");
+        assert_eq!(decoded.labels, 0);
+        assert!(
+            decoded
+                .readings
+                .unwrap_err()
+                .message()
+                .contains("100000 labels")
+        );
     }
 }

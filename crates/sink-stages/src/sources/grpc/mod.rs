@@ -26,8 +26,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use sink_api::{
-    Batch, BuildContext, ConfigError, Context, MemoryBudget, Output, Reservation, Source,
-    SourceConfig, StageError, Timestamp,
+    Batch, BuildContext, ConfigError, Context, MemoryBudget, Output, ReadingLimits, Reservation,
+    Source, SourceConfig, StageError, Timestamp,
 };
 use sink_proto::SensorValuesResponse;
 use tokio::sync::Semaphore;
@@ -86,6 +86,12 @@ pub struct GrpcConfig {
     /// the wire and a whole reading in memory).
     #[serde(default = "default_max_readings_per_call")]
     pub max_readings_per_call: usize,
+    /// The most one reading may hold: `max_name_bytes` (1024),
+    /// `max_labels` (64), `max_label_key_bytes` (128) and
+    /// `max_label_value_bytes` (1024). A reading past one is INVALID_ARGUMENT
+    /// naming the item and the bound.
+    #[serde(default)]
+    pub limits: ReadingLimits,
     /// Most connections open at once; beyond it new clients wait in the
     /// listen backlog until one closes. Defaults to the soft open-file limit
     /// (RLIMIT_NOFILE) less 64, at most 1024.
@@ -490,6 +496,7 @@ struct Shared {
 struct Limits {
     max_message_bytes: usize,
     max_readings_per_call: usize,
+    reading: ReadingLimits,
     body_timeout: Duration,
     when_full: WhenFull,
     acknowledge: Acknowledge,
@@ -511,6 +518,7 @@ impl Limits {
         Self {
             max_message_bytes: config.max_message_bytes,
             max_readings_per_call: config.max_readings_per_call,
+            reading: config.limits,
             body_timeout: config.body_timeout,
             when_full: config.when_full,
             acknowledge: config.acknowledge,
@@ -624,8 +632,12 @@ impl Body for OkBody {
 /// Decodes one encoded `SensorValuesRequest` into the batch a call hands on,
 /// all stamped `received_at`, as the service does for every call. Public for
 /// the benchmarks (`cargo bench -p sink-stages`).
-pub fn decode_batch(message: &[u8], received_at: Timestamp) -> Result<Batch, Status> {
-    decode_request(message, received_at)?.readings
+pub fn decode_batch(
+    message: &[u8],
+    received_at: Timestamp,
+    limits: &ReadingLimits,
+) -> Result<Batch, Status> {
+    decode_request(message, received_at, limits)?.readings
 }
 
 impl SensorService {
@@ -698,7 +710,11 @@ impl SensorService {
         } else {
             prefix.len
         };
-        let bound = acks::decoded_bound(raw_len, limits.max_readings_per_call);
+        let bound = acks::decoded_bound(
+            raw_len,
+            limits.max_readings_per_call,
+            limits.reading.max_labels,
+        );
         let bound = bound.min(self.0.memory.limit());
         let memory = self.reserve_memory(bound, limits.when_full).await?;
         let deadline = started + limits.body_timeout + waited.elapsed();
@@ -715,6 +731,7 @@ impl SensorService {
         let request = decode::decode_request_at_most(
             &message,
             Timestamp::now(),
+            &limits.reading,
             limits.max_readings_per_call,
         )
         .inspect_err(|status| self.refused_if_exhausted(status, Refusal::TooManyReadings))?;
@@ -742,7 +759,7 @@ impl SensorService {
         };
         let limits = self.0.limits.load_full();
         let batch = request.readings?;
-        let bytes = acks::decoded_bytes(batch.len(), message_len);
+        let bytes = acks::decoded_bytes(batch.len(), request.labels, message_len);
         let memory = if memory.bytes() >= bytes {
             let mut memory = memory;
             memory.shrink_to(bytes);
@@ -845,19 +862,27 @@ mod tests {
                             seconds: 1_795_860_000,
                             nanos: 512_000_000,
                         }),
+                        sensor_value_float: None,
                     }),
+                    labels: Default::default(),
                 },
                 SensorValue {
                     sensor_name: "t2".into(),
                     measurement: None,
+                    labels: Default::default(),
                 },
             ],
         };
         let received_at = Timestamp::new(1_795_860_001, 0).unwrap();
-        let batch = decode_batch(&request.encode_to_vec(), received_at).unwrap();
+        let batch = decode_batch(
+            &request.encode_to_vec(),
+            received_at,
+            &ReadingLimits::default(),
+        )
+        .unwrap();
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[0].sensor_name, "t1");
-        assert_eq!(batch[0].value, Some(0));
+        assert_eq!(batch[0].value, Some(0.into()));
         assert_eq!(
             batch[0].created_at,
             Timestamp::new(1_795_860_000, 512_000_000)
@@ -866,7 +891,8 @@ mod tests {
         assert_eq!(batch[1].created_at, None);
         assert!(batch.iter().all(|r| r.received_at == received_at));
 
-        let garbage = decode_batch(&[0xff, 0xff, 0xff], received_at).unwrap_err();
+        let garbage =
+            decode_batch(&[0xff, 0xff, 0xff], received_at, &ReadingLimits::default()).unwrap_err();
         assert_eq!(garbage.code(), Code::Internal);
     }
 
