@@ -688,28 +688,28 @@ fn parse_stage(
     // and left out, and the rest read again, so that every mistake of the
     // stage is reported at once.
     let mut remaining = params.clone();
-    let mut failed = false;
+    let mut removed: Vec<String> = Vec::new();
     let config = loop {
         let mut tagged = Table::new();
         tagged.insert(type_name.clone(), Value::Table(remaining.clone()));
         let tagged = Value::Table(tagged);
         let read = match kind {
-            StageKind::Source => {
-                deserialize_stage::<Box<dyn SourceConfig>>(tagged, kind, &type_name, &stage, errors)
-                    .map(StageConfig::Source)
-            }
+            StageKind::Source => deserialize_stage::<Box<dyn SourceConfig>>(
+                tagged, kind, &type_name, &stage, &removed, errors,
+            )
+            .map(StageConfig::Source),
             StageKind::Processor => deserialize_stage::<Box<dyn ProcessorConfig>>(
-                tagged, kind, &type_name, &stage, errors,
+                tagged, kind, &type_name, &stage, &removed, errors,
             )
             .map(StageConfig::Processor),
-            StageKind::Sink => {
-                deserialize_stage::<Box<dyn SinkConfig>>(tagged, kind, &type_name, &stage, errors)
-                    .map(StageConfig::Sink)
-            }
+            StageKind::Sink => deserialize_stage::<Box<dyn SinkConfig>>(
+                tagged, kind, &type_name, &stage, &removed, errors,
+            )
+            .map(StageConfig::Sink),
         };
         match read {
-            Ok(config) => break (!failed).then_some(config),
-            Err(Some(key)) if remaining.remove(&key).is_some() => failed = true,
+            Ok(config) => break removed.is_empty().then_some(config),
+            Err(Some(key)) if remaining.remove(&key).is_some() => removed.push(key),
             Err(_) => break None,
         }
     };
@@ -742,6 +742,7 @@ fn deserialize_stage<T: DeserializeOwned>(
     kind: StageKind,
     type_name: &str,
     stage: &str,
+    removed: &[String],
     errors: &mut Errors,
 ) -> Result<T, Option<String>> {
     match serde_path_to_error::deserialize::<_, T>(tagged) {
@@ -795,11 +796,14 @@ fn deserialize_stage<T: DeserializeOwned>(
                     None => field,
                 };
                 let retry = nested.then(|| top(&full_key)).flatten();
-                errors.push(
-                    Some(stage.into()),
-                    Some(full_key),
-                    "is required but missing".into(),
-                );
+                // A required key left out for its own mistake was reported.
+                if !removed.contains(&full_key) {
+                    errors.push(
+                        Some(stage.into()),
+                        Some(full_key),
+                        "is required but missing".into(),
+                    );
+                }
                 // A missing top-level key stays missing: serde reports it
                 // only once every key present was read.
                 Err(retry)

@@ -392,3 +392,14 @@ fn health_says_plainly_that_nothing_listens() {
         "{err}"
     );
 }
+
+#[test]
+fn a_required_key_with_a_wrong_value_is_reported_once() {
+    let text = "[sources.s]\ntype = \"grpc\"\naddress = 8000\nbody_timeout = 3\n\n[sinks.o]\ntype = \"json_file\"\ninputs = [\"s\"]\npath = 5\n";
+    let (code, _, stderr) = validate(text, &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(stderr.matches("key `address`").count(), 1, "{stderr}");
+    assert!(!stderr.contains("required but missing"), "{stderr}");
+    error_about(&stderr, "sources.s", "body_timeout");
+    error_about(&stderr, "sinks.o", "path");
+}
