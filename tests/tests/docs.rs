@@ -8,6 +8,8 @@
 //!   with the real command line (clap);
 //! - every relative link must name a file that exists, and an anchor a
 //!   heading of that file;
+//! - every stage type the binary has must have its page, docs/stages/TYPE.md,
+//!   naming each of its keys;
 //! - the README's test command must be the one `.ci/run` runs.
 
 use std::path::{Path, PathBuf};
@@ -475,4 +477,48 @@ fn the_readme_test_command_is_the_one_ci_runs() {
         ci.lines().any(|line| line.trim() == command),
         "the README says the tests run with `{command}`, but .ci/run has no such line"
     );
+}
+
+#[test]
+fn every_stage_type_has_a_page_that_names_each_of_its_keys() {
+    let out = Command::new(sink_binary())
+        .args(["describe", "--markdown"])
+        .output()
+        .expect("sink runs");
+    let reference = String::from_utf8(out.stdout).expect("UTF-8");
+    // (type, key) for every row of the generated reference.
+    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut current = None;
+    for line in reference.lines() {
+        if let Some(heading) = line.strip_prefix("### `") {
+            current = heading.split('`').next().map(str::to_string);
+        } else if let (Some(name), Some(row)) = (&current, line.strip_prefix("| `")) {
+            let key = row.split('`').next().unwrap_or_default();
+            keys.push((name.clone(), key.to_string()));
+        }
+    }
+    assert!(keys.len() > 20, "read only {keys:?}");
+    let mut failures = Vec::new();
+    for (name, key) in keys {
+        let page = root().join(format!("docs/stages/{name}.md"));
+        let Ok(text) = std::fs::read_to_string(&page) else {
+            failures.push(format!("no page docs/stages/{name}.md"));
+            continue;
+        };
+        // A nested key may be written whole, as its last part, or inside
+        // its table's example (`{ max_files = 48 }`).
+        let last = key.rsplit('.').next().unwrap_or(&key);
+        let named = [
+            format!("`{key}`"),
+            format!("`{last}`"),
+            format!("{last} = "),
+        ]
+        .iter()
+        .any(|form| text.contains(form.as_str()));
+        if !named {
+            failures.push(format!("docs/stages/{name}.md never names the key `{key}`"));
+        }
+    }
+    failures.dedup();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
