@@ -9,7 +9,8 @@
 //! - every relative link must name a file that exists, and an anchor a
 //!   heading of that file;
 //! - every stage type the binary has must have its page, docs/stages/TYPE.md,
-//!   naming each of its keys;
+//!   naming each of its keys, and docs/hot-reload.md's table must name every
+//!   key that reloads live;
 //! - the README's test command must be the one `.ci/run` runs.
 
 use std::path::{Path, PathBuf};
@@ -520,5 +521,66 @@ fn every_stage_type_has_a_page_that_names_each_of_its_keys() {
         }
     }
     failures.dedup();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn the_live_keys_table_names_every_live_key() {
+    let out = Command::new(sink_binary())
+        .args(["describe", "--markdown"])
+        .output()
+        .expect("sink runs");
+    let reference = String::from_utf8(out.stdout).expect("UTF-8");
+    let page = std::fs::read_to_string(root().join("docs/hot-reload.md")).expect("hot-reload.md");
+    // The table's rows: first cell (the type, maybe with its kind), second
+    // cell (the live keys).
+    let rows: Vec<(String, String)> = page
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.strip_prefix('|')?.split(" | ");
+            Some((cells.next()?.trim().to_string(), cells.next()?.to_string()))
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in reference.lines() {
+        if let Some(heading) = line.strip_prefix("### `") {
+            let mut parts = heading.split('`');
+            let name = parts.next().unwrap_or_default().to_string();
+            let kind = parts
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_default()
+                .to_string();
+            current = Some((name, kind));
+            continue;
+        }
+        let (Some((name, kind)), Some(row)) = (&current, line.strip_prefix("| `")) else {
+            continue;
+        };
+        let key = row.split('`').next().unwrap_or_default();
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let live = cells
+            .get(3)
+            .is_some_and(|reload| reload.starts_with("live"));
+        // `when_full` is a key of every sink, in a row of its own.
+        if key.contains('.') || !live || key == "when_full" {
+            continue;
+        }
+        let of_type = |cell: &str| {
+            cell.starts_with(&format!("`{name}`"))
+                && (!cell.contains(" source") && !cell.contains(" sink")
+                    || cell.contains(kind.as_str()))
+        };
+        match rows.iter().find(|(cell, _)| of_type(cell)) {
+            None => failures.push(format!(
+                "docs/hot-reload.md: no row for {kind} `{name}`, whose `{key}` is live"
+            )),
+            Some((_, keys)) if !keys.contains(&format!("`{key}`")) => failures.push(format!(
+                "docs/hot-reload.md: the row of {kind} `{name}` does not name its live key `{key}`"
+            )),
+            Some(_) => {}
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
