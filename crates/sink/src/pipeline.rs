@@ -1247,6 +1247,63 @@ mod tests {
     }
 
     #[test]
+    fn listen_addresses_are_checked_by_their_form() {
+        for good in [
+            "127.0.0.1:8000",
+            ":8000",
+            "0.0.0.0:0",
+            "[::1]:65535",
+            "localhost:80",
+        ] {
+            assert_eq!(listen_address_problem(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("localhost", "has no port"),
+            ("127.0.0.1:65536", "out of range"),
+            ("127.0.0.1:", "not a number"),
+            ("::1", "needs brackets"),
+            ("fe80::1:80", "needs brackets"),
+            ("[fe80::zz]:80", "not an IPv6 address"),
+            ("a_b:80", "neither an IP address nor a host name"),
+        ] {
+            let problem = listen_address_problem(bad).expect_err(bad);
+            assert!(problem.contains(says), "{bad}: {problem}");
+        }
+    }
+
+    #[test]
+    fn type_errors_speak_of_whole_numbers_and_units() {
+        assert_eq!(
+            friendly(
+                "invalid type: string \"ten\", expected usize",
+                Some("max_events")
+            ),
+            "invalid type: string \"ten\", expected a whole number of readings, without quotes"
+        );
+        assert_eq!(
+            friendly(
+                "invalid type: string \"x\", expected u64",
+                Some("rate_limit.burst_bytes")
+            ),
+            "invalid type: string \"x\", expected a whole number of bytes, without quotes"
+        );
+        assert_eq!(friendly("no comma here", None), "no comma here");
+    }
+
+    #[test]
+    fn a_long_line_loses_its_long_quoted_value_not_its_list() {
+        let list: Vec<String> = (0..40).map(|i| format!("`key_number_{i}`")).collect();
+        let line = format!(
+            "invalid value: string \"{}\", expected one of {}",
+            "v".repeat(5_000),
+            list.join(", ")
+        );
+        let short = shorten(&line);
+        assert!(short.contains("characters cut, of 5000"), "{short}");
+        assert!(short.ends_with(&list.join(", ")), "{short}");
+    }
+
+    #[test]
     fn first_line_drops_the_key_trail() {
         assert_eq!(
             first_line("unknown field `x`\n\n\nin `buffered`\n"),
