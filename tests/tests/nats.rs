@@ -768,3 +768,93 @@ async fn the_shipped_pipelines_scale_out_as_the_docs_say() {
     writer.stop();
     assert_each_once(&sensor_names_so_far(&out), &sent);
 }
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn floats_and_labels_round_trip_through_jetstream_exactly_in_both_encodings() {
+    use sink_proto::sensor_value::Measurement;
+    use sink_proto::{SensorValue, SensorValuesRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let floats = [21.5, 3.0, 0.1, 1e21, -2.5, 5e-324, f64::MAX];
+    for (round, encoding) in ["json", "protobuf"].into_iter().enumerate() {
+        purge(&urls, "TELEMETRY").await;
+        let out = dir.path().join(format!("labelled-{encoding}.json"));
+        let mut ingest = SinkProcess::start(&ingest(&urls, encoding));
+        let mut writer = SinkProcess::start(&writer(&urls, &format!("labelled{round}"), "", &out));
+        let items: Vec<SensorValue> = floats
+            .iter()
+            .enumerate()
+            .map(|(i, &value)| SensorValue {
+                sensor_name: format!("{encoding}-float-{i}"),
+                measurement: Some(Measurement {
+                    sensor_value: None,
+                    created_at: Some(prost_types::Timestamp {
+                        seconds: 1_795_860_000,
+                        nanos: 1_000,
+                    }),
+                    sensor_value_float: Some(value),
+                }),
+                labels: [
+                    ("site".to_string(), format!("north-{i}")),
+                    ("unit".to_string(), "°C".to_string()),
+                    ("quote\"".to_string(), String::new()),
+                ]
+                .into(),
+            })
+            .chain(std::iter::once(SensorValue {
+                sensor_name: format!("{encoding}-int"),
+                measurement: Some(Measurement {
+                    sensor_value: Some(i64::MIN),
+                    ..Measurement::default()
+                }),
+                labels: [("a".to_string(), "b".to_string())].into(),
+            }))
+            .collect();
+        let names: Vec<String> = items.iter().map(|i| i.sensor_name.clone()).collect();
+        let mut client = ingest.client("sensors").await;
+        client
+            .send_sensor_values(SensorValuesRequest {
+                items: items.clone(),
+            })
+            .await
+            .expect("accepted");
+        ingest.stop();
+        assert!(wait_for_names(&out, &names), "not every reading arrived");
+        writer.stop();
+        let text = std::fs::read_to_string(&out).expect("written");
+        for (i, float) in floats.iter().enumerate() {
+            let line = text
+                .lines()
+                .find(|line| line.contains(&format!("\"{encoding}-float-{i}\"")))
+                .expect("written");
+            let prefix = format!(
+                r#"{{"sensor_name":"{encoding}-float-{i}","labels":{{"quote\"":"","site":"north-{i}","unit":"°C"}},"sensor_value":"#
+            );
+            assert!(line.starts_with(&prefix), "{line}");
+            let value = &line[prefix.len()..line.find(",\"created_at\"").expect("created_at")];
+            assert_eq!(
+                value.parse::<f64>().expect("a number").to_bits(),
+                float.to_bits(),
+                "{line}"
+            );
+            assert!(
+                line.contains(r#""created_at":"2026-11-28T10:00:00.000001Z""#),
+                "{line}"
+            );
+        }
+        let int = text
+            .lines()
+            .find(|line| line.contains(&format!("\"{encoding}-int\"")))
+            .expect("written");
+        assert!(
+            int.starts_with(&format!(
+                r#"{{"sensor_name":"{encoding}-int","labels":{{"a":"b"}},"sensor_value":-9223372036854775808,"created_at":null,"#
+            )),
+            "{int}"
+        );
+    }
+}
