@@ -3,7 +3,8 @@
 //!
 //! - docs/reference.md must be exactly what `sink describe --markdown` says;
 //! - every ```toml block must parse, and a whole pipeline (one with sources
-//!   and sinks) must pass the real `sink validate`;
+//!   and sinks) must pass the real `sink validate`; every ```json block must
+//!   be JSON (or JSON lines);
 //! - every `sink ...` command line, in a shell block or inline, must parse
 //!   with the real command line (clap);
 //! - every relative link must name a file that exists, and an anchor a
@@ -582,5 +583,25 @@ fn the_live_keys_table_names_every_live_key() {
             Some(_) => {}
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_json_block_is_json() {
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for block in all_blocks().iter().filter(|block| block.language == "json") {
+        checked += 1;
+        // A whole document, or JSON lines as the sinks and logs write them.
+        if serde_json::from_str::<serde_json::Value>(&block.text).is_ok() {
+            continue;
+        }
+        for line in block.text.lines().filter(|line| !line.trim().is_empty()) {
+            if let Err(err) = serde_json::from_str::<serde_json::Value>(line) {
+                failures.push(format!("{}: {err}: {line}", block.place()));
+            }
+        }
+    }
+    assert!(checked >= 3, "found only {checked} JSON blocks");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
