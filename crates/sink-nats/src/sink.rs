@@ -146,7 +146,7 @@ impl SinkConfig for NatsSinkConfig {
                 return Err(ConfigError::new(
                     "stream",
                     format!(
-                        "JetStream stream `{}` does not exist on {}: create it (README, \"Scale out\") or set `create_stream`",
+                        "JetStream stream `{}` does not exist on {}: create it (docs/scale-out.md) or set `create_stream`",
                         config.stream,
                         config.url.describe()
                     ),
