@@ -1,13 +1,17 @@
 # The telemetry-sink image. Build:   docker build -t telemetry-sink .
 #                           Run:     docker run -p 8000:8000 -v "$PWD/data:/var/lib/sink" telemetry-sink
-# (README, "Run in a container"). Plain Dockerfile syntax, nothing BuildKit-only,
+# (docs/containers.md). Plain Dockerfile syntax, nothing BuildKit-only,
 # so podman/buildah and the classic builder build it too; with podman, pass
 # `--format docker` or the HEALTHCHECK is dropped (OCI images have no field for it).
 
 # The toolchain the project is tested with (rust-version in Cargo.toml is the minimum).
 ARG RUST_VERSION=1.95
+# Where the two base images (rust, debian) are pulled from. Docker Hub by
+# default; a mirror or pull-through cache that keeps Docker Hub's paths
+# (`library/rust`, `library/debian`) with --build-arg BASE_REGISTRY=mirror.example.com.
+ARG BASE_REGISTRY=docker.io
 
-FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS builder
+FROM ${BASE_REGISTRY}/library/rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /src
 COPY . .
 # Only the `sink` binary, from the lock file the repository tests with.
@@ -18,7 +22,7 @@ RUN cargo build --release --locked -p sink --bin sink \
 # (how the original's users fetch the files) runs `tar` inside the container,
 # and distroless has no tar (nor a shell for `kubectl exec`). Same Debian
 # release as the builder, so the binary finds the glibc it was linked against.
-FROM docker.io/library/debian:bookworm-slim
+FROM ${BASE_REGISTRY}/library/debian:bookworm-slim
 
 ARG VERSION=0.1.0
 ARG REVISION=

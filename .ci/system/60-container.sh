@@ -59,7 +59,10 @@ fi
 # The FROM names, with the ARG defaults they use.
 rust_version=$(sed -n 's/^ARG RUST_VERSION=//p' Dockerfile)
 [ -n "$rust_version" ] || die "Dockerfile: no ARG RUST_VERSION default"
-froms=$(sed -n 's/^FROM \([^ ]*\).*/\1/p' Dockerfile | sed "s/\${RUST_VERSION}/$rust_version/")
+registry=$(sed -n 's/^ARG BASE_REGISTRY=//p' Dockerfile)
+[ -n "$registry" ] || die "Dockerfile: no ARG BASE_REGISTRY default"
+froms=$(sed -n 's/^FROM \([^ ]*\).*/\1/p' Dockerfile \
+  | sed "s/\${RUST_VERSION}/$rust_version/; s/\${BASE_REGISTRY}/$registry/")
 BUILDER=$(echo "$froms" | grep '/rust:') || die "Dockerfile: no rust builder image"
 RUNTIME=$(echo "$froms" | grep '/debian:') || die "Dockerfile: no debian runtime image"
 echo "base images: $BUILDER, $RUNTIME"

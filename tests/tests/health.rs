@@ -108,7 +108,11 @@ fn nothing_listening_is_unhealthy() {
         &[],
     );
     assert_eq!(done.status.code(), Some(1), "{}", done.stdout);
-    assert!(done.stderr.contains("cannot connect"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("not reachable: connection refused"),
+        "{}",
+        done.stderr
+    );
 }
 
 #[test]

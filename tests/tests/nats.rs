@@ -719,6 +719,58 @@ async fn mutual_tls_to_nats_carries_readings_and_a_missing_client_certificate_is
 
 #[tokio::test]
 #[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn the_shipped_pipelines_scale_out_as_the_docs_say() {
+    // docs/scale-out.md, as written: three Debian nats-server nodes, NATS_URL
+    // naming all three in one comma list, the stream created by the ingest
+    // pipeline itself (no `nats` CLI), replicated three times.
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path());
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    // A fresh cluster elects its leaders first; the sink's own stream
+    // creation is then the first thing it is asked.
+    create_stream(&urls, "WARMUP", "warmup.>", 3).await;
+    let nats_url = urls.join(",");
+    let read = |name: &str| std::fs::read_to_string(pipelines_dir().join(name)).expect("read");
+    let mut ingest = SinkProcess::start_env(
+        &read("ingest-to-nats.toml"),
+        &[
+            ("GRPC_ADDRESS", "127.0.0.1:0"),
+            ("NATS_URL", &nats_url),
+            ("NATS_REPLICAS", "3"),
+        ],
+    );
+    let files = tempfile::tempdir().unwrap();
+    let mut writer = SinkProcess::start_env(
+        &read("nats-to-file.toml"),
+        &[
+            ("NATS_URL", &nats_url),
+            ("FILE_PATH", &files.path().display().to_string()),
+        ],
+    );
+    let mut client = ingest.client("sensors").await;
+    // acknowledge = "written": an OK means stored in the stream.
+    let sent = send_all(&mut client, "walk", 10, 20).await;
+    let client = async_nats::connect(urls.clone()).await.expect("connect");
+    let mut stream = jetstream::new(client)
+        .get_stream("TELEMETRY")
+        .await
+        .expect("the ingest pipeline created the stream");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.config.num_replicas, 3, "{:?}", info.config);
+    assert!(info.state.messages > 0, "{:?}", info.state);
+    ingest.stop();
+    let out = files.path().join("telemetry-sink.log.json");
+    assert!(
+        wait_for_names(&out, &sent),
+        "readings did not arrive; writer log:\n{}",
+        writer.log_text()
+    );
+    writer.stop();
+    assert_each_once(&sensor_names_so_far(&out), &sent);
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
 async fn floats_and_labels_round_trip_through_jetstream_exactly_in_both_encodings() {
     use sink_proto::sensor_value::Measurement;
     use sink_proto::{SensorValue, SensorValuesRequest};

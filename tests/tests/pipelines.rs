@@ -128,3 +128,32 @@ fn original_env_takes_the_original_log_levels_and_empty_values() {
     let run = run_sink(&text, &["validate"], &empty);
     assert!(run.status.success(), "{}", run.stderr);
 }
+
+#[tokio::test]
+async fn the_default_pipeline_reads_the_original_variables() {
+    let text = std::fs::read_to_string(pipelines_dir().join("default.toml")).expect("read");
+    let mut sink = SinkProcess::start_env(
+        &text,
+        &[
+            ("GRPC_SERVER_SOCKET", "127.0.0.1:0"),
+            ("FILE_PATH", "data/out"),
+            ("BUFFER_SIZE", "2"),
+            ("BUFFER_FLUSH_INTERVAL", "1h"),
+            ("LOGGER_MIN_LOG_LEVEL", "debug"),
+        ],
+    );
+    let mut client = sink.client("sensors").await;
+    client
+        .send_sensor_values(request("default", 2))
+        .await
+        .expect("send");
+    // BUFFER_SIZE = 2 flushes at once, long before the hour.
+    let out = sink.path("data/out/telemetry-sink.log.json");
+    assert!(wait_for_lines(&out, 2), "nothing at {}", out.display());
+    assert!(sink.log_text().contains("DEBUG"), "{}", sink.log_text());
+    sink.stop();
+    assert_each_once(
+        &sensor_names(&out),
+        &["default0".to_string(), "default1".to_string()],
+    );
+}

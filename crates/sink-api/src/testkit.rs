@@ -291,10 +291,35 @@ impl Harness {
     }
 }
 
-/// The readings every conformance check sends: `mixed_readings("conformance-",
-/// 0..1000)` (integers, floats, no values, labels), in batches of 97.
-fn conformance_readings() -> Batch {
+/// The readings the conformance checks send unless given others:
+/// [`mixed_readings`]`("conformance-", 0..1000)`, that is 1000 readings named
+/// `conformance-0` to `conformance-999`, of every kind a reading can be
+/// (integers, floats, no value; half of them with labels `site` and `unit`),
+/// created 0 to 999 seconds after 2026-11-28T10:00:00Z. They are sent in
+/// batches of 97.
+///
+/// A stage that selects readings (by name, by value) may keep or drop all of
+/// these: a filter whose `sensors = ["sensor-*"]` matches none of them drops
+/// everything, and one that keeps everything passes a check that expected
+/// it to keep everything. Give such a stage readings it must keep and readings
+/// it must drop, with the `_on` form of each check
+/// ([`check_processor_on`], [`check_processor_maps_on`],
+/// [`check_processor_with_on`], [`check_sink_with_on`]).
+pub fn conformance_readings() -> Batch {
     mixed_readings("conformance-", 0..1000)
+}
+
+/// Says, on stderr, when a check's selection kept all of the readings sent or
+/// none of them: the check then cannot tell whether the stage selects at all.
+fn note_if_uniform(kept: usize, sent: usize, check: &str) {
+    if sent > 0 && (kept == 0 || kept == sent) {
+        let what = if kept == 0 { "none" } else { "every one" };
+        eprintln!(
+            "note: {check}: the expected output keeps {what} of the {sent} readings sent, so this \
+             check cannot tell whether the stage selects readings at all; give it readings it must \
+             keep and readings it must drop with {check}_on (see testkit::conformance_readings)"
+        );
+    }
 }
 
 /// Conformance check for a processor, given the property it must have: the
@@ -338,9 +363,23 @@ pub async fn check_processor_with<C, T>(
     C: ProcessorConfig + Clone,
     T: PartialEq + Debug,
 {
+    check_processor_with_on(config, conformance_readings(), expected, observed).await;
+}
+
+/// [`check_processor_with`] on readings of your own instead of
+/// [`conformance_readings`] (sent in batches of 97, a reload midway).
+pub async fn check_processor_with_on<C, T>(
+    config: C,
+    sent: impl Into<Batch>,
+    expected: impl FnOnce(&[Reading]) -> T,
+    observed: impl FnOnce(&[Reading]) -> T,
+) where
+    C: ProcessorConfig + Clone,
+    T: PartialEq + Debug,
+{
     let name = config.typetag_name();
     assert_registered::<C>(StageKind::Processor, name);
-    let sent = conformance_readings();
+    let sent: Batch = sent.into();
     let stage = Harness::processor(config.clone()).expect("config builds");
     let calls = send_reloading_midway(&stage, &sent, config, name).await;
     let out = stage.finish_batches().await.expect("stage ends cleanly");
@@ -390,8 +429,21 @@ pub async fn check_processor_maps<C: ProcessorConfig + Clone>(
     config: C,
     map: impl Fn(&Reading) -> Option<Reading>,
 ) {
-    let expected = |sent: &[Reading]| sorted(sent.iter().filter_map(&map).collect());
-    check_processor_with(config, expected, |out| sorted(out.to_vec())).await;
+    check_processor_maps_on(config, conformance_readings(), map).await;
+}
+
+/// [`check_processor_maps`] on readings of your own.
+pub async fn check_processor_maps_on<C: ProcessorConfig + Clone>(
+    config: C,
+    sent: impl Into<Batch>,
+    map: impl Fn(&Reading) -> Option<Reading>,
+) {
+    let expected = |sent: &[Reading]| {
+        let kept: Vec<Reading> = sent.iter().filter_map(&map).collect();
+        note_if_uniform(kept.len(), sent.len(), "check_processor_maps");
+        sorted(kept)
+    };
+    check_processor_with_on(config, sent, expected, |out| sorted(out.to_vec())).await;
 }
 
 /// Conformance check for a processor that drops readings but changes none
@@ -401,13 +453,38 @@ pub async fn check_processor<C: ProcessorConfig + Clone>(
     config: C,
     keeps: impl Fn(&Reading) -> bool,
 ) {
+    check_processor_on(config, conformance_readings(), keeps).await;
+}
+
+/// [`check_processor`] on readings of your own: give it readings the stage
+/// must keep and readings it must drop.
+///
+/// ```no_run
+/// # async fn demo(config: impl sink_api::ProcessorConfig + Clone) {
+/// use sink_api::testkit::{check_processor_on, readings};
+///
+/// // A filter of `sensors = ["keep-*"]`: half of these must go.
+/// let mut sent = readings("keep-", 0..500);
+/// sent.append(readings("drop-", 0..500));
+/// check_processor_on(config, sent, |r| r.sensor_name.starts_with("keep-")).await;
+/// # }
+/// ```
+pub async fn check_processor_on<C: ProcessorConfig + Clone>(
+    config: C,
+    sent: impl Into<Batch>,
+    keeps: impl Fn(&Reading) -> bool,
+) {
     let names = |readings: &mut dyn Iterator<Item = &Reading>| -> Vec<String> {
         let mut names: Vec<String> = readings.map(|r| r.sensor_name.clone()).collect();
         names.sort();
         names
     };
-    let expected = |sent: &[Reading]| names(&mut sent.iter().filter(|r| keeps(r)));
-    check_processor_with(config, expected, |out| names(&mut out.iter())).await;
+    let expected = |sent: &[Reading]| {
+        let kept = names(&mut sent.iter().filter(|r| keeps(r)));
+        note_if_uniform(kept.len(), sent.len(), "check_processor");
+        kept
+    };
+    check_processor_with_on(config, sent, expected, |out| names(&mut out.iter())).await;
 }
 
 /// Conformance check for a sink, given what it must have written: the stage
@@ -434,9 +511,23 @@ pub async fn check_sink_with<C, T>(
     C: SinkConfig + Clone,
     T: PartialEq + Debug,
 {
+    check_sink_with_on(config, conformance_readings(), expected, written).await;
+}
+
+/// [`check_sink_with`] on readings of your own (readings without a value or
+/// a `created_at`, names that need escaping, whatever the sink must handle).
+pub async fn check_sink_with_on<C, T>(
+    config: C,
+    sent: impl Into<Batch>,
+    expected: impl FnOnce(&[Reading]) -> T,
+    written: impl FnOnce() -> T,
+) where
+    C: SinkConfig + Clone,
+    T: PartialEq + Debug,
+{
     let name = config.typetag_name();
     assert_registered::<C>(StageKind::Sink, name);
-    let sent = conformance_readings();
+    let sent: Batch = sent.into();
     let stage = Harness::sink(config.clone()).expect("config builds");
     let calls = send_reloading_midway(&stage, &sent, config, name).await;
     stage.finish().await.expect("stage ends cleanly");
@@ -833,6 +924,37 @@ mod tests {
     #[should_panic(expected = "what came out is not what should have")]
     async fn a_transform_check_compares_values() {
         check_processor_maps(Times { factor: 3 }, |r| Some(r.clone())).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "what came out is not what should have")]
+    async fn own_readings_catch_a_filter_that_drops_nothing() {
+        // `Times` keeps every reading: given readings it should drop, the
+        // check fails, where on the conformance readings alone a `keeps`
+        // that matches them all would pass.
+        let mut sent = readings("keep-", 0..50);
+        sent.append(readings("drop-", 0..50));
+        check_processor_on(Times { factor: 1 }, sent, |r| {
+            r.sensor_name.starts_with("keep-")
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn own_readings_are_the_ones_sent() {
+        let sent = readings("mine-", 0..10);
+        check_processor_with_on(
+            Times { factor: 1 },
+            sent,
+            |sent| sorted(sent.to_vec()),
+            |out| {
+                assert!(out.iter().all(|r| r.sensor_name.starts_with("mine-")));
+                sorted(out.to_vec())
+            },
+        )
+        .await;
+        assert_eq!(conformance_readings().len(), 1000);
+        assert_eq!(conformance_readings()[999].sensor_name, "conformance-999");
     }
 
     #[tokio::test]

@@ -14,8 +14,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// One NATS server URL, or several of the same cluster: `"nats://127.0.0.1:4222"`
-/// or `["nats://a:4222", "nats://b:4222"]`.
+/// One NATS server URL, or several of the same cluster: `"nats://127.0.0.1:4222"`,
+/// `["nats://a:4222", "nats://b:4222"]`, or one string of URLs separated by
+/// commas, as `NATS_URL` is often written (`"nats://a:4222,nats://b:4222"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Servers {
@@ -28,7 +29,12 @@ pub enum Servers {
 impl Servers {
     fn list(&self) -> Vec<String> {
         match self {
-            Self::One(url) => vec![url.clone()],
+            Self::One(urls) => urls
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(String::from)
+                .collect(),
             Self::Many(urls) => urls.clone(),
         }
     }
@@ -278,4 +284,25 @@ fn refused_by_tls(err: &ConnectError) -> bool {
         cause = error.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Servers;
+
+    #[test]
+    fn a_comma_separated_string_names_several_servers() {
+        let servers = Servers::One("nats://a:4222, nats://b:4222,nats://c:4222".into());
+        assert_eq!(
+            servers.list(),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+        assert_eq!(
+            Servers::One("nats://a:4222".into()).list(),
+            ["nats://a:4222"]
+        );
+        for url in servers.list() {
+            assert!(url.parse::<async_nats::ServerAddr>().is_ok(), "{url}");
+        }
+    }
 }

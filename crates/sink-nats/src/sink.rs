@@ -28,7 +28,9 @@ use crate::connect::{Connection, Credentials, NatsTls, Servers};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSinkConfig {
-    /// NATS server URL (`"nats://127.0.0.1:4222"`) or a list of the servers of one cluster.
+    /// NATS server URL (`"nats://127.0.0.1:4222"`), or the servers of one
+    /// cluster as a list or as one string separated by commas
+    /// (`"nats://n1:4222,nats://n2:4222"`, as `NATS_URL` is often written).
     #[schemars(extend("x-restart" = true))]
     pub url: Servers,
     /// The JetStream stream that stores `subject`; startup fails when it does
@@ -144,7 +146,7 @@ impl SinkConfig for NatsSinkConfig {
                 return Err(ConfigError::new(
                     "stream",
                     format!(
-                        "JetStream stream `{}` does not exist on {}: create it (README, \"Scale out\") or set `create_stream`",
+                        "JetStream stream `{}` does not exist on {}: create it (docs/scale-out.md) or set `create_stream`",
                         config.stream,
                         config.url.describe()
                     ),
@@ -336,8 +338,9 @@ impl Publisher {
             if retries.is_multiple_of(10) {
                 tracing::warn!(
                     stage = self.stage,
-                    "{} messages not acknowledged by JetStream, retrying in {backoff:?}: {last_error}",
-                    pending.len()
+                    "{} messages not acknowledged by JetStream, retrying in {backoff:?}: {last_error}{}",
+                    pending.len(),
+                    failover_hint(&last_error)
                 );
             }
             retries += 1;
@@ -355,3 +358,29 @@ impl Publisher {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What a publish error means when it is the one a failover gives: while a
+/// NATS node is down and the stream elects a new leader, JetStream answers
+/// "no stream found for given subject" (or nobody answers), which reads as if
+/// the stream were gone.
+fn failover_hint(error: &str) -> &'static str {
+    if error.contains("no stream found") || error.contains("no responders") {
+        " (the stream has no server answering for it right now, as while a NATS node fails over \
+         and the stream elects a new leader; the messages are kept and retried with the same ids, \
+         so none is lost or stored twice)"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failover_hint;
+
+    #[test]
+    fn a_failover_error_is_explained_and_others_are_not() {
+        assert!(failover_hint("no stream found for given subject").contains("fails over"));
+        assert!(failover_hint("nats: no responders").contains("retried with the same ids"));
+        assert_eq!(failover_hint("timed out"), "");
+    }
+}

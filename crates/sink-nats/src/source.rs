@@ -27,7 +27,9 @@ use crate::connect::{Connection, Credentials, NatsTls, Servers};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSourceConfig {
-    /// NATS server URL (`"nats://127.0.0.1:4222"`) or a list of the servers of one cluster.
+    /// NATS server URL (`"nats://127.0.0.1:4222"`), or the servers of one
+    /// cluster as a list or as one string separated by commas
+    /// (`"nats://n1:4222,nats://n2:4222"`, as `NATS_URL` is often written).
     #[schemars(extend("x-restart" = true))]
     pub url: Servers,
     /// The JetStream stream to consume; startup fails when it does not exist.

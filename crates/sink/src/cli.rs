@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sink_api::{KeyInfo, registered_stages};
+use sink_api::{KeyInfo, StageInfo, StageKind, registered_stages};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::DEFAULT_PIPELINE;
@@ -13,7 +13,7 @@ use crate::api::ReadyState;
 use crate::health::{self, HealthArgs};
 use crate::logging::LogControl;
 use crate::metrics::{ReloadOutcome, RuntimeMetrics};
-use crate::pipeline::{LogLevel, Pipeline, PipelineError, PipelineErrors};
+use crate::pipeline::{LogFormat, LogLevel, Pipeline, PipelineError, PipelineErrors};
 use crate::reload::{FileWatcher, Plan, Snapshot, configs_to_apply};
 use crate::runtime::{Ending, Loss, Running};
 
@@ -49,8 +49,31 @@ struct Cli {
     #[arg(long, global = true, value_enum)]
     log_level: Option<LogLevel>,
 
+    /// Log line format on stderr; overrides `settings.log_format`.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// A stage kind, as `describe --kind` takes it.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KindArg {
+    Source,
+    Processor,
+    Sink,
+}
+
+impl KindArg {
+    fn matches(self, kind: StageKind) -> bool {
+        matches!(
+            (self, kind),
+            (Self::Source, StageKind::Source)
+                | (Self::Processor, StageKind::Processor)
+                | (Self::Sink, StageKind::Sink)
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -70,10 +93,18 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
-    /// Show one stage type's keys and a ready-to-paste table.
+    /// Show a stage type's keys and a ready-to-paste table (every kind of
+    /// that name: `nats` is a source and a sink).
     Describe {
-        /// The type name, as in `type = "..."`.
-        name: String,
+        /// The type name, as in `type = "..."`; may be left out with
+        /// `--markdown`, which then describes every type.
+        name: Option<String>,
+        /// Only the type of this kind.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+        /// Write Markdown (the stage reference, docs/reference.md).
+        #[arg(long)]
+        markdown: bool,
     },
     /// Ask a running sink over gRPC health (grpc.health.v1) whether it serves:
     /// exit 0 if every address answers SERVING, 1 if not.
@@ -109,13 +140,17 @@ pub fn run_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         return ExitCode::FAILURE;
     }
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => serve(cli.pipeline.as_deref(), cli.log_level),
+        Command::Run => serve(cli.pipeline.as_deref(), cli.log_level, cli.log_format),
         Command::Validate { against } => validate(cli.pipeline.as_deref(), against.as_deref()),
         Command::List { verbose } => {
             list(verbose);
             ExitCode::SUCCESS
         }
-        Command::Describe { name } => describe(&name),
+        Command::Describe {
+            name,
+            kind,
+            markdown,
+        } => describe(name.as_deref(), kind, markdown),
         Command::Health(args) => health::run(args, || load(cli.pipeline.as_deref())),
         Command::Top { api } => crate::top::run(&api),
     }
@@ -140,6 +175,13 @@ fn validate(path: Option<&Path>, against: Option<&Path>) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(errors) => return config_failure(&errors),
     };
+    let text = match path {
+        Some(path) => crate::pipeline::read_text(path).unwrap_or_default(),
+        None => DEFAULT_PIPELINE.to_string(),
+    };
+    for warning in unread_original_vars(&pipeline.file, &text, env_var) {
+        eprintln!("warning: {warning}");
+    }
     out!(
         "{}: valid, {} stages",
         pipeline.file.display(),
@@ -182,13 +224,24 @@ fn config_failure(errors: &PipelineErrors) -> ExitCode {
 
 fn list(verbose: bool) {
     let stages: Vec<_> = registered_stages().collect();
-    let name_width = stages.iter().map(|info| info.name.len()).max().unwrap_or(0);
-    let crate_width = stages
+    let width = |f: &dyn Fn(&StageInfo) -> usize| stages.iter().map(|i| f(i)).max().unwrap_or(0);
+    let name_width = width(&|info| info.name.len());
+    let crate_width = width(&|info| info.crate_name.len());
+    let keys: Vec<Vec<KeyInfo>> = stages
         .iter()
-        .map(|info| info.crate_name.len())
+        .map(|info| if verbose { info.keys() } else { Vec::new() })
+        .collect();
+    let all = || keys.iter().flatten();
+    let key_width = all().map(|key| key.name.chars().count()).max().unwrap_or(0);
+    let type_width = all()
+        .map(|key| key.value_type.chars().count())
         .max()
         .unwrap_or(0);
-    for info in stages {
+    let live_width = all()
+        .map(|key| key.liveness().chars().count())
+        .max()
+        .unwrap_or(0);
+    for (info, keys) in stages.iter().zip(&keys) {
         out!(
             "{:<10} {:<name_width$} {:<crate_width$} {}",
             info.kind,
@@ -196,29 +249,83 @@ fn list(verbose: bool) {
             info.crate_name,
             info.description()
         );
-        if verbose {
-            for key in info.keys() {
-                out!(
-                    "    {:<28} {:<20} {:<20} {}",
-                    key.name,
-                    key.value_type,
-                    default_or_required(&key),
-                    key.liveness()
-                );
-            }
+        for key in keys {
+            out!(
+                "    {:<key_width$}  {:<type_width$}  {:<live_width$}  {}",
+                key.name,
+                key.value_type,
+                key.liveness(),
+                default_text(key)
+            );
         }
     }
 }
 
-fn describe(name: &str) -> ExitCode {
-    let Some(info) = registered_stages().find(|info| info.name == name) else {
-        let known: Vec<&str> = registered_stages().map(|info| info.name).collect();
-        eprintln!(
-            "error: no stage type `{name}` in this binary; known: {}",
-            known.join(", ")
-        );
-        return ExitCode::from(EXIT_CONFIG);
+fn describe(name: Option<&str>, kind: Option<KindArg>, markdown: bool) -> ExitCode {
+    let of_kind = |info: &&StageInfo| kind.is_none_or(|kind| kind.matches(info.kind));
+    let Some(name) = name else {
+        if !markdown {
+            eprintln!(
+                "error: name a stage type (`sink list` shows them), or give --markdown to describe every type"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        let stages: Vec<&StageInfo> = registered_stages().filter(of_kind).collect();
+        out!("{}", reference_markdown(&stages).trim_end());
+        return ExitCode::SUCCESS;
     };
+    let found: Vec<&StageInfo> = registered_stages()
+        .filter(|info| info.name == name)
+        .filter(of_kind)
+        .collect();
+    if found.is_empty() {
+        eprintln!("error: {}", unknown_type(name, kind));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    for (i, info) in found.iter().enumerate() {
+        if i > 0 {
+            out!();
+        }
+        if markdown {
+            out!("{}", stage_markdown(info, "##").trim_end());
+        } else {
+            describe_text(info);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// "no stage type `x` ... (did you mean `y`?); known: a (source), b (source, sink)".
+fn unknown_type(name: &str, kind: Option<KindArg>) -> String {
+    let mut known: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for info in registered_stages() {
+        known
+            .entry(info.name)
+            .or_default()
+            .push(info.kind.to_string());
+    }
+    let names: Vec<String> = known.keys().map(|name| name.to_string()).collect();
+    let hint = if known.contains_key(name) {
+        String::new()
+    } else {
+        crate::pipeline::did_you_mean(name, &names)
+    };
+    let listed: Vec<String> = known
+        .iter()
+        .map(|(name, kinds)| format!("{name} ({})", kinds.join(", ")))
+        .collect();
+    let of_kind = if kind.is_some() && known.contains_key(name) {
+        " of that kind"
+    } else {
+        ""
+    };
+    format!(
+        "no stage type `{name}`{of_kind} in this binary{hint}; known: {}",
+        listed.join(", ")
+    )
+}
+
+fn describe_text(info: &StageInfo) {
     out!(
         "{} `{}` (crate {})\n{}\n",
         info.kind,
@@ -231,7 +338,7 @@ fn describe(name: &str) -> ExitCode {
             "{} ({}, {}, {})\n    {}\n",
             key.name,
             key.value_type,
-            default_or_required(&key),
+            default_text(&key),
             key.liveness(),
             key.doc
         );
@@ -240,20 +347,177 @@ fn describe(name: &str) -> ExitCode {
         "{}",
         info.example_toml(&format!("my_{}", info.name)).trim_end()
     );
-    ExitCode::SUCCESS
 }
 
-/// `default <value>`, or `required` for a key without a default.
-fn default_or_required(key: &KeyInfo) -> String {
-    key.default
-        .as_ref()
-        .map_or_else(|| "required".into(), |default| format!("default {default}"))
+/// How docs/reference.md is regenerated; the test that compares it says so.
+pub const REFERENCE_COMMAND: &str = "cargo run -p sink -- describe --markdown > docs/reference.md";
+
+/// The stage reference: every type of `stages`, by kind.
+fn reference_markdown(stages: &[&StageInfo]) -> String {
+    let mut out = String::from("# Stage reference\n\n");
+    out.push_str(&format!(
+        "<!-- Generated from the binary; do not edit. Regenerate with: {REFERENCE_COMMAND} -->\n\n"
+    ));
+    out.push_str(
+        "Every key of every stage type this binary has, generated from the types \
+         themselves (`sink describe --markdown`); a test fails when this page \
+         differs from what the binary says. `sink describe TYPE` prints the same \
+         for one type. The keys every stage has (`type`, `inputs`, `capacity`, \
+         `when_full`) and `[settings]` are in [Configuration](configuration.md); \
+         each type's own page in [stages/](stages/) explains it at length.\n",
+    );
+    for (kind, title) in [
+        (StageKind::Source, "Sources"),
+        (StageKind::Processor, "Processors"),
+        (StageKind::Sink, "Sinks"),
+    ] {
+        let of_kind: Vec<&&StageInfo> = stages.iter().filter(|info| info.kind == kind).collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n## {title}\n"));
+        for info in of_kind {
+            out.push('\n');
+            out.push_str(&stage_markdown(info, "###"));
+        }
+    }
+    out
+}
+
+/// One type as Markdown: a heading at `level`, its description, a table of
+/// its keys, and a ready-to-paste table.
+fn stage_markdown(info: &StageInfo, level: &str) -> String {
+    let cell = |text: &str| text.replace('|', "\\|").replace('\n', " ");
+    let mut out = format!(
+        "{level} `{}` {} (crate `{}`)\n\n{}\n\n",
+        info.name,
+        info.kind,
+        info.crate_name,
+        info.description()
+    );
+    out.push_str("| key | type | default | reload | meaning |\n|---|---|---|---|---|\n");
+    for key in info.keys() {
+        let default = match key.default.as_deref() {
+            None => "required".to_string(),
+            Some("(none)") => default_text(&key),
+            Some(default) => format!("`{default}`"),
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            key.name,
+            cell(&key.value_type),
+            cell(&default),
+            key.liveness(),
+            cell(&key.doc)
+        ));
+    }
+    out.push_str(&format!(
+        "\n```toml\n{}\n```\n",
+        info.example_toml(&format!("my_{}", info.name)).trim_end()
+    ));
+    out
+}
+
+/// A key's default in words: `default <value>`, `required`, the computed
+/// default its doc gives (`Defaults to ...`), or `optional` when absent
+/// means "not used".
+fn default_text(key: &KeyInfo) -> String {
+    match key.default.as_deref() {
+        None => "required".into(),
+        Some("(none)") => computed_default(&key.doc).map_or_else(
+            || "optional".into(),
+            |computed| format!("default: {computed}"),
+        ),
+        Some(default) => format!("default {default}"),
+    }
+}
+
+/// The default a key's doc comment states in words (`Defaults to the soft
+/// open-file limit less 64, at most 1024.`), for keys whose default is
+/// computed when the pipeline starts.
+fn computed_default(doc: &str) -> Option<String> {
+    let start = doc.find("Defaults to ")? + "Defaults to ".len();
+    let rest = &doc[start..];
+    let end = rest.find(". ").map_or(rest.len(), |end| end);
+    Some(rest[..end].trim_end_matches('.').to_string())
+}
+
+/// The original service's environment variables, which only
+/// `pipelines/original-env.toml` reads in full.
+const ORIGINAL_VARS: [&str; 6] = [
+    "FILE_PATH",
+    "BUFFER_SIZE",
+    "BUFFER_FLUSH_INTERVAL",
+    "RATE_PER_SECOND",
+    "GRPC_SERVER_SOCKET",
+    "LOGGER_MIN_LOG_LEVEL",
+];
+
+/// One warning per variable of the original service that is set but that the
+/// pipeline's text never names: setting it changes nothing, and the user
+/// should hear why.
+fn unread_original_vars(
+    file: &Path,
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    ORIGINAL_VARS
+        .iter()
+        .filter(|name| env(name).is_some() && !text.contains(&format!("${{{name}")))
+        .map(|name| {
+            format!(
+                "the environment variable {name} is set, but {} does not read it, so it has no effect; \
+                 name it in the file (`${{{name}:-default}}`), or run pipelines/original-env.toml, which reads every variable of the original service",
+                file.display()
+            )
+        })
+        .collect()
+}
+
+/// Why a command line does not parse, from [`check_args`].
+#[derive(Debug)]
+pub struct ArgsError {
+    /// Only something is missing (a required option, an option's value): the
+    /// line may be a mention in prose (`sink top`), not a wrong command.
+    pub incomplete: bool,
+    /// clap's message.
+    pub message: String,
+}
+
+/// Whether `args` (without the program name) parse as a `sink` command line:
+/// the check the docs' tests run on every `sink ...` line they show.
+pub fn check_args<I, T>(args: I) -> Result<(), ArgsError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    use clap::error::ErrorKind;
+    let all = std::iter::once(OsString::from("sink")).chain(args.into_iter().map(Into::into));
+    match Cli::try_parse_from(all) {
+        Ok(_) => Ok(()),
+        // --help and --version parse; clap reports them as errors to stop.
+        Err(err) if !err.use_stderr() => Ok(()),
+        Err(err) => {
+            let message = err.to_string();
+            let incomplete = matches!(
+                err.kind(),
+                ErrorKind::MissingRequiredArgument | ErrorKind::MissingSubcommand
+            ) || message.contains("a value is required");
+            Err(ArgsError {
+                incomplete,
+                message,
+            })
+        }
+    }
 }
 
 /// `sink run`: loads, starts, serves (reloading on file change or SIGHUP)
 /// until SIGINT or SIGTERM, then drains.
-fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
-    let logs = LogControl::init(log_level);
+fn serve(
+    path: Option<&Path>,
+    log_level: Option<LogLevel>,
+    log_format: Option<LogFormat>,
+) -> ExitCode {
     let text = match path {
         Some(path) => match crate::pipeline::read_text(path) {
             Ok(text) => text,
@@ -272,6 +536,13 @@ fn serve(path: Option<&Path>, log_level: Option<LogLevel>) -> ExitCode {
         Ok(pipeline) => pipeline,
         Err(errors) => return config_failure(&errors),
     };
+    let logs = LogControl::init(
+        log_level,
+        log_format.unwrap_or(pipeline.settings.log_format),
+    );
+    for warning in unread_original_vars(&file, &text, env_var) {
+        tracing::warn!("{warning}");
+    }
     // Half the cores for async work: file writes run on the blocking pool and
     // the kernel's network and disk work needs CPU too. On 2 cores, 1 worker
     // spent a quarter less CPU per reading than 2 (bench/run, README).

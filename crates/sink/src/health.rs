@@ -202,7 +202,7 @@ async fn check(
         let channel = endpoint
             .connect()
             .await
-            .map_err(|err| format!("cannot connect: {}", error_chain(&err)))?;
+            .map_err(|err| connect_error(&err))?;
         HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: service.to_string(),
@@ -222,17 +222,41 @@ async fn check(
     }
 }
 
-/// An error and its causes on one line (tonic's connect error says only
-/// "transport error" at the top).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
+/// Why connecting failed, in a user's words: tonic's error says "transport
+/// error: tcp connect error: tcp connect error: Connection refused (os error
+/// 111)"; the OS's reason is what matters.
+fn connect_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = Some(err);
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "not reachable: connection refused (nothing listens there: is the sink running, on this address?)".into()
+                }
+                _ => format!("not reachable: {io}"),
+            };
+        }
         source = cause.source();
     }
-    text
+    format!("cannot connect: {}", error_chain(err))
+}
+
+/// An error and its causes on one line, each message once (tonic's connect
+/// error says only "transport error" at the top, and repeats its cause).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    if parts.len() > 1 && parts[0] == "transport error" {
+        parts.remove(0);
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

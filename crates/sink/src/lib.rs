@@ -32,7 +32,7 @@ use std::process::ExitCode;
 use sink_nats as _;
 use sink_stages as _;
 
-pub use cli::run_with_args;
+pub use cli::{ArgsError, REFERENCE_COMMAND, check_args, run_with_args};
 
 /// The pipeline `sink` runs when given no `--pipeline` (pipelines/default.toml).
 pub const DEFAULT_PIPELINE: &str = include_str!("../../../pipelines/default.toml");

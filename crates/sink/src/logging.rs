@@ -6,7 +6,7 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{Registry, fmt, reload};
 
-use crate::pipeline::LogLevel;
+use crate::pipeline::{LogFormat, LogLevel};
 
 /// Changes the log level of the running process.
 #[derive(Clone)]
@@ -17,12 +17,25 @@ pub struct LogControl {
 }
 
 impl LogControl {
-    /// Starts logging at `pinned`, or at info until the file says otherwise.
-    pub fn init(pinned: Option<LogLevel>) -> Self {
+    /// Starts logging at `pinned`, or at info until the file says otherwise,
+    /// in `format` (fixed for the life of the process).
+    pub fn init(pinned: Option<LogLevel>, format: LogFormat) -> Self {
         let (filter, handle) = reload::Layer::new(filter(pinned.unwrap_or_default()));
-        let layer = fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal());
+        let layer = match format {
+            LogFormat::Text => fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .boxed(),
+            // One object a line, the message and the event's fields at the
+            // top level, as log shippers expect.
+            LogFormat::Json => fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_writer(std::io::stderr)
+                .boxed(),
+        };
         // A second init (tests that run the CLI twice in one process) keeps the first.
         let _ = tracing_subscriber::registry()
             .with(filter)

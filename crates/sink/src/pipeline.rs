@@ -14,9 +14,9 @@ use sink_api::{
 };
 use toml::{Table, Value};
 
-/// The section of the README that explains linking a stage crate, named in
-/// every "unknown type" error.
-pub const LINKING_HELP: &str = "README.md, section \"Linking a stage crate\"";
+/// The section of the stage author's guide that explains linking a stage
+/// crate, named in every "unknown type" error.
+pub const LINKING_HELP: &str = "docs/stage-authors.md, section \"Linking a stage crate\"";
 
 /// A validated pipeline file, ready to build.
 #[derive(Debug)]
@@ -38,6 +38,10 @@ pub struct Settings {
     /// Least severe log level written: trace, debug, info, warn or error. Live.
     #[serde(default)]
     pub log_level: LogLevel,
+    /// How log lines are written to stderr: `text` or `json` (one object a
+    /// line, for Loki, Elasticsearch and other shippers). Needs a restart.
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// How long shutdown may take before the process gives up and exits non-zero. Live.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -55,6 +59,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             log_level: LogLevel::default(),
+            log_format: LogFormat::default(),
             shutdown_timeout: default_shutdown_timeout(),
             channel_capacity: default_channel_capacity(),
             memory_limit: default_memory_limit(),
@@ -117,6 +122,27 @@ impl<'de> Deserialize<'de> for LogLevel {
                 &"one of trace, debug, info, warn, error",
             )),
         }
+    }
+}
+
+/// How log lines are written, as in `settings.log_format` or `--log-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines: time, level, the stage, the message.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message`
+    /// and the event's fields (`stage`, ...).
+    Json,
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        })
     }
 }
 
@@ -195,31 +221,26 @@ const MAX_LINE_CHARS: usize = 240;
 /// The most lines of one error shown.
 const MAX_LINES: usize = 20;
 
-/// `text` with overlong lines cut in the middle, saying how much was cut, and
-/// at most [`MAX_LINES`] lines: an error quotes the bad value (or the file's
-/// line), which may be megabytes long. The start and end of a line stay, so
-/// a message such as `invalid value: string "...", expected one of ...`
-/// keeps what it expected.
+/// `text` with overlong lines shortened, saying how much was cut, and at
+/// most [`MAX_LINES`] lines: an error quotes the bad value (or the file's
+/// line), which may be megabytes long. What is cut is the longest quoted
+/// part (`"..."` or `` `...` ``), in its middle, so that a message such as
+/// `invalid value: string "...", expected one of ...` keeps the whole list
+/// it expected; a line with no long quoted part is cut in its middle.
 fn cut(text: &str) -> std::borrow::Cow<'_, str> {
     let long = |line: &str| line.len() > MAX_LINE_CHARS && line.chars().count() > MAX_LINE_CHARS;
     if !text.lines().any(long) && text.lines().count() <= MAX_LINES {
         return text.into();
     }
-    let (head, tail) = (MAX_LINE_CHARS * 2 / 3, MAX_LINE_CHARS / 4);
     let mut shown: Vec<String> = text
         .lines()
         .take(MAX_LINES)
         .map(|line| {
-            if !long(line) {
-                return line.to_string();
+            if long(line) {
+                shorten(line)
+            } else {
+                line.to_string()
             }
-            let total = line.chars().count();
-            let start: String = line.chars().take(head).collect();
-            let end: String = line.chars().skip(total - tail).collect();
-            format!(
-                "{start}[... {} characters cut, of {total} ...]{end}",
-                total - head - tail
-            )
         })
         .collect();
     let lines = text.lines().count();
@@ -227,6 +248,91 @@ fn cut(text: &str) -> std::borrow::Cow<'_, str> {
         shown.push(format!("[... {} more lines cut]", lines - MAX_LINES));
     }
     shown.join("\n").into()
+}
+
+/// Quoted parts no longer than this are never cut.
+const MAX_QUOTED_CHARS: usize = 60;
+
+/// A line with no long quoted part is cut only beyond this: its length then
+/// comes from many short words (a list of the keys a type knows), which are
+/// worth reading whole.
+const MAX_UNQUOTED_LINE_CHARS: usize = 2000;
+
+/// One overlong line made short: its long quoted parts cut in their middle,
+/// longest first, until it fits; then, if it is still far too long, its
+/// middle.
+fn shorten(line: &str) -> String {
+    let mut long: Vec<(usize, usize)> = quoted_ranges(line)
+        .into_iter()
+        .filter(|(start, end)| line[*start..*end].chars().count() > MAX_QUOTED_CHARS)
+        .collect();
+    long.sort_by_key(|(start, end)| std::cmp::Reverse(end - start));
+    let mut length = line.chars().count();
+    let mut chosen = Vec::new();
+    for (start, end) in long {
+        if length <= MAX_LINE_CHARS {
+            break;
+        }
+        length -= line[start..end].chars().count();
+        length += cut_middle(&line[start..end], QUOTED_HEAD, QUOTED_TAIL)
+            .chars()
+            .count();
+        chosen.push((start, end));
+    }
+    chosen.sort_unstable();
+    let mut out = String::new();
+    let mut at = 0;
+    for (start, end) in chosen {
+        out.push_str(&line[at..start]);
+        out.push_str(&cut_middle(&line[start..end], QUOTED_HEAD, QUOTED_TAIL));
+        at = end;
+    }
+    out.push_str(&line[at..]);
+    if out.chars().count() > MAX_UNQUOTED_LINE_CHARS {
+        cut_middle(&out, MAX_LINE_CHARS * 2 / 3, MAX_LINE_CHARS / 4)
+    } else {
+        out
+    }
+}
+
+/// What a cut quoted part keeps of its start and its end, in characters.
+const QUOTED_HEAD: usize = MAX_QUOTED_CHARS / 2;
+const QUOTED_TAIL: usize = MAX_QUOTED_CHARS / 4;
+
+/// The byte ranges inside each `"..."` and `` `...` `` of `line` (quotes
+/// excluded); an unclosed quote runs to the end of the line.
+fn quoted_ranges(line: &str) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    let mut open: Option<(char, usize)> = None;
+    for (at, c) in line.char_indices() {
+        match open {
+            Some((quote, start)) if c == quote => {
+                ranges.push((start, at));
+                open = None;
+            }
+            None if c == '"' || c == '`' => open = Some((c, at + 1)),
+            _ => {}
+        }
+    }
+    if let Some((_, start)) = open {
+        ranges.push((start, line.len()));
+    }
+    ranges
+}
+
+/// `text` with its middle replaced by a note of how much was cut, keeping
+/// `head` characters at the start and `tail` at the end.
+fn cut_middle(text: &str, head: usize, tail: usize) -> String {
+    let total = text.chars().count();
+    if total <= head + tail {
+        return text.to_string();
+    }
+    let start: String = text.chars().take(head).collect();
+    let end: String = text.chars().skip(total - tail).collect();
+    format!(
+        "{start}[... {} characters cut, of {total} ...]{end}",
+        total - head - tail
+    )
 }
 
 /// Every mistake found in one pipeline file.
@@ -575,21 +681,36 @@ fn parse_stage(
         _ => WhenFull::Wait,
     };
 
-    let mut tagged = Table::new();
-    tagged.insert(type_name.clone(), Value::Table(params.clone()));
-    let tagged = Value::Table(tagged);
-    let config = match kind {
-        StageKind::Source => {
-            deserialize_stage::<Box<dyn SourceConfig>>(tagged, kind, &type_name, &stage, errors)
-                .map(StageConfig::Source)
-        }
-        StageKind::Processor => {
-            deserialize_stage::<Box<dyn ProcessorConfig>>(tagged, kind, &type_name, &stage, errors)
-                .map(StageConfig::Processor)
-        }
-        StageKind::Sink => {
-            deserialize_stage::<Box<dyn SinkConfig>>(tagged, kind, &type_name, &stage, errors)
-                .map(StageConfig::Sink)
+    if kind == StageKind::Source {
+        check_listen_address(&params, &stage, errors);
+    }
+    // serde stops at a table's first mistake: each key it refuses is reported
+    // and left out, and the rest read again, so that every mistake of the
+    // stage is reported at once.
+    let mut remaining = params.clone();
+    let mut removed: Vec<String> = Vec::new();
+    let config = loop {
+        let mut tagged = Table::new();
+        tagged.insert(type_name.clone(), Value::Table(remaining.clone()));
+        let tagged = Value::Table(tagged);
+        let read = match kind {
+            StageKind::Source => deserialize_stage::<Box<dyn SourceConfig>>(
+                tagged, kind, &type_name, &stage, &removed, errors,
+            )
+            .map(StageConfig::Source),
+            StageKind::Processor => deserialize_stage::<Box<dyn ProcessorConfig>>(
+                tagged, kind, &type_name, &stage, &removed, errors,
+            )
+            .map(StageConfig::Processor),
+            StageKind::Sink => deserialize_stage::<Box<dyn SinkConfig>>(
+                tagged, kind, &type_name, &stage, &removed, errors,
+            )
+            .map(StageConfig::Sink),
+        };
+        match read {
+            Ok(config) => break removed.is_empty().then_some(config),
+            Err(Some(key)) if remaining.remove(&key).is_some() => removed.push(key),
+            Err(_) => break None,
         }
     };
     let Some(config) = config else {
@@ -613,21 +734,25 @@ fn parse_stage(
 }
 
 /// Deserializes a stage config through typetag, turning serde's messages
-/// into ones that name the key and suggest the right one.
+/// into ones that name the key and suggest the right one. A mistake is
+/// reported, and `Err` names the top-level key to leave out before reading
+/// the rest again (`None` when leaving one out cannot help).
 fn deserialize_stage<T: DeserializeOwned>(
     tagged: Value,
     kind: StageKind,
     type_name: &str,
     stage: &str,
+    removed: &[String],
     errors: &mut Errors,
-) -> Option<T> {
+) -> Result<T, Option<String>> {
     match serde_path_to_error::deserialize::<_, T>(tagged) {
-        Ok(config) => Some(config),
+        Ok(config) => Ok(config),
         Err(err) => {
             let message = first_line(&err.inner().to_string());
             // The first path segment is the type name the value was tagged with.
             let path = err.path().to_string();
             let key = path.split_once('.').map(|(_, key)| key.to_string());
+            let top = |key: &str| key.split('.').next().map(str::to_string);
             // An unknown variant inside the table (`layout = "lines"`) is a
             // bad value, not an unknown type: only the tag itself has no key.
             if message.starts_with("unknown variant") && key.is_none() {
@@ -638,6 +763,7 @@ fn deserialize_stage<T: DeserializeOwned>(
                     Some("type".into()),
                     format!("unknown {kind} type `{type_name}`{hint}; {known}. A type from another crate must be linked into the binary: see {LINKING_HELP}"),
                 );
+                Err(None)
             } else if message.starts_with("unknown field") {
                 let words = backticked(&message);
                 let field = words.first().cloned().unwrap_or_default();
@@ -655,26 +781,38 @@ fn deserialize_stage<T: DeserializeOwned>(
                     Some(parent) => format!("{parent}.{field}"),
                     None => field,
                 };
+                let retry = top(&full_key);
                 errors.push(
                     Some(stage.into()),
                     Some(full_key),
                     format!("{message}{hint}"),
                 );
+                Err(retry)
             } else if message.starts_with("missing field") {
                 let field = backticked(&message).into_iter().next().unwrap_or_default();
+                let nested = key.is_some();
                 let full_key = match key {
                     Some(parent) => format!("{parent}.{field}"),
                     None => field,
                 };
-                errors.push(
-                    Some(stage.into()),
-                    Some(full_key),
-                    "is required but missing".into(),
-                );
+                let retry = nested.then(|| top(&full_key)).flatten();
+                // A required key left out for its own mistake was reported.
+                if !removed.contains(&full_key) {
+                    errors.push(
+                        Some(stage.into()),
+                        Some(full_key),
+                        "is required but missing".into(),
+                    );
+                }
+                // A missing top-level key stays missing: serde reports it
+                // only once every key present was read.
+                Err(retry)
             } else {
+                let retry = key.as_deref().and_then(top);
+                let message = friendly(&message, key.as_deref());
                 errors.push(Some(stage.into()), key, message);
+                Err(retry)
             }
-            None
         }
     }
 }
@@ -703,6 +841,7 @@ fn deserialize_key<T: DeserializeOwned>(
             } else {
                 String::new()
             };
+            let message = friendly(&message, Some(&key));
             errors.push(
                 stage,
                 Some(format!("{prefix}{key}")),
@@ -711,6 +850,109 @@ fn deserialize_key<T: DeserializeOwned>(
             None
         }
     }
+}
+
+/// serde's words for a wrong value made a user's: `expected usize` becomes
+/// `expected a whole number of readings` (the unit from the key's name).
+fn friendly(message: &str, key: Option<&str>) -> String {
+    let Some((what, expected)) = message.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    let name = key.and_then(|key| key.rsplit('.').next()).unwrap_or("");
+    let unit = unit_of(name);
+    let expected = match expected {
+        "usize" | "u64" | "u32" | "u16" | "u8" | "a nonzero usize" | "a nonzero u64"
+        | "a nonzero u32" => format!("a whole number{unit}, without quotes"),
+        "i64" | "i32" | "i16" | "i8" => format!("a whole number{unit}, without quotes"),
+        "f64" | "f32" => format!("a number{unit}, without quotes"),
+        "a boolean" => "true or false, without quotes".into(),
+        "a duration" => "a duration in quotes, such as \"500ms\", \"30s\" or \"1m\"".into(),
+        "a sequence" => "an array, such as [\"a\", \"b\"]".into(),
+        "a map" | "struct" => "a table, such as { key = value }".into(),
+        other => other.to_string(),
+    };
+    format!("{what}, expected {expected}")
+}
+
+/// What a number of `key` counts, from its name, as words to follow "a whole
+/// number": ` of bytes`, ` of readings`...
+fn unit_of(key: &str) -> &'static str {
+    match key {
+        _ if key.contains("bytes") => " of bytes",
+        "max_events" => " of readings",
+        _ if key.contains("readings") => " of readings",
+        "capacity" | "channel_capacity" => " of batches",
+        "max_concurrent_calls" => " of calls",
+        "max_connections" => " of connections",
+        "max_files" => " of files",
+        "max_ack_pending" => " of messages",
+        "replicas" => " of replicas",
+        _ => "",
+    }
+}
+
+/// A source's `address`, checked as the listen address it will be, without
+/// binding or resolving it: `host:port` (or Go's `:port`) with a port from 0
+/// to 65535, so that `localhost` or port 80000 is refused here rather than
+/// when the pipeline starts.
+fn check_listen_address(params: &Table, stage: &str, errors: &mut Errors) {
+    let Some(Value::String(address)) = params.get("address") else {
+        return;
+    };
+    if let Err(message) = listen_address_problem(address) {
+        errors.push(Some(stage.into()), Some("address".into()), message);
+    }
+}
+
+/// Why `address` is not a `host:port` to listen on, if it is not.
+fn listen_address_problem(address: &str) -> Result<(), String> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!(
+            "`{address}` has no port: write `host:port`, such as `127.0.0.1:8000` (`0.0.0.0:8000` for every interface)"
+        ));
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "`{address}`: the port `{port}` is not a number (write `host:port`, such as `127.0.0.1:8000`)"
+        ));
+    }
+    match port.parse::<u32>() {
+        Ok(port) if port <= 65_535 => {}
+        _ => {
+            return Err(format!(
+                "`{address}`: port {port} is out of range (0 to 65535)"
+            ));
+        }
+    }
+    let bracketed = host.starts_with('[') || host.ends_with(']');
+    if bracketed {
+        let inner = host.trim_start_matches('[').trim_end_matches(']');
+        if !(host.starts_with('[') && host.ends_with(']'))
+            || inner.parse::<std::net::Ipv6Addr>().is_err()
+        {
+            return Err(format!(
+                "`{address}`: `{host}` is not an IPv6 address in brackets, such as `[::1]`"
+            ));
+        }
+        return Ok(());
+    }
+    if host.contains(':') {
+        return Err(format!(
+            "`{address}`: an IPv6 address needs brackets, such as `[::1]:8000`"
+        ));
+    }
+    let name_ok = host.split('.').all(|label| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    if !host.is_empty() && !name_ok {
+        return Err(format!(
+            "`{address}`: `{host}` is neither an IP address nor a host name"
+        ));
+    }
+    Ok(())
 }
 
 /// The first line of a deserializer's message: the toml crate appends `in
@@ -772,7 +1014,7 @@ fn backticked(message: &str) -> Vec<String> {
 }
 
 /// ` (did you mean `x`?)` when one of `known` is near `word`.
-fn did_you_mean(word: &str, known: &[String]) -> String {
+pub(crate) fn did_you_mean(word: &str, known: &[String]) -> String {
     known
         .iter()
         .map(|candidate| (strsim::damerau_levenshtein(word, candidate), candidate))
@@ -997,11 +1239,68 @@ mod tests {
         }
         .to_string();
         assert!(error.len() < 400, "{} bytes", error.len());
-        assert!(error.contains("characters cut, of 10000039"), "{error}");
+        assert!(error.contains("characters cut, of 10000000"), "{error}");
         assert!(error.ends_with("\", expected usize"), "{error}");
         assert_eq!(cut("short\nlines"), "short\nlines");
         let many = "line\n".repeat(1_000);
         assert!(cut(&many).ends_with("[... 980 more lines cut]"));
+    }
+
+    #[test]
+    fn listen_addresses_are_checked_by_their_form() {
+        for good in [
+            "127.0.0.1:8000",
+            ":8000",
+            "0.0.0.0:0",
+            "[::1]:65535",
+            "localhost:80",
+        ] {
+            assert_eq!(listen_address_problem(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("localhost", "has no port"),
+            ("127.0.0.1:65536", "out of range"),
+            ("127.0.0.1:", "not a number"),
+            ("::1", "needs brackets"),
+            ("fe80::1:80", "needs brackets"),
+            ("[fe80::zz]:80", "not an IPv6 address"),
+            ("a_b:80", "neither an IP address nor a host name"),
+        ] {
+            let problem = listen_address_problem(bad).expect_err(bad);
+            assert!(problem.contains(says), "{bad}: {problem}");
+        }
+    }
+
+    #[test]
+    fn type_errors_speak_of_whole_numbers_and_units() {
+        assert_eq!(
+            friendly(
+                "invalid type: string \"ten\", expected usize",
+                Some("max_events")
+            ),
+            "invalid type: string \"ten\", expected a whole number of readings, without quotes"
+        );
+        assert_eq!(
+            friendly(
+                "invalid type: string \"x\", expected u64",
+                Some("rate_limit.burst_bytes")
+            ),
+            "invalid type: string \"x\", expected a whole number of bytes, without quotes"
+        );
+        assert_eq!(friendly("no comma here", None), "no comma here");
+    }
+
+    #[test]
+    fn a_long_line_loses_its_long_quoted_value_not_its_list() {
+        let list: Vec<String> = (0..40).map(|i| format!("`key_number_{i}`")).collect();
+        let line = format!(
+            "invalid value: string \"{}\", expected one of {}",
+            "v".repeat(5_000),
+            list.join(", ")
+        );
+        let short = shorten(&line);
+        assert!(short.contains("characters cut, of 5000"), "{short}");
+        assert!(short.ends_with(&list.join(", ")), "{short}");
     }
 
     #[test]

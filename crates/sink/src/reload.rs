@@ -101,6 +101,12 @@ impl Plan {
                 shown(&new.api)
             ));
         }
+        if old.settings.log_format != new.settings.log_format {
+            plan.needs_restart.push(format!(
+                "settings.log_format changed from \"{}\" to \"{}\"",
+                old.settings.log_format, new.settings.log_format
+            ));
+        }
         if old.settings.log_level != new.settings.log_level {
             plan.settings.push("log_level");
         }

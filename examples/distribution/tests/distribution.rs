@@ -1,6 +1,7 @@
 //! The `sink-custom` distribution end to end: its real binary runs the custom
 //! stages beside the built-in ones over real gRPC, lists them, and plain
-//! `sink`, which does not link them, refuses them with a pointer to the README.
+//! `sink`, which does not link them, refuses them with a pointer to the
+//! stage author's guide (docs/stage-authors.md), whose code it checks.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -187,7 +188,7 @@ fn describe_says_required_for_a_key_without_default() {
 }
 
 #[test]
-fn plain_sink_refuses_a_custom_type_and_points_at_the_readme() {
+fn plain_sink_refuses_a_custom_type_and_points_at_the_guide() {
     let dir = tempfile_dir();
     std::fs::write(dir.path().join("pipeline.toml"), pipeline(r#"["*"]"#)).expect("write");
     let out = run(
@@ -212,10 +213,10 @@ fn plain_sink_refuses_a_custom_type_and_points_at_the_readme() {
     );
 }
 
-/// The README, and the files its walkthrough quotes. `include_str!` makes
-/// cargo rebuild this test whenever one of them changes.
-const README: &str = include_str!("../../../README.md");
-const QUOTED_FILES: [(&str, &str); 11] = [
+/// The stage author's guide, and the files its walkthrough quotes.
+/// `include_str!` makes cargo rebuild this test whenever one of them changes.
+const GUIDE: &str = include_str!("../../../docs/stage-authors.md");
+const QUOTED_FILES: [(&str, &str); 13] = [
     ("Cargo.toml", include_str!("../../../Cargo.toml")),
     (
         "examples/scale-processor/Cargo.toml",
@@ -257,20 +258,21 @@ const QUOTED_FILES: [(&str, &str); 11] = [
         "pipelines/custom.toml",
         include_str!("../../../pipelines/custom.toml"),
     ),
+    (
+        "examples/outside-distribution/Cargo.toml",
+        include_str!("../../outside-distribution/Cargo.toml"),
+    ),
+    (
+        "examples/outside-distribution/src/main.rs",
+        include_str!("../../outside-distribution/src/main.rs"),
+    ),
 ];
 
-/// The README's "Write your own stage" section, up to the next top-level one.
+/// The guide's walkthrough: all of it before "Migrating from 0.1", whose
+/// examples show the old API next to the new.
 fn walkthrough() -> &'static str {
-    let start = README
-        .find("\n## Write your own stage\n")
-        .expect("README has the \"Write your own stage\" section");
-    let rest = &README[start + 1..];
-    let end = ["\n## ", "\n<!-- SECTION"]
-        .iter()
-        .filter_map(|next| rest[1..].find(next))
-        .min()
-        .map_or(rest.len(), |end| end + 1);
-    &rest[..end]
+    let end = GUIDE.find("\n## Migrating from 0.1").unwrap_or(GUIDE.len());
+    &GUIDE[..end]
 }
 
 /// The fenced blocks of `text` in `language`.
@@ -283,11 +285,11 @@ fn code_blocks<'a>(text: &'a str, language: &str) -> Vec<&'a str> {
 }
 
 #[test]
-fn the_readme_has_the_section_the_error_names() {
+fn the_guide_has_the_section_the_error_names() {
     assert!(
         walkthrough()
             .lines()
-            .any(|line| line == "### Linking a stage crate")
+            .any(|line| line == "## Linking a stage crate")
     );
 }
 
@@ -305,14 +307,14 @@ fn the_walkthrough_quotes_the_example_code_exactly() {
     for block in blocks {
         assert!(
             QUOTED_FILES.iter().any(|(_, text)| text.contains(block)),
-            "this README block is in none of {:?}; update it from the file:\n{block}",
+            "this block of docs/stage-authors.md is in none of {:?}; update it from the file:\n{block}",
             QUOTED_FILES.map(|(name, _)| name)
         );
     }
 }
 
 #[test]
-fn the_walkthrough_quotes_the_unknown_type_error_as_plain_sink_says_it() {
+fn the_guide_quotes_the_unknown_type_error_as_plain_sink_says_it() {
     let quoted = code_blocks(walkthrough(), "text")
         .into_iter()
         .find(|block| block.starts_with("error:"))
@@ -326,7 +328,7 @@ fn the_walkthrough_quotes_the_unknown_type_error_as_plain_sink_says_it() {
     let errors = String::from_utf8_lossy(&out.stderr);
     assert!(
         errors.contains(quoted.trim_end()),
-        "README says:\n{quoted}\nsink says:\n{errors}"
+        "docs/stage-authors.md says:\n{quoted}\nsink says:\n{errors}"
     );
 }
 

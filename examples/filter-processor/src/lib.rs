@@ -4,7 +4,7 @@
 //! value lies in a range, and drops the rest. It shows a config that checks itself in
 //! `validate`, and a processor that is only a per-reading decision: the
 //! config implements [`MapReadings`], and [`sink_api::map_processor`] runs it,
-//! applying every key live. The README's "Write your own stage" builds the
+//! applying every key live. The stage author's guide (docs/stage-authors.md) builds the
 //! simpler `scale` the same way.
 //!
 //! ```toml

@@ -3,8 +3,8 @@
 //! Multiplies each reading's value by a factor that can change while the
 //! pipeline runs. It is the smallest whole stage crate: a config registered
 //! under its `type` name, a transform run by [`sink_api::map_processor`], and
-//! the test kit's conformance check. The README's "Write your own stage"
-//! walks through this file.
+//! the test kit's conformance check. The stage author's guide
+//! (docs/stage-authors.md) walks through this file.
 //!
 //! ```toml
 //! [processors.kilo]
