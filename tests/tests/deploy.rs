@@ -567,14 +567,7 @@ fn the_original_env_overlay_runs_the_original_pipeline_on_its_env_file() {
     assert_eq!(deployment.pipeline_path, "/etc/sink/original-env.toml");
     deployment.check();
     let env = deployment.env();
-    for key in [
-        "FILE_PATH",
-        "BUFFER_SIZE",
-        "BUFFER_FLUSH_INTERVAL",
-        "RATE_PER_SECOND",
-        "GRPC_SERVER_SOCKET",
-        "LOGGER_MIN_LOG_LEVEL",
-    ] {
+    for key in sink::env::ORIGINAL_VARS {
         assert!(env.contains_key(key), "{key} is not set");
     }
 }

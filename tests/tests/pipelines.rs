@@ -3,18 +3,8 @@
 
 use std::process::Command;
 
+use sink::env::ORIGINAL_VARS;
 use sink_e2e::*;
-
-/// The original service's variables, which must not leak in from the
-/// environment the tests run in.
-const ORIGINAL_VARS: [&str; 6] = [
-    "FILE_PATH",
-    "BUFFER_SIZE",
-    "BUFFER_FLUSH_INTERVAL",
-    "RATE_PER_SECOND",
-    "GRPC_SERVER_SOCKET",
-    "LOGGER_MIN_LOG_LEVEL",
-];
 
 #[test]
 fn every_file_in_pipelines_validates() {

@@ -442,17 +442,6 @@ fn computed_default(doc: &str) -> Option<String> {
     Some(rest[..end].trim_end_matches('.').to_string())
 }
 
-/// The original service's environment variables, which only
-/// `pipelines/original-env.toml` reads in full.
-const ORIGINAL_VARS: [&str; 6] = [
-    "FILE_PATH",
-    "BUFFER_SIZE",
-    "BUFFER_FLUSH_INTERVAL",
-    "RATE_PER_SECOND",
-    "GRPC_SERVER_SOCKET",
-    "LOGGER_MIN_LOG_LEVEL",
-];
-
 /// One warning per variable of the original service that is set but that the
 /// pipeline's text never names: setting it changes nothing, and the user
 /// should hear why.
@@ -461,7 +450,7 @@ fn unread_original_vars(
     text: &str,
     env: impl Fn(&str) -> Option<String>,
 ) -> Vec<String> {
-    ORIGINAL_VARS
+    crate::env::ORIGINAL_VARS
         .iter()
         .filter(|name| env(name).is_some() && !text.contains(&format!("${{{name}")))
         .map(|name| {

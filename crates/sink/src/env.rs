@@ -1,6 +1,18 @@
 //! `${VAR}` and `${VAR:-default}` substitution in the text of a pipeline file,
 //! so that the original's env-file and ConfigMap workflow keeps working.
 
+/// The original service's environment variables, which only
+/// `pipelines/original-env.toml` reads in full (`sink` warns when one is set
+/// but the pipeline does not name it).
+pub const ORIGINAL_VARS: [&str; 6] = [
+    "FILE_PATH",
+    "BUFFER_SIZE",
+    "BUFFER_FLUSH_INTERVAL",
+    "RATE_PER_SECOND",
+    "GRPC_SERVER_SOCKET",
+    "LOGGER_MIN_LOG_LEVEL",
+];
+
 /// A reference that could not be substituted: which line, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {message}")]
