@@ -933,3 +933,10 @@ pub fn no_plain_rotated_or_temporary(dir: &Path, active: &str) -> bool {
         .iter()
         .all(|name| name == active || name.ends_with(".zst") || name.ends_with(".gz"))
 }
+
+/// The program that environment variable `variable` names (a system
+/// script points it at an unpacked package's binary), or `default` from
+/// `PATH`.
+pub fn tool(variable: &str, default: &str) -> String {
+    std::env::var(variable).unwrap_or_else(|_| default.to_string())
+}
