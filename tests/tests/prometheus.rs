@@ -442,6 +442,26 @@ async fn out_of_order_within_a_batch_is_sorted_and_across_batches_is_refused_and
         ]
     );
     assert!(sink.wait_log("refused 1 samples for good (HTTP 400, out_of_order)"));
+    // Older than the head of Prometheus' database takes, in a new series.
+    let too_old = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.send_sensor_values(SensorValuesRequest {
+            items: vec![reading(
+                "ooo_new",
+                &[],
+                Some(Number::Int(1)),
+                Some(t - 5 * 3_600_000),
+            )],
+        }),
+    )
+    .await
+    .expect("answered, not retried forever")
+    .expect_err("a sample older than the head is not written");
+    assert_eq!(too_old.code(), tonic::Code::Unavailable, "{too_old:?}");
+    assert_eq!(
+        metric_of(&sink, "samples_failed_total", Some("too_old")),
+        1.0
+    );
     sink.stop();
 }
 
