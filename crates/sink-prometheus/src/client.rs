@@ -292,7 +292,7 @@ async fn attempt(endpoint: &Arc<Endpoint>, slot: &mut Option<Connection>, body: 
         .body(Full::new(body))
         .expect("a path from a parsed URI and valid headers make a request");
     *request.headers_mut() = endpoint.headers.clone();
-    let answer = match connection.sender.send_request(request).await {
+    match connection.sender.send_request(request).await {
         Ok(response) => {
             let status = response.status();
             let retry_after = retry_after(response.headers());
@@ -320,8 +320,7 @@ async fn attempt(endpoint: &Arc<Endpoint>, slot: &mut Option<Connection>, body: 
                 after: None,
             }
         }
-    };
-    answer
+    }
 }
 
 /// What a status means, as the remote-write specification says: 2xx
