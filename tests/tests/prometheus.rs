@@ -7,23 +7,17 @@
 //! servers and runs them (`cargo test -p sink-e2e --test prometheus -- --ignored`).
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sink_e2e::*;
+use sink_proto::sensor_service_client::SensorServiceClient;
 use sink_proto::sensor_value::Measurement;
 use sink_proto::{SensorValue, SensorValuesRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port()
-}
+use tonic::transport::Channel;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -117,18 +111,15 @@ impl Receiver {
 
     /// SIGTERM, and waits for the exit: a planned restart.
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            end_server(child, libc::SIGTERM);
         }
     }
 
     /// SIGKILL: a crash, not a planned stop.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            end_server(child, libc::SIGKILL);
         }
     }
 
@@ -275,6 +266,21 @@ enum Number {
     Float(f64),
 }
 
+/// Sends one call of `items`, which must be answered within [`DEADLINE`]
+/// (a sink retrying forever fails the test rather than hanging it).
+async fn call(
+    client: &mut SensorServiceClient<Channel>,
+    items: Vec<SensorValue>,
+) -> Result<(), tonic::Status> {
+    tokio::time::timeout(
+        DEADLINE,
+        client.send_sensor_values(SensorValuesRequest { items }),
+    )
+    .await
+    .expect("the call was answered within the deadline")
+    .map(drop)
+}
+
 /// grpc (with `source` keys) -> buffered -> prometheus_remote_write (with
 /// `sink` keys) at `url`, and the `[api]` endpoint for metrics.
 fn pipeline(url: &str, source: &str, sink: &str) -> String {
@@ -341,10 +347,7 @@ async fn round_trip(kind: Kind) {
         // No created_at: received_at is the time.
         reading("rt_received", &[], Some(Number::Int(5)), None),
     ];
-    client
-        .send_sensor_values(SensorValuesRequest { items })
-        .await
-        .expect("OK once stored");
+    call(&mut client, items).await.expect("OK once stored");
     let after = now_ms();
     // Stored before the OK: no waiting needed for Prometheus; VictoriaMetrics
     // makes it searchable at its next flush.
@@ -407,15 +410,9 @@ async fn out_of_order_within_a_batch_is_sorted_and_across_batches_is_refused_and
     let at = |ms: i64, v: i64| reading("ooo", &[], Some(Number::Int(v)), Some(t + ms));
     // One call, out of order: sorted before sending, all stored.
     let items = vec![at(3000, 3), at(1000, 1), at(2000, 2)];
-    client
-        .send_sensor_values(SensorValuesRequest { items })
-        .await
-        .expect("sorted and stored");
+    call(&mut client, items).await.expect("sorted and stored");
     // Older than what Prometheus holds: refused (400), dropped, not OK.
-    let refused = client
-        .send_sensor_values(SensorValuesRequest {
-            items: vec![at(500, 0)],
-        })
+    let refused = call(&mut client, vec![at(500, 0)])
         .await
         .expect_err("an out-of-order sample is not written");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
@@ -424,10 +421,7 @@ async fn out_of_order_within_a_batch_is_sorted_and_across_batches_is_refused_and
         1.0
     );
     // Dropped, not retried: the next call goes through at once.
-    client
-        .send_sensor_values(SensorValuesRequest {
-            items: vec![at(4000, 4)],
-        })
+    call(&mut client, vec![at(4000, 4)])
         .await
         .expect("later samples flow on");
     assert_eq!(metric_of(&sink, "retries_total", None), 0.0);
@@ -443,19 +437,16 @@ async fn out_of_order_within_a_batch_is_sorted_and_across_batches_is_refused_and
     );
     assert!(sink.wait_log("refused 1 samples for good (HTTP 400, out_of_order)"));
     // Older than the head of Prometheus' database takes, in a new series.
-    let too_old = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.send_sensor_values(SensorValuesRequest {
-            items: vec![reading(
-                "ooo_new",
-                &[],
-                Some(Number::Int(1)),
-                Some(t - 5 * 3_600_000),
-            )],
-        }),
+    let too_old = call(
+        &mut client,
+        vec![reading(
+            "ooo_new",
+            &[],
+            Some(Number::Int(1)),
+            Some(t - 5 * 3_600_000),
+        )],
     )
     .await
-    .expect("answered, not retried forever")
     .expect_err("a sample older than the head is not written");
     assert_eq!(too_old.code(), tonic::Code::Unavailable, "{too_old:?}");
     assert_eq!(
@@ -476,12 +467,12 @@ fn spawn_clients(
     tokio::spawn(async move {
         let mut client = connect(address).await;
         let mut acknowledged = Vec::new();
-        let mut call = 0;
+        let mut number = 0;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let items: Vec<SensorValue> = (0..20)
                 .map(|i| {
                     reading(
-                        &format!("load_{call}_{i}"),
+                        &format!("load_{number}_{i}"),
                         &[],
                         Some(Number::Int(i)),
                         Some(t),
@@ -489,14 +480,10 @@ fn spawn_clients(
                 })
                 .collect();
             let names: Vec<String> = items.iter().map(|i| i.sensor_name.clone()).collect();
-            if client
-                .send_sensor_values(SensorValuesRequest { items })
-                .await
-                .is_ok()
-            {
+            if call(&mut client, items).await.is_ok() {
                 acknowledged.extend(names);
             }
-            call += 1;
+            number += 1;
         }
         acknowledged
     })
@@ -745,20 +732,20 @@ async fn a_4xx_is_dropped_counted_and_never_retried() {
     let mut sink = SinkProcess::start(&pipeline(&stand_in.url(), WRITTEN, ""));
     let mut client = sink.client("sensors").await;
     for name in ["bad", "large"] {
-        let refused = client
-            .send_sensor_values(SensorValuesRequest {
-                items: vec![reading(name, &[], Some(Number::Int(1)), Some(now_ms()))],
-            })
-            .await
-            .expect_err("a refused sample is not written");
+        let refused = call(
+            &mut client,
+            vec![reading(name, &[], Some(Number::Int(1)), Some(now_ms()))],
+        )
+        .await
+        .expect_err("a refused sample is not written");
         assert_eq!(refused.code(), tonic::Code::Unavailable);
     }
-    client
-        .send_sensor_values(SensorValuesRequest {
-            items: vec![reading("good", &[], Some(Number::Int(1)), Some(now_ms()))],
-        })
-        .await
-        .expect("204: written");
+    call(
+        &mut client,
+        vec![reading("good", &[], Some(Number::Int(1)), Some(now_ms()))],
+    )
+    .await
+    .expect("204: written");
     assert_eq!(stand_in.received().len(), 3, "each request sent once");
     assert_eq!(
         metric_of(&sink, "samples_failed_total", Some("bad_labels")),
@@ -797,14 +784,14 @@ async fn a_429_waits_for_retry_after_and_a_503_backs_off_then_the_call_is_ok() {
     let mut sink = SinkProcess::start(&pipeline(&stand_in.url(), WRITTEN, ""));
     let mut client = sink.client("sensors").await;
     let started = Instant::now();
-    client
-        .send_sensor_values(SensorValuesRequest {
-            items: (0..5)
-                .map(|i| reading("retried", &[], Some(Number::Int(i)), Some(now_ms() + i)))
-                .collect(),
-        })
-        .await
-        .expect("OK once the receiver took it");
+    call(
+        &mut client,
+        (0..5)
+            .map(|i| reading("retried", &[], Some(Number::Int(i)), Some(now_ms() + i)))
+            .collect(),
+    )
+    .await
+    .expect("OK once the receiver took it");
     let took = started.elapsed();
     let received = stand_in.received();
     assert_eq!(received.len(), 4, "{received:?}");
@@ -832,17 +819,17 @@ async fn a_stalled_receiver_is_abandoned_after_the_timeout_and_retried() {
     let mut sink = SinkProcess::start(&pipeline(&stand_in.url(), WRITTEN, "timeout = \"500ms\""));
     let mut client = sink.client("sensors").await;
     let started = Instant::now();
-    client
-        .send_sensor_values(SensorValuesRequest {
-            items: vec![reading(
-                "stalled",
-                &[],
-                Some(Number::Int(1)),
-                Some(now_ms()),
-            )],
-        })
-        .await
-        .expect("OK after the retry");
+    call(
+        &mut client,
+        vec![reading(
+            "stalled",
+            &[],
+            Some(Number::Int(1)),
+            Some(now_ms()),
+        )],
+    )
+    .await
+    .expect("OK after the retry");
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(500) && took < Duration::from_secs(5),
@@ -862,12 +849,11 @@ async fn a_reload_moves_a_retrying_sink_to_the_right_url() {
     let sink = SinkProcess::start(&pipeline(&wrong, WRITTEN, ""));
     let address = sink.address("sensors");
     let call = tokio::spawn(async move {
-        connect(address)
-            .await
-            .send_sensor_values(SensorValuesRequest {
-                items: vec![reading("moved", &[], Some(Number::Int(9)), Some(now_ms()))],
-            })
-            .await
+        call(
+            &mut connect(address).await,
+            vec![reading("moved", &[], Some(Number::Int(9)), Some(now_ms()))],
+        )
+        .await
     });
     assert!(wait_until(|| metric_of(&sink, "retries_total", None) >= 3.0));
     std::fs::write(

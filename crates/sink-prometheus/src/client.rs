@@ -272,9 +272,14 @@ pub async fn send(endpoint: &Arc<Endpoint>, slot: &mut Option<Connection>, body:
 }
 
 async fn attempt(endpoint: &Arc<Endpoint>, slot: &mut Option<Connection>, body: Bytes) -> Answer {
-    let reusable = slot.as_ref().is_some_and(|connection| {
+    let mut reusable = slot.as_ref().is_some_and(|connection| {
         Arc::ptr_eq(&connection.endpoint, endpoint) && !connection.sender.is_closed()
     });
+    if let Some(connection) = slot.as_mut().filter(|_| reusable) {
+        // A connection the receiver closed while idle (keep-alive timeout)
+        // is replaced here rather than failing the request as a retry.
+        reusable = connection.sender.ready().await.is_ok();
+    }
     if !reusable {
         *slot = None;
         match connect(endpoint).await {

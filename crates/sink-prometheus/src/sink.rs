@@ -129,6 +129,15 @@ impl Sink for RemoteWriteSink {
                 input.fail_taken();
             }
         }
+        let metrics = &shared.metrics;
+        tracing::info!(
+            stage = shared.stage,
+            "prometheus_remote_write sent {} samples; {} refused by the receiver, {} readings without a value, {} superseded",
+            metrics.sent.get(),
+            metrics.failed.iter().map(Counter::get).sum::<u64>(),
+            metrics.without_value.get(),
+            metrics.superseded.get()
+        );
         Ok(())
     }
 }
@@ -234,12 +243,12 @@ impl Sender {
             match answer {
                 Answer::Written => {
                     metrics.sent.inc_by(samples);
-                    if failures > 0 {
-                        shared.recovered(&settings.endpoint);
-                    }
+                    shared.answering(&settings.endpoint);
                     return 0;
                 }
                 Answer::Refused { status, message } => {
+                    // It refuses these samples, but it is up and answering.
+                    shared.answering(&settings.endpoint);
                     let reason = Reason::of(&message);
                     metrics.failed[reason as usize].inc_by(samples);
                     if let Some(also) = shared.refusal_log.allow() {
@@ -287,6 +296,7 @@ fn also_note(also: u64) -> String {
 }
 
 impl Shared {
+    /// The receiver keeps failing: NOT_SERVING, with why.
     fn failing(&self, endpoint: &Endpoint, why: &str) {
         self.not_ready.store(true, Ordering::Relaxed);
         self.readiness.set_not_ready(
@@ -298,7 +308,8 @@ impl Shared {
         );
     }
 
-    fn recovered(&self, endpoint: &Endpoint) {
+    /// The receiver answered: ready again if this stage had said otherwise.
+    fn answering(&self, endpoint: &Endpoint) {
         if self.not_ready.swap(false, Ordering::Relaxed) {
             self.readiness.set_ready(&self.stage);
             tracing::info!(
