@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sink_e2e::tls::TestCa;
 use sink_e2e::*;
 use sink_proto::sensor_service_client::SensorServiceClient;
 use sink_proto::sensor_value::Measurement;
@@ -38,6 +39,8 @@ struct Receiver {
     child: Option<Child>,
     dir: PathBuf,
     port: u16,
+    /// Prometheus' `--web.config.file` (TLS), if any.
+    web_config: Option<PathBuf>,
 }
 
 /// One series as a receiver holds it: labels and `(ms, value)` samples.
@@ -50,6 +53,7 @@ impl Receiver {
             child: None,
             dir: dir.join(format!("{kind:?}")),
             port: free_port(),
+            web_config: None,
         };
         std::fs::create_dir_all(&receiver.dir).expect("receiver dir");
         receiver.restart();
@@ -71,6 +75,9 @@ impl Receiver {
                     ))
                     .arg(format!("--web.listen-address={listen}"))
                     .arg("--web.enable-remote-write-receiver");
+                if let Some(web) = &self.web_config {
+                    command.arg(format!("--web.config.file={}", web.display()));
+                }
                 command
             }
             Kind::VictoriaMetrics => {
@@ -102,7 +109,12 @@ impl Receiver {
             Kind::VictoriaMetrics => "/health",
         };
         assert!(
-            wait_until(|| self.get(ready).is_some_and(|(status, _)| status == 200)),
+            wait_until(|| if self.web_config.is_some() {
+                // Over TLS only a connection can be seen from here.
+                std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                self.get(ready).is_some_and(|(status, _)| status == 200)
+            }),
             "{:?} did not become ready on {}",
             self.kind,
             self.port
@@ -864,4 +876,79 @@ async fn a_reload_moves_a_retrying_sink_to_the_right_url() {
     call.await.expect("task").expect("OK once at the new URL");
     let stored = receiver.wait_samples("moved", 1);
     assert_eq!(stored[&labels(&[("__name__", "moved")])].len(), 1);
+}
+
+#[tokio::test]
+#[ignore = "system test: needs prometheus and victoria-metrics; run by .ci/system/55-prometheus.sh"]
+async fn mutual_tls_to_prometheus_sends_with_the_right_certificates_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("receiver CA");
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let (server_cert, server_key) = ca.server(1, 30.0).write(dir.path(), "server");
+    let (client_cert, client_key) = ca.client("sink").write(dir.path(), "client");
+    let web = dir.path().join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+            server_cert.display(),
+            server_key.display(),
+            ca_file.display()
+        ),
+    )
+    .expect("web config");
+    let mut receiver = Receiver {
+        kind: Kind::Prometheus,
+        child: None,
+        dir: dir.path().join("tls"),
+        port: free_port(),
+        web_config: Some(web),
+    };
+    std::fs::create_dir_all(&receiver.dir).expect("receiver dir");
+    receiver.restart();
+    let url = format!("https://127.0.0.1:{}/api/v1/write", receiver.port);
+    let tls = |with_client: bool| {
+        let mut keys = format!("tls = {{ ca = \"{}\"", ca_file.display());
+        if with_client {
+            keys.push_str(&format!(
+                ", cert = \"{}\", key = \"{}\"",
+                client_cert.display(),
+                client_key.display()
+            ));
+        }
+        keys + " }"
+    };
+    let mut good = SinkProcess::start(&pipeline(&url, WRITTEN, &tls(true)));
+    let mut client = good.client("sensors").await;
+    let items = (0..3)
+        .map(|i| reading("over_tls", &[], Some(Number::Int(i)), Some(now_ms() + i)))
+        .collect();
+    call(&mut client, items)
+        .await
+        .expect("stored over mutual TLS");
+    assert_eq!(metric_of(&good, "samples_sent_total", None), 3.0);
+    good.stop();
+
+    // Without a client certificate the receiver refuses the handshake: a
+    // transport failure, retried, never a drop.
+    let uncertified = SinkProcess::start(&pipeline(&url, "", &tls(false)));
+    let mut client = uncertified.client("sensors").await;
+    call(
+        &mut client,
+        vec![reading(
+            "refused_tls",
+            &[],
+            Some(Number::Int(1)),
+            Some(now_ms()),
+        )],
+    )
+    .await
+    .expect("accepted into the pipeline");
+    assert!(wait_until(|| metric_of(
+        &uncertified,
+        "retries_total",
+        None
+    ) >= 3.0));
+    assert_eq!(metric_of(&uncertified, "samples_sent_total", None), 0.0);
+    assert_eq!(metric_of(&uncertified, "samples_failed_total", None), 0.0);
 }
