@@ -3,7 +3,8 @@
 # prometheus (the tests turn on its remote-write receiver) and
 # victoria-metrics, each started by the tests on a free loopback port.
 # Round trips queried back exactly, out-of-order samples, receivers down at
-# start and killed mid-run, the sink killed, a reload to a new URL, and
+# start and killed mid-run, the sink killed, a reload to a new URL, mutual
+# TLS, and
 # 4xx/429/5xx/stall from a stand-in. About 40 s of tests.
 #
 # The packages are unpacked, not installed: installing them may start their
