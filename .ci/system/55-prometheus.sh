@@ -4,8 +4,7 @@
 # victoria-metrics, each started by the tests on a free loopback port.
 # Round trips queried back exactly, out-of-order samples, receivers down at
 # start and killed mid-run, the sink killed, a reload to a new URL, mutual
-# TLS, and
-# 4xx/429/5xx/stall from a stand-in. About 40 s of tests.
+# TLS, and 4xx/429/5xx/stall from a stand-in. About 40 s of tests.
 #
 # The packages are unpacked, not installed: installing them may start their
 # services on the usual ports.
