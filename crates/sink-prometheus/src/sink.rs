@@ -152,19 +152,18 @@ async fn apply(
     settings: &watch::Sender<Arc<Settings>>,
 ) -> Arc<PrometheusRemoteWriteConfig> {
     let for_build = Arc::clone(&new);
-    let built = tokio::task::spawn_blocking(move || Endpoint::new(&for_build)).await;
+    let built = tokio::task::spawn_blocking(move || Endpoint::new(&for_build))
+        .await
+        .map_err(|err| err.to_string())
+        .and_then(|endpoint| endpoint.map_err(|err| err.to_string()));
     match built {
-        Ok(Ok(endpoint)) => {
+        Ok(endpoint) => {
             settings.send_replace(Arc::new(Settings {
                 endpoint: Arc::new(endpoint),
                 min_backoff: new.min_backoff,
                 max_backoff: new.max_backoff,
             }));
             new
-        }
-        Ok(Err(err)) => {
-            tracing::error!(stage, "reloaded config not applied, keeping the old: {err}");
-            Arc::clone(old)
         }
         Err(err) => {
             tracing::error!(stage, "reloaded config not applied, keeping the old: {err}");
