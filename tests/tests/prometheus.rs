@@ -794,7 +794,11 @@ async fn a_429_waits_for_retry_after_and_a_503_backs_off_then_the_call_is_ok() {
         Script::Answer(500, "", "internal"),
     ])
     .await;
-    let mut sink = SinkProcess::start(&pipeline(&stand_in.url(), WRITTEN, ""));
+    let mut sink = SinkProcess::start(&pipeline(
+        &stand_in.url(),
+        WRITTEN,
+        "bearer_token = \"s3cret\"\nheaders = { \"X-Scope-OrgID\" = \"tenant-1\" }",
+    ));
     let mut client = sink.client("sensors").await;
     let started = Instant::now();
     call(
@@ -812,6 +816,10 @@ async fn a_429_waits_for_retry_after_and_a_503_backs_off_then_the_call_is_ok() {
         received.iter().all(|r| r.samples == 5),
         "the same request each time"
     );
+    let headers = received[0].headers.to_ascii_lowercase();
+    for header in ["authorization: bearer s3cret", "x-scope-orgid: tenant-1"] {
+        assert!(headers.contains(header), "{header} missing from {headers}");
+    }
     let waited = received[1].at - received[0].at;
     assert!(
         waited >= Duration::from_secs(1),

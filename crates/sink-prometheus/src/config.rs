@@ -44,8 +44,8 @@ pub struct PrometheusRemoteWriteConfig {
     /// `Authorization: Bearer <token>`.
     #[serde(default)]
     pub bearer_token: Option<String>,
-    /// A file holding the bearer token (read at start and at each reload;
-    /// surrounding whitespace ignored).
+    /// A file holding the bearer token (surrounding whitespace ignored),
+    /// read at start and whenever a reload changes this stage's keys.
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
     /// HTTP basic authentication: `{ username = "...", password = "..." }`.
