@@ -14,21 +14,9 @@ source "$(dirname "$0")/lib.sh"
 apt_install tmux
 command -v tmux >/dev/null || die "tmux is not installed: the sink top test cannot run"
 
-unpacked=target/ci-prometheus
-if [ ! -x "$unpacked/usr/bin/prometheus" ] || [ ! -x "$unpacked/usr/bin/promtool" ]; then
-  [ "$(id -u)" -eq 0 ] || die "need root to fetch the prometheus package"
-  if [ -z "${SINK_APT_UPDATED:-}" ]; then
-    apt-get update -qq || die "apt-get update failed"
-    export SINK_APT_UPDATED=1
-  fi
-  download=$(mktemp -d)
-  (cd "$download" && apt-get download -qq prometheus) || die "cannot download Debian's prometheus package"
-  mkdir -p "$unpacked"
-  dpkg-deb -x "$download"/prometheus_*.deb "$unpacked" || die "cannot unpack the prometheus package"
-  rm -rf "$download"
-fi
-export PROMETHEUS="$PWD/$unpacked/usr/bin/prometheus"
-export PROMTOOL="$PWD/$unpacked/usr/bin/promtool"
+unpack_package prometheus
+export PROMETHEUS="$PWD/target/ci-prometheus/usr/bin/prometheus"
+export PROMTOOL="$PWD/target/ci-prometheus/usr/bin/promtool"
 "$PROMTOOL" --version >/dev/null 2>&1 || die "promtool does not run"
 "$PROMETHEUS" --version >/dev/null 2>&1 || die "prometheus does not run"
 

@@ -29,3 +29,23 @@ apt_install() {
 run_ignored() {
   cargo test -p "$1" --test "$2" -- --ignored --test-threads 1 ${3:+"$3"}
 }
+
+# Unpacks a Debian package's files into target/ci-PACKAGE without installing
+# it (installing prometheus or victoria-metrics may start a service on their
+# usual ports): `unpack_package prometheus` gives
+# target/ci-prometheus/usr/bin/prometheus. Kept between runs.
+unpack_package() {
+  local package=$1 unpacked=target/ci-$1
+  [ -d "$unpacked/usr/bin" ] && return 0
+  [ "$(id -u)" -eq 0 ] || die "need root to fetch the $package package"
+  if [ -z "${SINK_APT_UPDATED:-}" ]; then
+    apt-get update -qq || die "apt-get update failed"
+    export SINK_APT_UPDATED=1
+  fi
+  local download
+  download=$(mktemp -d)
+  (cd "$download" && apt-get download -qq "$package") || die "cannot download Debian's $package package"
+  mkdir -p "$unpacked"
+  dpkg-deb -x "$download/${package}"_*.deb "$unpacked" || die "cannot unpack the $package package"
+  rm -rf "$download"
+}

@@ -933,3 +933,26 @@ pub fn no_plain_rotated_or_temporary(dir: &Path, active: &str) -> bool {
         .iter()
         .all(|name| name == active || name.ends_with(".zst") || name.ends_with(".gz"))
 }
+
+/// The program that environment variable `variable` names (a system
+/// script points it at an unpacked package's binary), or `default` from
+/// `PATH`.
+pub fn tool(variable: &str, default: &str) -> String {
+    std::env::var(variable).unwrap_or_else(|_| default.to_string())
+}
+
+/// A TCP port of 127.0.0.1 free now, for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Ends a server a test started with `signal` (`libc::SIGTERM` for a
+/// planned stop, `libc::SIGKILL` for a crash) and waits for it.
+pub fn end_server(mut child: Child, signal: i32) {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let _ = child.wait();
+}

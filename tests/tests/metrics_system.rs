@@ -14,10 +14,6 @@ use sink_e2e::*;
 
 const SYSTEM: &str = "system test: run by .ci/system/40-metrics.sh";
 
-fn tool(variable: &str, default: &str) -> String {
-    std::env::var(variable).unwrap_or_else(|_| default.to_string())
-}
-
 /// grpc -> buffered -> json_file, with `[api]` on an ephemeral port.
 fn pipeline() -> String {
     [

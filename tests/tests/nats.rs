@@ -3,7 +3,6 @@
 //! stream, out to files. System tests: `.ci/system/50-nats.sh` installs the
 //! server and runs them (`cargo test -p sink-e2e --test nats -- --ignored`).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,13 +15,6 @@ struct NatsServer {
     child: Option<Child>,
     config: PathBuf,
     port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port()
 }
 
 impl NatsServer {
@@ -82,18 +74,15 @@ impl NatsServer {
 
     /// SIGTERM, and waits for the server to exit: a planned stop.
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            end_server(child, libc::SIGTERM);
         }
     }
 
     /// SIGKILL, as a crashed node.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            end_server(child, libc::SIGKILL);
         }
     }
 
