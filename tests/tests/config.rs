@@ -469,3 +469,17 @@ fn every_bad_settings_key_is_reported_not_only_the_first() {
         run.stderr
     );
 }
+
+#[test]
+fn a_zero_shutdown_timeout_is_refused() {
+    // With no time to drain, every shutdown would exit 1 saying "0 lost".
+    let text = format!(
+        "[settings]\nshutdown_timeout = \"0s\"\n{}",
+        pipeline("", "path = \"out.json\"")
+    );
+    assert_refused(
+        &text,
+        &[],
+        &["key `settings.shutdown_timeout`", "must be more than 0s"],
+    );
+}

@@ -390,6 +390,14 @@ impl Pipeline {
                 format!("must be from 1 to {MAX_CAPACITY} batches"),
             );
         }
+        if settings.shutdown_timeout.is_zero() {
+            // Zero leaves no time to drain: every exit would be a failure.
+            errors.push(
+                None,
+                Some("settings.shutdown_timeout".into()),
+                "must be more than 0s: it is the time the pipeline has to drain on shutdown".into(),
+            );
+        }
         if settings.memory_limit.0 < MIN_MEMORY_LIMIT {
             errors.push(
                 None,
