@@ -492,3 +492,24 @@ async fn a_connection_can_push_at_most_512_kib_of_body_the_sink_has_not_read() {
     assert_eq!(granted(&mut third, 0, Duration::from_millis(300)).await, 0);
     sink.stop();
 }
+
+#[tokio::test]
+async fn every_gzip_member_is_decoded_and_trailing_garbage_refused() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let attacker = h2_connect(sink.address("sensors")).await;
+    // Concatenated protobuf messages merge: the two members together are one
+    // request of four readings.
+    let first = request_range("member", 0..2).encode_to_vec();
+    let second = request_range("member", 2..4).encode_to_vec();
+    let mut two = gzip(&first);
+    two.extend(gzip(&second));
+    let (code, message) = call(&attacker, Some("gzip"), frame(true, &two)).await;
+    assert_eq!(code, Code::Ok, "{message}");
+    let mut garbage = gzip(&request("garbage", 1).encode_to_vec());
+    garbage.extend_from_slice(b"trailing garbage");
+    let (code, message) = call(&attacker, Some("gzip"), frame(true, &garbage)).await;
+    assert_eq!(code, Code::Internal, "{message}");
+    sink.stop();
+    let expected: Vec<String> = (0..4).map(|i| format!("member{i}")).collect();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &expected);
+}

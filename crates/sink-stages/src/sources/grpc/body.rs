@@ -12,7 +12,9 @@
 //! - a second message in the same unary call is refused, and nothing of the
 //!   call is accepted;
 //! - gzip and zstd messages (`grpc-encoding`) are inflated into a buffer
-//!   bounded by `max_message_bytes`, so a decompression bomb is refused.
+//!   bounded by `max_message_bytes`, so a decompression bomb is refused;
+//!   every gzip member and zstd frame is inflated, and trailing bytes that
+//!   are neither refuse the call.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -190,7 +192,11 @@ pub fn decompress(encoding: Encoding, message: &[u8], max_bytes: usize) -> Resul
                 "the message is flagged compressed but the call has no grpc-encoding",
             ));
         }
-        Encoding::Gzip => flate2::read::GzDecoder::new(message)
+        // Every member: a gzip stream may be several concatenated members
+        // (RFC 1952), and GzDecoder would stop after the first, answering OK
+        // for readings it dropped. Bytes after the last member that are not
+        // a member are an error, not ignored.
+        Encoding::Gzip => flate2::read::MultiGzDecoder::new(message)
             .take(limit)
             .read_to_end(&mut out),
         Encoding::Zstd => {
@@ -250,6 +256,34 @@ mod tests {
         }
         let flagged = decompress(Encoding::Identity, &gz, 1000).unwrap_err();
         assert_eq!(flagged.code(), Code::Internal);
+    }
+
+    #[test]
+    fn every_gzip_member_is_inflated_and_trailing_garbage_refused() {
+        let member = |bytes: &[u8]| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(bytes).unwrap();
+            gz.finish().unwrap()
+        };
+        let mut two = member(b"first ");
+        two.extend(member(b"second"));
+        assert_eq!(
+            decompress(Encoding::Gzip, &two, 1000).unwrap(),
+            &b"first second"[..]
+        );
+        let mut garbage = member(b"first ");
+        garbage.extend_from_slice(b"not a gzip member");
+        let refused = decompress(Encoding::Gzip, &garbage, 1000).unwrap_err();
+        assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+        let mut zstd_two = zstd::stream::encode_all(&b"first "[..], 3).unwrap();
+        zstd_two.extend(zstd::stream::encode_all(&b"second"[..], 3).unwrap());
+        assert_eq!(
+            decompress(Encoding::Zstd, &zstd_two, 1000).unwrap(),
+            &b"first second"[..]
+        );
+        zstd_two.extend_from_slice(b"not a zstd frame");
+        let refused = decompress(Encoding::Zstd, &zstd_two, 1000).unwrap_err();
+        assert_eq!(refused.code(), Code::Internal, "{refused:?}");
     }
 
     #[test]
