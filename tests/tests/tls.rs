@@ -511,3 +511,38 @@ async fn clients_that_never_finish_the_handshake_are_cut_off_while_others_are_se
     assert_eq!(sensor_names(&sink.path("out.json")).len(), 15);
     assert!(failed_handshakes(&sink) >= 21, "{}", sink.log_text());
 }
+
+#[tokio::test]
+async fn a_not_yet_valid_certificate_is_refused_at_start_and_on_rotation() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let (early, early_key) = ca.server_not_yet_valid(9, 2.0).write(certs.path(), "early");
+    assert_tls_refused(
+        &cert_and_key(&early, &early_key),
+        "tls.cert",
+        &early,
+        "not valid before",
+    );
+
+    let first = ca.server(1, 365.0);
+    let (cert, key) = first.write(certs.path(), "server");
+    let mut sink = SinkProcess::start(&tls_pipeline(&cert_and_key(&cert, &key)));
+    let address = sink.address("sensors");
+    // Swapped in, it would fail every new client for two days.
+    rename_over(&ca.server_not_yet_valid(2, 2.0), certs.path(), "server");
+    assert!(
+        sink.wait_log("TLS material not reloaded"),
+        "{}",
+        sink.log_text()
+    );
+    assert!(
+        sink.log_text().contains("not valid before"),
+        "{}",
+        sink.log_text()
+    );
+    assert_eq!(presented_certificate(address, &ca, None).await, first.der);
+    let channel = tls_channel(address, &ca, None).await.expect("TLS connect");
+    send_ok(&mut SensorServiceClient::new(channel), "kept", 3).await;
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")).len(), 3);
+}
