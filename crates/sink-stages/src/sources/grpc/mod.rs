@@ -395,6 +395,8 @@ impl Source for GrpcSource {
 
         // Limits change live: each call reads the current ones.
         let mut params = cx.params::<GrpcConfig>();
+        // The TLS table in force, which a reload may not loosen.
+        let mut tls_config = self.config.tls.clone();
         loop {
             tokio::select! {
                 // Shutdown first: the server also ends when shutdown starts.
@@ -405,7 +407,11 @@ impl Source for GrpcSource {
                     shared.limits.store(Arc::new(Limits::new(&new, Some(&old))));
                     idle.set(new.idle_timeout);
                     match (&tls, &new.tls) {
-                        (Some(running), Some(config)) => running.update(config),
+                        (Some(running), Some(config)) => {
+                            let config = tls::kept_client_auth(cx.id(), tls_config.as_ref(), config);
+                            running.update(&config);
+                            tls_config = Some(config);
+                        }
                         (None, None) => {}
                         // The runtime refuses this edit (`x-restart = "presence"`).
                         _ => tracing::warn!(
