@@ -513,3 +513,51 @@ async fn every_gzip_member_is_decoded_and_trailing_garbage_refused() {
     let expected: Vec<String> = (0..4).map(|i| format!("member{i}")).collect();
     assert_each_once(&sensor_names(&sink.path("out.json")), &expected);
 }
+
+/// A compressed message's prefix with no message after it: the most
+/// expensive announcement (its decoded size is bounded only by
+/// `max_message_bytes`).
+fn compressed_prefix_only(len: u32) -> Vec<u8> {
+    let mut prefix = prefix_only(len);
+    prefix[0] = 1;
+    prefix
+}
+
+#[tokio::test]
+async fn prefix_only_streams_cannot_take_the_memory_budget_from_honest_calls() {
+    // Four compressed announcements would each reserve about 114 MB of the
+    // default 256 MiB before a byte of their bodies arrived, for as long as
+    // body_timeout lets them wait.
+    let mut sink = SinkProcess::start(&pipeline_with_source("body_timeout = \"12s\""));
+    let address = sink.address("sensors");
+    let attacker = h2_connect(address).await;
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(start_call(&attacker, Some("gzip"), compressed_prefix_only(1000), false).await);
+    }
+    // Give the sink the time to take the announcements in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut client = sink.client("sensors").await;
+    let mut names = Vec::new();
+    for round in 0..5 {
+        let started = Instant::now();
+        let batch = request(&format!("honest{round}-"), 10);
+        names.extend(batch.items.iter().map(|item| item.sensor_name.clone()));
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), client.send_sensor_values(batch))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: no answer within 5 s under the attack"));
+        answered.unwrap_or_else(|status| panic!("round {round}: {status}"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(
+        health_of(address, "").await.expect("health"),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    // Gone, the attacker's calls end (else shutdown would wait for them).
+    drop(held);
+    drop(attacker);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
