@@ -561,3 +561,44 @@ async fn prefix_only_streams_cannot_take_the_memory_budget_from_honest_calls() {
     sink.stop();
     assert_each_once(&sensor_names(&sink.path("out.json")), &names);
 }
+
+#[tokio::test]
+async fn silent_connections_are_closed_and_bounded_so_honest_clients_get_in() {
+    // idle_timeout alone would keep a silent connection a minute.
+    let mut sink = SinkProcess::start(&format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}",
+        pipeline_with_source("max_connections = 40\nidle_timeout = \"60s\"")
+    ));
+    let address = sink.address("sensors");
+    // Five times max_connections of connections that never send a byte.
+    let silent: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(address).expect("connect"))
+        .collect();
+    let started = Instant::now();
+    let mut client = sink.client("sensors").await;
+    let names = tokio::time::timeout(
+        Duration::from_secs(3),
+        send_all(&mut client, "honest", 1, 3),
+    )
+    .await
+    .expect("an honest client served within 3 s of 200 silent connections");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Beyond a quarter of max_connections, the oldest silent ones were closed.
+    assert!(sink.wait_metric("sink_grpc_connections_half_open_closed_total", &[], 150.0) >= 150.0);
+    drop(silent);
+
+    // A silent connection is closed at the 5 s handshake deadline, not
+    // after idle_timeout.
+    let opened = Instant::now();
+    let mut late = std::net::TcpStream::connect(address).expect("connect");
+    late.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut rest = Vec::new();
+    late.read_to_end(&mut rest).expect("closed by the sink");
+    let closed_after = opened.elapsed();
+    assert!(
+        closed_after >= Duration::from_secs(4) && closed_after < Duration::from_secs(8),
+        "closed after {closed_after:?}"
+    );
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}

@@ -65,8 +65,9 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
 }
 
+/// As the plaintext handshake deadline: honest clients take milliseconds.
 fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
+    super::incoming::HANDSHAKE_DEADLINE
 }
 
 /// Handshakes in progress at once; beyond it the listener is not polled, and
