@@ -562,6 +562,69 @@ async fn prefix_only_streams_cannot_take_the_memory_budget_from_honest_calls() {
     assert_each_once(&sensor_names(&sink.path("out.json")), &names);
 }
 
+/// Opens a health `Watch` stream on a connection of its own; `true` if the
+/// server took it (answered with headers and no status yet).
+async fn watch_health(address: SocketAddr) -> (bool, SendRequest<Bytes>, Option<h2::RecvStream>) {
+    let sender = h2_connect(address).await;
+    let mut ready = sender.clone().ready().await.expect("ready");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://sink/grpc.health.v1.Health/Watch")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (answer, mut stream) = ready.send_request(request, false).expect("send");
+    // An empty HealthCheckRequest (the whole server); the answer streams on.
+    stream
+        .send_data(Bytes::from(frame(false, &[])), true)
+        .expect("data");
+    let response = tokio::time::timeout(DEADLINE, answer)
+        .await
+        .expect("an answer")
+        .expect("HTTP/2 answer");
+    let (head, body) = response.into_parts();
+    if let Some(status) = head.headers.get("grpc-status") {
+        assert_eq!(status, "8", "a refused watch is RESOURCE_EXHAUSTED");
+        return (false, sender, None);
+    }
+    (true, sender, Some(body))
+}
+
+#[tokio::test]
+async fn long_lived_health_watches_cannot_hold_every_connection_slot() {
+    // 16 connections at most, so at most 2 long-lived streams.
+    let mut sink = SinkProcess::start(&pipeline_with_source(
+        "max_connections = 16\nidle_timeout = \"1s\"",
+    ));
+    let address = sink.address("sensors");
+    let mut held = Vec::new();
+    let mut taken = 0;
+    for _ in 0..16 {
+        let (accepted, sender, body) = watch_health(address).await;
+        taken += usize::from(accepted);
+        held.push((sender, body));
+    }
+    assert_eq!(
+        taken, 2,
+        "long-lived streams taken beyond max_connections / 8"
+    );
+    // The refused ones are idle connections now, closed after idle_timeout:
+    // an honest client gets a slot although every watcher stays.
+    let started = Instant::now();
+    let mut client = sink.client("sensors").await;
+    let names = tokio::time::timeout(
+        Duration::from_secs(10),
+        send_all(&mut client, "honest", 1, 3),
+    )
+    .await
+    .expect("served while the watchers stay");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(held);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
 #[tokio::test]
 async fn silent_connections_are_closed_and_bounded_so_honest_clients_get_in() {
     // idle_timeout alone would keep a silent connection a minute.

@@ -687,7 +687,7 @@ where
                 Some(guard) => response.map(|body| {
                     ResponseBody::new(Guarded {
                         body,
-                        _guard: guard,
+                        _guard: Box::new(guard),
                     })
                 }),
                 None => response,
@@ -696,10 +696,87 @@ where
     }
 }
 
+/// The methods whose calls are long-lived streams: they stay open for as
+/// long as the client likes, holding their connection busy.
+const LONG_LIVED: [&str; 3] = [
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Wraps the server's routes so that at most so many long-lived streams
+/// (health `Watch`, reflection) are open at once; one more is answered
+/// RESOURCE_EXHAUSTED at once. A connection with such a stream open is never
+/// idle, so without this bound a few hundred of them would hold every
+/// `max_connections` slot for as long as they liked.
+#[derive(Clone)]
+pub struct LimitStreams<S> {
+    inner: S,
+    streams: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl<S> LimitStreams<S> {
+    /// `inner`, with at most `limit` long-lived streams open at once.
+    pub fn new(inner: S, limit: usize) -> Self {
+        Self {
+            inner,
+            streams: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
+/// The most long-lived streams for `max_connections`: an eighth of the
+/// connections, so that they can never take the slots of the others.
+pub fn long_lived_limit(max_connections: usize) -> usize {
+    (max_connections / 8).max(1)
+}
+
+impl<S, B> Service<Request<B>> for LimitStreams<S>
+where
+    S: Service<Request<B>, Response = Response<ResponseBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if !LONG_LIVED.contains(&request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(permit) = Arc::clone(&self.streams).try_acquire_owned() else {
+            let status = tonic::Status::resource_exhausted(format!(
+                "too many long-lived streams (health Watch, reflection) are open: at most {}; use health Check, or retry later",
+                self.limit
+            ));
+            let refused = status.into_http();
+            return Box::pin(async move { Ok(refused) });
+        };
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|body| {
+                ResponseBody::new(Guarded {
+                    body,
+                    _guard: Box::new(permit),
+                })
+            }))
+        })
+    }
+}
+
 /// A response body that holds its call open until it has been sent.
 struct Guarded {
     body: ResponseBody,
-    _guard: CallGuard,
+    /// Released once the body has been sent (or dropped).
+    _guard: Box<dyn Send + Sync>,
 }
 
 impl Body for Guarded {

@@ -397,7 +397,10 @@ impl Source for GrpcSource {
                 .http2_keepalive_interval(Some(config.keepalive_interval))
                 .http2_keepalive_timeout(Some(config.keepalive_timeout))
                 .serve_with_incoming_shutdown(
-                    incoming::TrackCalls(routes),
+                    incoming::TrackCalls(incoming::LimitStreams::new(
+                        routes,
+                        incoming::long_lived_limit(max_connections),
+                    )),
                     tls::Incoming::new(
                         incoming::incoming(
                             listener,
