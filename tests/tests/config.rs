@@ -483,3 +483,21 @@ fn a_zero_shutdown_timeout_is_refused() {
         &["key `settings.shutdown_timeout`", "must be more than 0s"],
     );
 }
+
+#[test]
+fn describe_cuts_and_escapes_the_name_it_echoes() {
+    let name = format!("\x1b[31mred\x1b[0m{}", "x".repeat(100_000));
+    let output = std::process::Command::new(sink_binary())
+        .args(["describe", &name])
+        .output()
+        .expect("run sink describe");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.len() < 2000, "{} bytes echoed", stderr.len());
+    assert!(
+        !stderr.contains('\x1b'),
+        "raw escape codes echoed: {stderr:?}"
+    );
+    assert!(stderr.contains(r"\u{1b}[31mred"), "{stderr}");
+    assert!(stderr.contains("more characters"), "{stderr}");
+}

@@ -1032,6 +1032,35 @@ pub(crate) fn did_you_mean(word: &str, known: &[String]) -> String {
         .unwrap_or_default()
 }
 
+/// The longest piece of a user's word echoed back, in characters.
+const MAX_ECHOED_CHARS: usize = 64;
+
+/// `word` as an error may echo it to a terminal: control characters (escape
+/// sequences, newlines) written as escapes, and cut after
+/// [`MAX_ECHOED_CHARS`] characters, saying how many more there were.
+pub(crate) fn echoed(word: &str) -> String {
+    let mut shown: String = word
+        .chars()
+        .take(MAX_ECHOED_CHARS)
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
+    let total = word.chars().count();
+    if total > MAX_ECHOED_CHARS {
+        shown.push_str(&format!(
+            "... ({} more characters)",
+            total - MAX_ECHOED_CHARS
+        ));
+    }
+    shown
+}
+
 /// "known <kind> types: a, b" for this binary.
 fn known_types(kind: StageKind) -> String {
     let names: Vec<&str> = sink_api::registered_stages()
