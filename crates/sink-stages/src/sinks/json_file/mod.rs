@@ -77,6 +77,16 @@ impl SinkConfig for JsonFileConfig {
         if self.path.as_os_str().is_empty() {
             return Err(ConfigError::new("path", "must name a file"));
         }
+        // Said here, so that `sink validate` and a reload refuse it (the
+        // reload is then not applied), rather than the stage alone later.
+        if let Ok(metadata) = std::fs::metadata(&self.path) {
+            open::refuse_unless_regular(&metadata).map_err(|err| {
+                ConfigError::new(
+                    "path",
+                    format!("cannot write to {}: {err}", self.target_name()),
+                )
+            })?;
+        }
         rotate::validate(self.rotate.as_ref(), self.retain.as_ref(), &self.path)
     }
 
