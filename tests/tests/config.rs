@@ -501,3 +501,25 @@ fn describe_cuts_and_escapes_the_name_it_echoes() {
     assert!(stderr.contains(r"\u{1b}[31mred"), "{stderr}");
     assert!(stderr.contains("more characters"), "{stderr}");
 }
+
+#[test]
+fn two_file_sinks_on_one_file_are_refused_however_it_is_spelt() {
+    for (first, second) in [("x.json", "./x.json"), ("x.json", "sub/../x.json")] {
+        let text = [
+            grpc("sensors", ""),
+            json_file("one", &["sensors"], first, ""),
+            json_file("two", &["sensors"], second, ""),
+        ]
+        .concat();
+        let error = assert_refused(
+            &text,
+            &[],
+            &[
+                "stage `sinks.two`",
+                "key `path`",
+                "two sinks cannot share a file",
+            ],
+        );
+        assert!(error.contains("sinks.one"), "{error}");
+    }
+}

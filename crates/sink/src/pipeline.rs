@@ -431,6 +431,7 @@ impl Pipeline {
             }
         }
         check_graph(&nodes, &mut errors);
+        check_exclusive_files(&stages, &mut errors);
         if errors.found.is_empty() {
             Ok(Self {
                 file: file.to_path_buf(),
@@ -446,6 +447,59 @@ impl Pipeline {
     /// The stage named `id`.
     pub fn stage(&self, id: &str) -> Option<&StageSpec> {
         self.stages.iter().find(|stage| stage.id == id)
+    }
+}
+
+/// Refuses two sinks that claim the same file (see
+/// [`SinkConfig::exclusive_files`]), however each spells it.
+fn check_exclusive_files(stages: &[StageSpec], errors: &mut Errors) {
+    let mut claimed: HashMap<PathBuf, String> = HashMap::new();
+    for stage in stages {
+        let StageConfig::Sink(config) = &stage.config else {
+            continue;
+        };
+        let name = format!("{}.{}", stage.kind.section(), stage.id);
+        for (key, path) in config.exclusive_files() {
+            match claimed.entry(resolved(&path)) {
+                std::collections::hash_map::Entry::Occupied(first) => errors.push(
+                    Some(name.clone()),
+                    Some(key.into()),
+                    format!(
+                        "`{}` is the file `{}` writes too; two sinks cannot share a file",
+                        path.display(),
+                        first.get()
+                    ),
+                ),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(name.clone());
+                }
+            }
+        }
+    }
+}
+
+/// `path` as one spelling of its file: absolute, without `.` and `..`, and
+/// through the links of its existing parent directories.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut normal = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    // The file itself may be missing, and a link at its name is its own file
+    // to json_file; its directory is resolved where it exists.
+    match (normal.parent(), normal.file_name()) {
+        (Some(parent), Some(name)) => match parent.canonicalize() {
+            Ok(parent) => parent.join(name),
+            Err(_) => normal,
+        },
+        _ => normal,
     }
 }
 

@@ -90,6 +90,10 @@ impl SinkConfig for JsonFileConfig {
         rotate::validate(self.rotate.as_ref(), self.retain.as_ref(), &self.path)
     }
 
+    fn exclusive_files(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![("path", self.path.clone())]
+    }
+
     /// Runs while the pipeline is built, before any stage runs: the open
     /// cannot block (see [`open_output`]) and nothing else is waiting.
     fn build(&self, _: &BuildContext) -> Result<Box<dyn Sink>, ConfigError> {
