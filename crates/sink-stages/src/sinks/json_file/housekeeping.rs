@@ -226,12 +226,19 @@ pub(super) fn pass(job: &Job, in_use: Option<(u64, u64)>, now: SystemTime) -> bo
     succeeded
 }
 
-/// The rotated files of `names`, oldest first.
+/// The rotated files of `names`, oldest first. Only regular files count:
+/// a symbolic link (or anything else) with a rotated-style name is not ours,
+/// and is never read, compressed or removed, so that no pass reaches outside
+/// the directory it owns.
 fn scan(names: &Names) -> io::Result<Vec<Unit>> {
     let mut found: Vec<Rotated> = Vec::new();
     for entry in std::fs::read_dir(&names.dir)? {
         let entry = entry?;
-        if let Some(rotated) = entry.file_name().to_str().and_then(|n| names.parse(n)) {
+        let Some(rotated) = entry.file_name().to_str().and_then(|n| names.parse(n)) else {
+            continue;
+        };
+        // The entry's own type: a link is not followed.
+        if entry.file_type()?.is_file() {
             found.push(rotated);
         }
     }
@@ -295,8 +302,18 @@ fn compress(plain: &Path, codec: Compression) -> io::Result<()> {
 }
 
 fn write_compressed(plain: &Path, temporary: &Path, codec: Compression) -> io::Result<()> {
-    let mut source = File::open(plain)?;
-    let out = BufWriter::with_capacity(256 * 1024, File::create(temporary)?);
+    use std::os::unix::fs::OpenOptionsExt;
+    // Neither end follows a link put in place since the scan: the source is
+    // read only if it is still our file, and the temporary is a new file.
+    let mut source = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(plain)?;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temporary)?;
+    let out = BufWriter::with_capacity(256 * 1024, created);
     let file = match codec {
         Compression::None => return Ok(()),
         Compression::Gzip => {
