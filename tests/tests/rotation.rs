@@ -284,3 +284,51 @@ async fn housekeeping_never_follows_a_link_out_of_its_directory() {
         "not the sink's\n"
     );
 }
+
+#[tokio::test]
+async fn a_rotated_file_dated_in_the_future_is_redated_and_expires_by_age() {
+    let data = tempfile::tempdir().expect("temp dir");
+    // Rotated while the clock was years ahead.
+    let future = "out-2030-01-01T00-00-00.000Z.json";
+    std::fs::write(
+        data.path().join(future),
+        "{\"sensor_name\":\"from-the-future\"}\n",
+    )
+    .expect("seed");
+    let mut sink = SinkProcess::start(&file_pipeline(
+        &data.path().join("out.json"),
+        "rotate = { max_bytes = \"1KiB\" }\nretain = { max_age = \"2s\" }",
+    ));
+    assert!(
+        wait_until(|| !listing(data.path()).iter().any(|name| name == future)),
+        "never renamed: {:?}",
+        listing(data.path())
+    );
+    assert!(sink.wait_log("dated in the future"));
+    let holds_it = || {
+        listing(data.path()).iter().any(|name| {
+            std::fs::read_to_string(data.path().join(name))
+                .is_ok_and(|text| text.contains("from-the-future"))
+        })
+    };
+    assert!(
+        holds_it(),
+        "renamed, not removed yet: {:?}",
+        listing(data.path())
+    );
+    // Rotations (each followed by a pass) until max_age has passed for it.
+    let mut client = sink.client("sensors").await;
+    let mut round = 0;
+    let started = std::time::Instant::now();
+    while holds_it() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "never removed by max_age: {:?}",
+            listing(data.path())
+        );
+        send_all(&mut client, &format!("r{round}-"), 1, 20).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sink.stop();
+}
