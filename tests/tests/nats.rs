@@ -472,17 +472,15 @@ async fn a_poison_message_is_terminated_and_counted() {
     assert_eq!(received, published + 2.0 + redelivered);
     ingest.stop();
     assert_eq!(
-        writer.count_log("terminating an undecodable message"),
+        writer.count_log("terminating a message that cannot be taken"),
         2,
         "{}",
         writer.log_text()
     );
     writer.stop();
-    assert!(
-        writer
-            .log_text()
-            .contains("2 undecodable messages were terminated")
-    );
+    assert!(writer.log_text().contains(
+        "2 messages that could not be taken (undecodable, or too large to hold) were terminated"
+    ));
     assert_each_once(&sensor_names_so_far(&out), &sent);
     // Terminated, not redelivered: the consumer has nothing pending.
     let stream = js.get_stream("TELEMETRY").await.unwrap();
@@ -857,4 +855,63 @@ async fn floats_and_labels_round_trip_through_jetstream_exactly_in_both_encoding
             "{int}"
         );
     }
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_message_too_large_to_hold_is_terminated_not_redelivered_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    // 1 MB of empty protobuf items: 500 000 readings, some 40 MB decoded,
+    // against a memory_limit of 16 MiB.
+    let huge: Vec<u8> = [0x0a, 0x00].repeat(500_000);
+    js.publish("telemetry.huge", huge.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let good = sink_e2e::request("after", 3);
+    js.publish(
+        "telemetry.good",
+        prost::Message::encode_to_vec(&good).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let out = dir.path().join("out.json");
+    let mut writer = SinkProcess::start(&format!(
+        "[settings]\nmemory_limit = \"16MiB\"\n[api]\naddress = \"127.0.0.1:0\"\n{}",
+        writer(&urls, "files", "", &out)
+    ));
+    let expected: Vec<String> = good.items.iter().map(|i| i.sensor_name.clone()).collect();
+    assert!(wait_for_names(&out, &expected), "{}", writer.log_text());
+    let answered =
+        |outcome| writer.metric("sink_nats_messages_answered_total", &[("outcome", outcome)]);
+    assert!(
+        wait_until(|| answered("term") == Some(1.0)),
+        "{:?}; log:\n{}",
+        answered("term"),
+        writer.log_text()
+    );
+    // Past two ack_waits (2 s each), it has not come back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        writer.metric("sink_nats_messages_redelivered_total", &[]),
+        Some(0.0),
+        "{}",
+        writer.log_text()
+    );
+    assert_eq!(answered("nak"), Some(0.0));
+    assert!(
+        writer
+            .log_text()
+            .contains("more than settings.memory_limit")
+    );
+    writer.stop();
+    assert_each_once(&sensor_names_so_far(&out), &expected);
 }
