@@ -56,6 +56,15 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
         Ok(())
     }
 
+    /// Runs on the blocking pool before a retry that resumes a write cut
+    /// short (at a line boundary): follows an outside rotation only. A file
+    /// moved away (or deleted) while writes fail for want of room would
+    /// otherwise stay open, its space never freed, and the retries never
+    /// succeed. What remains of the write goes to the new file.
+    fn follow(&self, _target: &mut Self::Target) -> io::Result<()> {
+        Ok(())
+    }
+
     /// How many more bytes the next write may carry before the target wants
     /// rotating; waiting batches are added to a write only while it fits (the
     /// first batch of a write always goes in whole). Must not block.
@@ -433,6 +442,8 @@ fn attempt<C: LineSinkConfig>(
 ) -> Result<(), (usize, io::Error)> {
     if from == 0 {
         config.prepare(target).map_err(|err| (0, err))?;
+    } else {
+        config.follow(target).map_err(|err| (from, err))?;
     }
     if let Err((done, err)) = write_from(target, bytes, from) {
         let whole = line_start(bytes, done);

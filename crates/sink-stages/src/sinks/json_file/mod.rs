@@ -324,6 +324,16 @@ impl LineSinkConfig for JsonFileConfig {
         format!("`{}`", self.path.display())
     }
 
+    fn follow(&self, file: &mut ActiveFile) -> io::Result<()> {
+        if self.follow_outside_rotation(file)? {
+            tracing::info!(
+                "{} was moved or deleted while a write was failing; the rest of the write goes to a new file there",
+                self.target_name()
+            );
+        }
+        Ok(())
+    }
+
     /// Follows logrotate-style rotation (rename or delete, then a new file at
     /// the path) with two `stat` calls per write, and no signal needed; then
     /// rotates by itself if due. A failed rotation logs a WARN and writing
