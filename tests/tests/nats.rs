@@ -145,6 +145,16 @@ async fn create_stream(urls: &[String], name: &str, subjects: &str, replicas: us
     }
 }
 
+/// A lone server in `dir` with stream `TELEMETRY` (`telemetry.>`), its
+/// URLs, and a JetStream context on it.
+async fn solo_with_stream(dir: &Path) -> (NatsServer, Vec<String>, jetstream::Context) {
+    let server = NatsServer::start(dir, "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    (server, urls, jetstream::new(client))
+}
+
 /// Empties stream `name`, so that a new consumer sees only what comes next.
 async fn purge(urls: &[String], name: &str) {
     let client = async_nats::connect(urls.to_vec()).await.expect("connect");
@@ -423,11 +433,7 @@ async fn nats_down_at_start_and_mid_run_delays_but_loses_nothing() {
 #[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
 async fn a_poison_message_is_terminated_and_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(dir.path(), "solo", None);
-    let urls = vec![server.url()];
-    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client);
+    let (_server, urls, js) = solo_with_stream(dir.path()).await;
     for payload in [&b"{not json"[..], &[0xff, 0xff, 0xff][..]] {
         js.publish("telemetry.poison", payload.to_vec().into())
             .await
@@ -861,11 +867,7 @@ async fn floats_and_labels_round_trip_through_jetstream_exactly_in_both_encoding
 #[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
 async fn a_message_too_large_to_hold_is_terminated_not_redelivered_forever() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(dir.path(), "solo", None);
-    let urls = vec![server.url()];
-    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client);
+    let (_server, urls, js) = solo_with_stream(dir.path()).await;
     // 1 MB of empty protobuf items: 500 000 readings, some 40 MB decoded,
     // against a memory_limit of 16 MiB.
     let huge: Vec<u8> = [0x0a, 0x00].repeat(500_000);

@@ -684,12 +684,7 @@ where
         Box::pin(async move {
             let response = answer.await?;
             Ok(match guard {
-                Some(guard) => response.map(|body| {
-                    ResponseBody::new(Guarded {
-                        body,
-                        _guard: Box::new(guard),
-                    })
-                }),
+                Some(guard) => guarded(response, guard),
                 None => response,
             })
         })
@@ -760,16 +755,21 @@ where
             return Box::pin(async move { Ok(refused) });
         };
         let answer = self.inner.call(request);
-        Box::pin(async move {
-            let response = answer.await?;
-            Ok(response.map(|body| {
-                ResponseBody::new(Guarded {
-                    body,
-                    _guard: Box::new(permit),
-                })
-            }))
-        })
+        Box::pin(async move { Ok(guarded(answer.await?, permit)) })
     }
+}
+
+/// `response`, holding `guard` until its body has been sent (or dropped).
+fn guarded(
+    response: Response<ResponseBody>,
+    guard: impl Send + Sync + 'static,
+) -> Response<ResponseBody> {
+    response.map(|body| {
+        ResponseBody::new(Guarded {
+            body,
+            _guard: Box::new(guard),
+        })
+    })
 }
 
 /// A response body that holds its call open until it has been sent.
