@@ -44,6 +44,19 @@ fn valid_for(params: &mut CertificateParams, days: f64) {
     params.not_after = epoch + Duration::from_secs_f64(now + days * 86_400.0);
 }
 
+/// What a server certificate for `localhost` and 127.0.0.1 names.
+fn server_params(serial: u64) -> CertificateParams {
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("sink test server {serial}"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params
+}
+
 impl TestCa {
     /// A new CA whose certificate's common name is `name`.
     pub fn new(name: &str) -> Self {
@@ -63,16 +76,13 @@ impl TestCa {
     /// A server certificate for `localhost` and 127.0.0.1 with serial
     /// `serial`, valid for `days` more days.
     pub fn server(&self, serial: u64, days: f64) -> Issued {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("sink test server {serial}"));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params, serial, days)
+        self.sign(server_params(serial), serial, days)
+    }
+
+    /// A server certificate like [`server`](Self::server)'s, whose validity
+    /// starts `in_days` days from now.
+    pub fn server_not_yet_valid(&self, serial: u64, in_days: f64) -> Issued {
+        self.sign_from(server_params(serial), serial, in_days, in_days + 365.0)
     }
 
     /// A client certificate named `name`.
@@ -83,9 +93,21 @@ impl TestCa {
         self.sign(params, 7, 365.0)
     }
 
-    fn sign(&self, mut params: CertificateParams, serial: u64, days: f64) -> Issued {
+    fn sign(&self, params: CertificateParams, serial: u64, days: f64) -> Issued {
+        self.sign_from(params, serial, -1.0, days)
+    }
+
+    /// Signs `params`, valid from `from_days` to `to_days` days from now.
+    fn sign_from(
+        &self,
+        mut params: CertificateParams,
+        serial: u64,
+        from_days: f64,
+        to_days: f64,
+    ) -> Issued {
         params.serial_number = Some(serial.into());
-        valid_for(&mut params, days);
+        valid_for(&mut params, to_days);
+        params.not_before += Duration::from_secs_f64((from_days + 1.0) * 86_400.0);
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         Issued {

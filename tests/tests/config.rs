@@ -469,3 +469,57 @@ fn every_bad_settings_key_is_reported_not_only_the_first() {
         run.stderr
     );
 }
+
+#[test]
+fn a_zero_shutdown_timeout_is_refused() {
+    // With no time to drain, every shutdown would exit 1 saying "0 lost".
+    let text = format!(
+        "[settings]\nshutdown_timeout = \"0s\"\n{}",
+        pipeline("", "path = \"out.json\"")
+    );
+    assert_refused(
+        &text,
+        &[],
+        &["key `settings.shutdown_timeout`", "must be more than 0s"],
+    );
+}
+
+#[test]
+fn describe_cuts_and_escapes_the_name_it_echoes() {
+    let name = format!("\x1b[31mred\x1b[0m{}", "x".repeat(100_000));
+    let output = std::process::Command::new(sink_binary())
+        .args(["describe", &name])
+        .output()
+        .expect("run sink describe");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.len() < 2000, "{} bytes echoed", stderr.len());
+    assert!(
+        !stderr.contains('\x1b'),
+        "raw escape codes echoed: {stderr:?}"
+    );
+    assert!(stderr.contains(r"\u{1b}[31mred"), "{stderr}");
+    assert!(stderr.contains("more characters"), "{stderr}");
+}
+
+#[test]
+fn two_file_sinks_on_one_file_are_refused_however_it_is_spelt() {
+    for (first, second) in [("x.json", "./x.json"), ("x.json", "sub/../x.json")] {
+        let text = [
+            grpc("sensors", ""),
+            json_file("one", &["sensors"], first, ""),
+            json_file("two", &["sensors"], second, ""),
+        ]
+        .concat();
+        let error = assert_refused(
+            &text,
+            &[],
+            &[
+                "stage `sinks.two`",
+                "key `path`",
+                "two sinks cannot share a file",
+            ],
+        );
+        assert!(error.contains("sinks.one"), "{error}");
+    }
+}

@@ -308,3 +308,28 @@ async fn a_full_disk_answers_written_calls_unavailable_and_loses_no_ok() {
         "the refused call's readings were never written"
     );
 }
+
+#[tokio::test]
+#[ignore = "system test: run by .ci/system/20-files.sh"]
+async fn a_file_moved_off_a_full_disk_is_reopened_and_its_space_freed() {
+    // Issue 24: a file moved to another file system (copied, then deleted)
+    // while writes fail for want of room. Only closing the deleted file frees
+    // its space, so the sink must notice the move between its retries.
+    let disk = SmallDisk::new("1m");
+    let full = disk.path("out.json");
+    let away = tempfile::tempdir().expect("temp dir");
+    let moved = away.path().join("out.json.1");
+    let mut sink = SinkProcess::start(&pipeline(&full, ""));
+    let mut sent = fill_the_disk(&sink, 3).await;
+    std::fs::copy(&full, &moved).expect("copy off the disk");
+    std::fs::remove_file(&full).expect("delete");
+    assert!(
+        sink.wait_log("works again, after failing for"),
+        "{}",
+        sink.log_text()
+    );
+    let mut client = sink.client("sensors").await;
+    sent.extend(send_all(&mut client, "later", 5, 10).await);
+    sink.stop();
+    assert_each_once(&names_of(&[moved, full]), &sent);
+}

@@ -492,3 +492,176 @@ async fn a_connection_can_push_at_most_512_kib_of_body_the_sink_has_not_read() {
     assert_eq!(granted(&mut third, 0, Duration::from_millis(300)).await, 0);
     sink.stop();
 }
+
+#[tokio::test]
+async fn every_gzip_member_is_decoded_and_trailing_garbage_refused() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let attacker = h2_connect(sink.address("sensors")).await;
+    // Concatenated protobuf messages merge: the two members together are one
+    // request of four readings.
+    let first = request_range("member", 0..2).encode_to_vec();
+    let second = request_range("member", 2..4).encode_to_vec();
+    let mut two = gzip(&first);
+    two.extend(gzip(&second));
+    let (code, message) = call(&attacker, Some("gzip"), frame(true, &two)).await;
+    assert_eq!(code, Code::Ok, "{message}");
+    let mut garbage = gzip(&request("garbage", 1).encode_to_vec());
+    garbage.extend_from_slice(b"trailing garbage");
+    let (code, message) = call(&attacker, Some("gzip"), frame(true, &garbage)).await;
+    assert_eq!(code, Code::Internal, "{message}");
+    sink.stop();
+    let expected: Vec<String> = (0..4).map(|i| format!("member{i}")).collect();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &expected);
+}
+
+/// A compressed message's prefix with no message after it: the most
+/// expensive announcement (its decoded size is bounded only by
+/// `max_message_bytes`).
+fn compressed_prefix_only(len: u32) -> Vec<u8> {
+    let mut prefix = prefix_only(len);
+    prefix[0] = 1;
+    prefix
+}
+
+#[tokio::test]
+async fn prefix_only_streams_cannot_take_the_memory_budget_from_honest_calls() {
+    // Four compressed announcements would each reserve about 114 MB of the
+    // default 256 MiB before a byte of their bodies arrived, for as long as
+    // body_timeout lets them wait.
+    let mut sink = SinkProcess::start(&pipeline_with_source("body_timeout = \"12s\""));
+    let address = sink.address("sensors");
+    let attacker = h2_connect(address).await;
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(start_call(&attacker, Some("gzip"), compressed_prefix_only(1000), false).await);
+    }
+    // Give the sink the time to take the announcements in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut client = sink.client("sensors").await;
+    let mut names = Vec::new();
+    for round in 0..5 {
+        let started = Instant::now();
+        let batch = request(&format!("honest{round}-"), 10);
+        names.extend(batch.items.iter().map(|item| item.sensor_name.clone()));
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), client.send_sensor_values(batch))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: no answer within 5 s under the attack"));
+        answered.unwrap_or_else(|status| panic!("round {round}: {status}"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(
+        health_of(address, "").await.expect("health"),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    // Gone, the attacker's calls end (else shutdown would wait for them).
+    drop(held);
+    drop(attacker);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+/// Opens a health `Watch` stream on a connection of its own; `true` if the
+/// server took it (answered with headers and no status yet).
+async fn watch_health(address: SocketAddr) -> (bool, SendRequest<Bytes>, Option<h2::RecvStream>) {
+    let sender = h2_connect(address).await;
+    let mut ready = sender.clone().ready().await.expect("ready");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://sink/grpc.health.v1.Health/Watch")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (answer, mut stream) = ready.send_request(request, false).expect("send");
+    // An empty HealthCheckRequest (the whole server); the answer streams on.
+    stream
+        .send_data(Bytes::from(frame(false, &[])), true)
+        .expect("data");
+    let response = tokio::time::timeout(DEADLINE, answer)
+        .await
+        .expect("an answer")
+        .expect("HTTP/2 answer");
+    let (head, body) = response.into_parts();
+    if let Some(status) = head.headers.get("grpc-status") {
+        assert_eq!(status, "8", "a refused watch is RESOURCE_EXHAUSTED");
+        return (false, sender, None);
+    }
+    (true, sender, Some(body))
+}
+
+#[tokio::test]
+async fn long_lived_health_watches_cannot_hold_every_connection_slot() {
+    // 16 connections at most, so at most 2 long-lived streams.
+    let mut sink = SinkProcess::start(&pipeline_with_source(
+        "max_connections = 16\nidle_timeout = \"1s\"",
+    ));
+    let address = sink.address("sensors");
+    let mut held = Vec::new();
+    let mut taken = 0;
+    for _ in 0..16 {
+        let (accepted, sender, body) = watch_health(address).await;
+        taken += usize::from(accepted);
+        held.push((sender, body));
+    }
+    assert_eq!(
+        taken, 2,
+        "long-lived streams taken beyond max_connections / 8"
+    );
+    // The refused ones are idle connections now, closed after idle_timeout:
+    // an honest client gets a slot although every watcher stays.
+    let started = Instant::now();
+    let mut client = sink.client("sensors").await;
+    let names = tokio::time::timeout(
+        Duration::from_secs(10),
+        send_all(&mut client, "honest", 1, 3),
+    )
+    .await
+    .expect("served while the watchers stay");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(held);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_and_bounded_so_honest_clients_get_in() {
+    // idle_timeout alone would keep a silent connection a minute.
+    let mut sink = SinkProcess::start(&format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}",
+        pipeline_with_source("max_connections = 40\nidle_timeout = \"60s\"")
+    ));
+    let address = sink.address("sensors");
+    // Five times max_connections of connections that never send a byte.
+    let silent: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(address).expect("connect"))
+        .collect();
+    let started = Instant::now();
+    let mut client = sink.client("sensors").await;
+    let names = tokio::time::timeout(
+        Duration::from_secs(3),
+        send_all(&mut client, "honest", 1, 3),
+    )
+    .await
+    .expect("an honest client served within 3 s of 200 silent connections");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Beyond a quarter of max_connections, the oldest silent ones were closed.
+    assert!(sink.wait_metric("sink_grpc_connections_half_open_closed_total", &[], 150.0) >= 150.0);
+    drop(silent);
+
+    // A silent connection is closed at the 5 s handshake deadline, not
+    // after idle_timeout.
+    let opened = Instant::now();
+    let mut late = std::net::TcpStream::connect(address).expect("connect");
+    late.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut rest = Vec::new();
+    late.read_to_end(&mut rest).expect("closed by the sink");
+    let closed_after = opened.elapsed();
+    assert!(
+        closed_after >= Duration::from_secs(4) && closed_after < Duration::from_secs(8),
+        "closed after {closed_after:?}"
+    );
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}

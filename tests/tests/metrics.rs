@@ -755,3 +755,32 @@ async fn a_flood_of_silent_connections_to_the_api_is_cut_off_and_scrapes_go_on()
         .expect("the gRPC side serves on");
     sink.stop();
 }
+
+#[tokio::test]
+async fn clients_that_never_read_their_answers_are_cut_off_and_ready_answers() {
+    let mut sink = SinkProcess::start(&[API, &basic_pipeline("")].concat());
+    let address = sink.api_address();
+    // Every slot (64) taken by a connection that pipelines scrapes and never
+    // reads: its answers fill the socket buffers and the server's writes wait.
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: sink\r\n\r\n".repeat(500);
+    let greedy: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+            std::io::Write::write_all(&mut stream, pipelined.as_bytes()).expect("write");
+            stream
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    assert!(
+        wait_until(|| sink::top::fetch(&address, "/ready", None).is_ok_and(|(s, _)| s == 200)),
+        "/ready never answered through the flood"
+    );
+    // The write timeout (5 s), not the connection lifetime (60 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "/ready answered after {:?}",
+        started.elapsed()
+    );
+    drop(greedy);
+    sink.stop();
+}

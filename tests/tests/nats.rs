@@ -134,6 +134,16 @@ async fn create_stream(urls: &[String], name: &str, subjects: &str, replicas: us
     }
 }
 
+/// A lone server in `dir` with stream `TELEMETRY` (`telemetry.>`), its
+/// URLs, and a JetStream context on it.
+async fn solo_with_stream(dir: &Path) -> (NatsServer, Vec<String>, jetstream::Context) {
+    let server = NatsServer::start(dir, "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    (server, urls, jetstream::new(client))
+}
+
 /// Empties stream `name`, so that a new consumer sees only what comes next.
 async fn purge(urls: &[String], name: &str) {
     let client = async_nats::connect(urls.to_vec()).await.expect("connect");
@@ -412,11 +422,7 @@ async fn nats_down_at_start_and_mid_run_delays_but_loses_nothing() {
 #[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
 async fn a_poison_message_is_terminated_and_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(dir.path(), "solo", None);
-    let urls = vec![server.url()];
-    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client);
+    let (_server, urls, js) = solo_with_stream(dir.path()).await;
     for payload in [&b"{not json"[..], &[0xff, 0xff, 0xff][..]] {
         js.publish("telemetry.poison", payload.to_vec().into())
             .await
@@ -461,17 +467,15 @@ async fn a_poison_message_is_terminated_and_counted() {
     assert_eq!(received, published + 2.0 + redelivered);
     ingest.stop();
     assert_eq!(
-        writer.count_log("terminating an undecodable message"),
+        writer.count_log("terminating a message that cannot be taken"),
         2,
         "{}",
         writer.log_text()
     );
     writer.stop();
-    assert!(
-        writer
-            .log_text()
-            .contains("2 undecodable messages were terminated")
-    );
+    assert!(writer.log_text().contains(
+        "2 messages that could not be taken (undecodable, or too large to hold) were terminated"
+    ));
     assert_each_once(&sensor_names_so_far(&out), &sent);
     // Terminated, not redelivered: the consumer has nothing pending.
     let stream = js.get_stream("TELEMETRY").await.unwrap();
@@ -846,4 +850,168 @@ async fn floats_and_labels_round_trip_through_jetstream_exactly_in_both_encoding
             "{int}"
         );
     }
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_message_too_large_to_hold_is_terminated_not_redelivered_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, urls, js) = solo_with_stream(dir.path()).await;
+    // 1 MB of empty protobuf items: 500 000 readings, some 40 MB decoded,
+    // against a memory_limit of 16 MiB.
+    let huge: Vec<u8> = [0x0a, 0x00].repeat(500_000);
+    js.publish("telemetry.huge", huge.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let good = sink_e2e::request("after", 3);
+    js.publish(
+        "telemetry.good",
+        prost::Message::encode_to_vec(&good).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let out = dir.path().join("out.json");
+    let mut writer = SinkProcess::start(&format!(
+        "[settings]\nmemory_limit = \"16MiB\"\n[api]\naddress = \"127.0.0.1:0\"\n{}",
+        writer(&urls, "files", "", &out)
+    ));
+    let expected: Vec<String> = good.items.iter().map(|i| i.sensor_name.clone()).collect();
+    assert!(wait_for_names(&out, &expected), "{}", writer.log_text());
+    let answered =
+        |outcome| writer.metric("sink_nats_messages_answered_total", &[("outcome", outcome)]);
+    assert!(
+        wait_until(|| answered("term") == Some(1.0)),
+        "{:?}; log:\n{}",
+        answered("term"),
+        writer.log_text()
+    );
+    // Past two ack_waits (2 s each), it has not come back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        writer.metric("sink_nats_messages_redelivered_total", &[]),
+        Some(0.0),
+        "{}",
+        writer.log_text()
+    );
+    assert_eq!(answered("nak"), Some(0.0));
+    assert!(
+        writer
+            .log_text()
+            .contains("more than settings.memory_limit")
+    );
+    writer.stop();
+    assert_each_once(&sensor_names_so_far(&out), &expected);
+}
+
+/// How many messages stream `name` holds now.
+async fn stored_messages(urls: &[String], name: &str) -> u64 {
+    let client = async_nats::connect(urls.to_vec()).await.unwrap();
+    let mut stream = jetstream::new(client).get_stream(name).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_reading_too_large_for_the_server_is_never_acknowledged_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start_with(dir.path(), "solo", None, "max_payload: 8192\n");
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let mut ingest = SinkProcess::start(&format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}",
+        ingest_with(&urls, "json", "acknowledge = \"written\"")
+    ));
+    let mut client = ingest.client("sensors").await;
+    // One reading of some 10 kB: ten labels of 1000 bytes.
+    let mut big = request("big", 1);
+    big.items[0].labels = (0..10)
+        .map(|i| (format!("k{i}"), "v".repeat(1000)))
+        .collect();
+    let refused = client
+        .send_sensor_values(big)
+        .await
+        .expect_err("a reading JetStream never stored was answered OK");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert_eq!(
+        ingest.metric("sink_nats_messages_too_large_total", &[]),
+        Some(1.0)
+    );
+    // The sink goes on.
+    send_all(&mut client, "small", 1, 3).await;
+    // One message per sensor (the subject names it): the three small ones.
+    assert_eq!(stored_messages(&urls, "TELEMETRY").await, 3);
+    ingest.stop();
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn a_subject_too_long_for_the_server_fails_its_call_and_wedges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    create_stream(&urls, "TELEMETRY", "telemetry.>", 1).await;
+    let mut ingest = SinkProcess::start(&format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}",
+        ingest_with(
+            &urls,
+            "json",
+            "acknowledge = \"written\"\nlimits = { max_name_bytes = 8192 }"
+        )
+    ));
+    let mut client = ingest.client("sensors").await;
+    // A subject past the server's 4096-byte control line: the server would
+    // drop the connection at each try.
+    let mut long = request("long", 1);
+    long.items[0].sensor_name = "n".repeat(5000);
+    let refused = tokio::time::timeout(DEADLINE, client.send_sensor_values(long))
+        .await
+        .expect("answered")
+        .expect_err("a reading JetStream never stored was answered OK");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert_eq!(
+        ingest.metric("sink_nats_subjects_too_long_total", &[]),
+        Some(1.0)
+    );
+    let names = tokio::time::timeout(DEADLINE, send_all(&mut client, "after", 3, 2))
+        .await
+        .expect("later calls are not wedged behind it");
+    assert_eq!(names.len(), 6);
+    assert!(ingest.log_text().contains("longer than a server takes"));
+    ingest.stop();
+}
+
+#[tokio::test]
+#[ignore = "system test: needs nats-server; run by .ci/system/50-nats.sh"]
+async fn create_stream_creates_it_once_nats_comes_up_after_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = NatsServer::start(dir.path(), "solo", None);
+    let urls = vec![server.url()];
+    server.stop();
+    let pipeline = ingest_with(&urls, "json", "acknowledge = \"written\"").replace(
+        "encoding = \"json\"",
+        "encoding = \"json\"\ncreate_stream = {}",
+    );
+    let mut ingest = SinkProcess::start(&pipeline);
+    assert!(
+        ingest.wait_log("not reachable at startup"),
+        "{}",
+        ingest.log_text()
+    );
+    server.restart();
+    let mut client = ingest.client("sensors").await;
+    let names = tokio::time::timeout(DEADLINE, send_all(&mut client, "late", 2, 5))
+        .await
+        .expect("written once NATS came up");
+    assert_eq!(names.len(), 10);
+    assert!(
+        ingest
+            .log_text()
+            .contains("created JetStream stream `TELEMETRY`")
+    );
+    assert!(stored_messages(&urls, "TELEMETRY").await >= 1);
+    ingest.stop();
 }

@@ -475,3 +475,34 @@ delay_per_batch = "10s"
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_to_a_fifo_path_is_refused_and_not_reported_applied() {
+    let mut sink = SinkProcess::start(&basic_pipeline("max_events = 1"));
+    let fifo = std::ffi::CString::new(sink.path("pipe.json").to_str().expect("utf-8").as_bytes())
+        .expect("no NUL");
+    // SAFETY: mkfifo reads a valid NUL-terminated path and nothing else.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo");
+    let before = outcomes(&sink);
+    let text = current(&sink);
+    save_like_an_editor(
+        &sink,
+        &text.replace("path = \"out.json\"", "path = \"pipe.json\""),
+    );
+    expect_exactly_one_reload(&sink, before);
+    let log = sink.log_text();
+    let failed = log
+        .lines()
+        .find(|line| line.contains("reload failed"))
+        .unwrap_or_else(|| panic!("no refusal; log:\n{log}"));
+    assert!(
+        failed.contains("key `path`") && failed.contains("FIFO"),
+        "{failed}"
+    );
+    assert!(!log.contains("reload applied"), "{log}");
+    // Still writing where it was.
+    let mut client = sink.client("sensors").await;
+    let names = send_all(&mut client, "kept", 1, 3).await;
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}

@@ -229,3 +229,106 @@ async fn reload_turns_rotation_on_changes_it_and_switches_compression_with_nothi
     assert!(files.iter().any(|name| name.ends_with(".zst")), "{files:?}");
     assert_each_once(&names_across(data.path(), "out.json"), &sent);
 }
+
+/// grpc -> buffered(max_events = 1) -> json_file at `path` with `extra`.
+fn file_pipeline(path: &std::path::Path, extra: &str) -> String {
+    [
+        grpc("sensors", ""),
+        buffered("batch", &["sensors"], "max_events = 1"),
+        json_file("file", &["batch"], &path.display().to_string(), extra),
+    ]
+    .concat()
+}
+
+#[tokio::test]
+async fn housekeeping_never_follows_a_link_out_of_its_directory() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let outside = tempfile::tempdir().expect("temp dir");
+    let secret = outside.path().join("secret.json");
+    std::fs::write(&secret, "not the sink's\n").expect("seed");
+    // An older rotated-style name that is a link out of the directory, and
+    // a real rotated file of ours.
+    let link = data.path().join("out-2026-01-01T00-00-00.000Z.json");
+    std::os::unix::fs::symlink(&secret, &link).expect("symlink");
+    let ours = "out-2026-01-02T00-00-00.000Z.json";
+    std::fs::write(data.path().join(ours), "{\"sensor_name\":\"old\"}\n").expect("seed");
+    let mut sink = SinkProcess::start(&file_pipeline(
+        &data.path().join("out.json"),
+        "rotate = { max_bytes = \"1MiB\" }\nretain = { max_files = 1 }\ncompression = \"gzip\"",
+    ));
+    // The pass at startup compresses ours...
+    assert!(
+        wait_until(|| listing(data.path()).contains(&format!("{ours}.gz"))),
+        "{:?}",
+        listing(data.path())
+    );
+    sink.stop();
+    // ...and neither retains nor compresses the link, nor reads its target.
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("the link is still there")
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        !listing(data.path())
+            .iter()
+            .any(|name| name.starts_with("out-2026-01-01")
+                && name != "out-2026-01-01T00-00-00.000Z.json"),
+        "{:?}",
+        listing(data.path())
+    );
+    assert_eq!(listing(outside.path()), ["secret.json"]);
+    assert_eq!(
+        std::fs::read_to_string(&secret).expect("target"),
+        "not the sink's\n"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_file_dated_in_the_future_is_redated_and_expires_by_age() {
+    let data = tempfile::tempdir().expect("temp dir");
+    // Rotated while the clock was years ahead.
+    let future = "out-2030-01-01T00-00-00.000Z.json";
+    std::fs::write(
+        data.path().join(future),
+        "{\"sensor_name\":\"from-the-future\"}\n",
+    )
+    .expect("seed");
+    let mut sink = SinkProcess::start(&file_pipeline(
+        &data.path().join("out.json"),
+        "rotate = { max_bytes = \"1KiB\" }\nretain = { max_age = \"2s\" }",
+    ));
+    assert!(
+        wait_until(|| !listing(data.path()).iter().any(|name| name == future)),
+        "never renamed: {:?}",
+        listing(data.path())
+    );
+    assert!(sink.wait_log("dated in the future"));
+    let holds_it = || {
+        listing(data.path()).iter().any(|name| {
+            std::fs::read_to_string(data.path().join(name))
+                .is_ok_and(|text| text.contains("from-the-future"))
+        })
+    };
+    assert!(
+        holds_it(),
+        "renamed, not removed yet: {:?}",
+        listing(data.path())
+    );
+    // Rotations (each followed by a pass) until max_age has passed for it.
+    let mut client = sink.client("sensors").await;
+    let mut round = 0;
+    let started = std::time::Instant::now();
+    while holds_it() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "never removed by max_age: {:?}",
+            listing(data.path())
+        );
+        send_all(&mut client, &format!("r{round}-"), 1, 20).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sink.stop();
+}

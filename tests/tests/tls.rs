@@ -511,3 +511,93 @@ async fn clients_that_never_finish_the_handshake_are_cut_off_while_others_are_se
     assert_eq!(sensor_names(&sink.path("out.json")).len(), 15);
     assert!(failed_handshakes(&sink) >= 21, "{}", sink.log_text());
 }
+
+#[tokio::test]
+async fn a_not_yet_valid_certificate_is_refused_at_start_and_on_rotation() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let (early, early_key) = ca.server_not_yet_valid(9, 2.0).write(certs.path(), "early");
+    assert_tls_refused(
+        &cert_and_key(&early, &early_key),
+        "tls.cert",
+        &early,
+        "not valid before",
+    );
+
+    let first = ca.server(1, 365.0);
+    let (cert, key) = first.write(certs.path(), "server");
+    let mut sink = SinkProcess::start(&tls_pipeline(&cert_and_key(&cert, &key)));
+    let address = sink.address("sensors");
+    // Swapped in, it would fail every new client for two days.
+    rename_over(&ca.server_not_yet_valid(2, 2.0), certs.path(), "server");
+    assert!(
+        sink.wait_log("TLS material not reloaded"),
+        "{}",
+        sink.log_text()
+    );
+    assert!(
+        sink.log_text().contains("not valid before"),
+        "{}",
+        sink.log_text()
+    );
+    assert_eq!(presented_certificate(address, &ca, None).await, first.der);
+    let channel = tls_channel(address, &ca, None).await.expect("TLS connect");
+    send_ok(&mut SensorServiceClient::new(channel), "kept", 3).await;
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")).len(), 3);
+}
+
+#[tokio::test]
+async fn removing_client_ca_by_reload_is_refused_and_mutual_tls_stays_on() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("test CA");
+    let (cert, key) = ca.server(1, 365.0).write(certs.path(), "server");
+    let ca_file = ca.write(certs.path(), "ca.crt");
+    let client = ca.client("good");
+    let mut sink = SinkProcess::start(&tls_pipeline(&format!(
+        "{}, client_ca = \"{}\"",
+        cert_and_key(&cert, &key),
+        ca_file.display()
+    )));
+    let address = sink.address("sensors");
+    let pipeline = sink.path("pipeline.toml");
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    let loosened = text.replace(&format!(", client_ca = \"{}\"", ca_file.display()), "");
+    assert_ne!(loosened, text);
+    std::fs::write(&pipeline, loosened).unwrap();
+    assert!(
+        sink.wait_log("reload refused for tls.client_ca"),
+        "{}",
+        sink.log_text()
+    );
+    let refusal = sink
+        .log_lines()
+        .into_iter()
+        .find(|line| line.contains("reload refused for tls.client_ca"))
+        .expect("refusal line");
+    assert!(refusal.contains("ERROR"), "{refusal}");
+    // Give the TLS upkeep the time to act on what it was handed: a client
+    // without a certificate must still be refused on a new connection.
+    assert!(
+        sink.wait_log("TLS material reloaded (pipeline reload)"),
+        "{}",
+        sink.log_text()
+    );
+    let uncertified = match tls_channel(address, &ca, None).await {
+        Ok(channel) => SensorServiceClient::new(channel)
+            .send_sensor_values(request("sneaky", 1))
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(uncertified, "a client without a certificate got in");
+    let channel = tls_channel(address, &ca, Some(&client))
+        .await
+        .expect("TLS connect");
+    send_ok(&mut SensorServiceClient::new(channel), "good", 2).await;
+    sink.stop();
+    assert_each_once(
+        &sensor_names(&sink.path("out.json")),
+        &["good0".to_owned(), "good1".to_owned()],
+    );
+}

@@ -121,6 +121,15 @@ pub trait SinkConfig: IntoAny + Debug {
 
     /// Builds the running sink: open its file or connection here.
     fn build(&self, cx: &BuildContext) -> Result<Box<dyn Sink>, ConfigError>;
+
+    /// The files this sink writes that no other sink of the pipeline may
+    /// write, each with the key that names it. The runtime refuses two sinks
+    /// whose files resolve to the same one (`x.json` and `./x.json`), at
+    /// startup and on reload: their writes, rotations and retention would
+    /// tread on each other. None by default.
+    fn exclusive_files(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        Vec::new()
+    }
 }
 
 /// What the runtime tells a config while building its stage.

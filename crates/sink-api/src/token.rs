@@ -336,6 +336,16 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// Takes `other` into this one: one reservation holding both, given
+    /// back together. For memory reserved piece by piece as it arrives.
+    /// Both must come from the same budget.
+    pub fn merge(&mut self, mut other: Reservation) {
+        debug_assert!(Arc::ptr_eq(&self.budget, &other.budget));
+        self.kib += std::mem::take(&mut other.kib);
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.release(self.kib);
@@ -409,6 +419,17 @@ mod tests {
         assert_eq!(budget.try_reserve(1).unwrap_err(), ReserveError::Full);
         drop(copy);
         assert!(budget.try_reserve(10 * KIB).is_ok());
+    }
+
+    #[test]
+    fn merged_reservations_are_given_back_together() {
+        let budget = MemoryBudget::new(10 * KIB);
+        let mut held = budget.try_reserve(4 * KIB).unwrap();
+        held.merge(budget.try_reserve(6 * KIB).unwrap());
+        assert_eq!(held.bytes(), 10 * KIB);
+        assert_eq!(budget.try_reserve(1).unwrap_err(), ReserveError::Full);
+        drop(held);
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test]

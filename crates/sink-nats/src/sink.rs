@@ -138,38 +138,56 @@ impl SinkConfig for NatsSinkConfig {
         let connection = self.connection(&cx.id);
         let config = self.clone();
         connection.check_at_startup(&cx.id, |client| async move {
-            let js = jetstream::new(client);
-            if js.get_stream(&config.stream).await.is_ok() {
-                return Ok(());
-            }
-            let Some(create) = &config.create_stream else {
-                return Err(ConfigError::new(
-                    "stream",
-                    format!(
-                        "JetStream stream `{}` does not exist on {}: create it (docs/scale-out.md) or set `create_stream`",
-                        config.stream,
-                        config.url.describe()
-                    ),
-                ));
-            };
-            let subject = SubjectTemplate::parse(&config.subject).map_err(|err| ConfigError::new("subject", err))?;
-            js.create_stream(jetstream::stream::Config {
-                name: config.stream.clone(),
-                subjects: create.subjects.clone().unwrap_or_else(|| vec![subject.filter()]),
-                num_replicas: create.replicas,
-                max_age: create.max_age,
-                duplicate_window: create.duplicate_window,
-                ..Default::default()
-            })
-            .await
-            .map(|_| tracing::info!("created JetStream stream `{}`", config.stream))
-            .map_err(|err| ConfigError::new("create_stream", format!("cannot create stream `{}`: {err}", config.stream)))
+            ensure_stream(&jetstream::new(client), &config).await
         })?;
         Ok(Box::new(NatsSink {
             config: Arc::new(self.clone()),
             connection,
         }))
     }
+}
+
+/// Makes sure `config.stream` exists, creating it if `create_stream` says
+/// so: at startup, and again whenever the sink connects (NATS may have been
+/// down at startup, or have lost the stream since).
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: &NatsSinkConfig,
+) -> Result<(), ConfigError> {
+    if js.get_stream(&config.stream).await.is_ok() {
+        return Ok(());
+    }
+    let Some(create) = &config.create_stream else {
+        return Err(ConfigError::new(
+            "stream",
+            format!(
+                "JetStream stream `{}` does not exist on {}: create it (docs/scale-out.md) or set `create_stream`",
+                config.stream,
+                config.url.describe()
+            ),
+        ));
+    };
+    let subject =
+        SubjectTemplate::parse(&config.subject).map_err(|err| ConfigError::new("subject", err))?;
+    js.create_stream(jetstream::stream::Config {
+        name: config.stream.clone(),
+        subjects: create
+            .subjects
+            .clone()
+            .unwrap_or_else(|| vec![subject.filter()]),
+        num_replicas: create.replicas,
+        max_age: create.max_age,
+        duplicate_window: create.duplicate_window,
+        ..Default::default()
+    })
+    .await
+    .map(|_| tracing::info!("created JetStream stream `{}`", config.stream))
+    .map_err(|err| {
+        ConfigError::new(
+            "create_stream",
+            format!("cannot create stream `{}`: {err}", config.stream),
+        )
+    })
 }
 
 struct NatsSink {
@@ -183,7 +201,8 @@ impl Sink for NatsSink {
         let mut params = cx.params::<NatsSinkConfig>();
         let mut config = self.config;
         let mut subject = SubjectTemplate::parse(&config.subject)?;
-        let mut publisher = Publisher::new(self.connection, cx.id(), cx.metrics());
+        let mut publisher =
+            Publisher::new(self.connection, cx.id(), cx.metrics(), Arc::clone(&config));
         while let Some(batch) = input.recv().await {
             if let Some(new) = params.try_changed() {
                 match SubjectTemplate::parse(&new.subject) {
@@ -194,7 +213,11 @@ impl Sink for NatsSink {
             }
             let limit = config.max_batch_bytes.min(publisher.max_payload().await);
             let messages = encode(&batch, &subject, config.encoding, limit);
-            publisher.publish(messages, config.encoding).await;
+            if !publisher.publish(messages, config.encoding).await {
+                // Some of it can never be stored: its calls must not be
+                // answered as written.
+                batch.fail();
+            }
         }
         Ok(())
     }
@@ -221,10 +244,32 @@ struct Publisher {
     failed: Counter,
     /// Messages dropped as larger than the server takes.
     too_large: Counter,
+    /// Messages dropped because their subject is longer than a server takes.
+    subject_too_long: Counter,
+    /// The stream to make sure of on connecting (`create_stream`).
+    config: Arc<NatsSinkConfig>,
+    /// When a message was last refused for good in the log, and how many
+    /// since: at most one line per [`REFUSAL_LOG_EVERY`].
+    refusals_logged: Option<std::time::Instant>,
+    refusals_unlogged: u64,
 }
 
+/// The longest subject published. A server reads a publish's control line
+/// (`HPUB <subject> <reply> <sizes>`) up to `max_control_line`, 4096 bytes by
+/// default, and drops the connection over it: a longer subject would be
+/// retried forever and wedge every message behind it.
+const MAX_SUBJECT_BYTES: usize = 3840;
+
+/// Permanent refusals are logged at most this often, with the count.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 impl Publisher {
-    fn new(connection: Connection, stage: &str, metrics: &Metrics) -> Self {
+    fn new(
+        connection: Connection,
+        stage: &str,
+        metrics: &Metrics,
+        config: Arc<NatsSinkConfig>,
+    ) -> Self {
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -246,9 +291,41 @@ impl Publisher {
             ),
             too_large: metrics.counter(
                 "sink_nats_messages_too_large_total",
-                "Messages dropped because they are larger than the server's max_payload",
+                "Messages dropped because they are larger than the server's max_payload (their readings' calls are not acknowledged as written)",
             ),
+            subject_too_long: metrics.counter(
+                "sink_nats_subjects_too_long_total",
+                "Messages dropped because their subject is longer than a server takes (3840 bytes; their readings' calls are not acknowledged as written)",
+            ),
+            config,
+            refusals_logged: None,
+            refusals_unlogged: 0,
         }
+    }
+
+    /// Logs a message refused for good, at most once per
+    /// [`REFUSAL_LOG_EVERY`] with the count of the others.
+    fn refused(&mut self, subject: &str, why: &str) {
+        let due = self
+            .refusals_logged
+            .is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY);
+        if !due {
+            self.refusals_unlogged += 1;
+            return;
+        }
+        let shown: String = subject.chars().take(80).collect();
+        tracing::error!(
+            stage = self.stage,
+            "dropping a message to `{shown}`{}: {why}; its readings are not acknowledged as written ({} more dropped since the last line)",
+            if shown.len() < subject.len() {
+                "..."
+            } else {
+                ""
+            },
+            self.refusals_unlogged
+        );
+        self.refusals_logged = Some(std::time::Instant::now());
+        self.refusals_unlogged = 0;
     }
 
     /// The JetStream context, connecting first if need be.
@@ -259,9 +336,26 @@ impl Publisher {
                 .connect_until(&self.stage, &self.never)
                 .await
                 .expect("the signal never fires");
-            self.js = Some(jetstream::new(client));
+            let js = jetstream::new(client);
+            self.ensure_stream(&js).await;
+            self.js = Some(js);
         }
         self.js.as_ref().expect("connected above")
+    }
+
+    /// With `create_stream`, creates the stream if it is missing (NATS was
+    /// down at startup, or lost it), retrying with backoff until it exists:
+    /// nothing can be stored before.
+    async fn ensure_stream(&self, js: &jetstream::Context) {
+        if self.config.create_stream.is_none() {
+            return;
+        }
+        let mut backoff = Duration::from_millis(100);
+        while let Err(err) = ensure_stream(js, &self.config).await {
+            tracing::warn!(stage = self.stage, "{err}; retrying in {backoff:?}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 
     /// The largest payload the server takes, less room for headers.
@@ -271,9 +365,28 @@ impl Publisher {
     }
 
     /// Publishes `messages`, all at once, then retries those not
-    /// acknowledged (same ids) with backoff until every one is stored.
-    async fn publish(&mut self, messages: Vec<crate::codec::Message>, encoding: Encoding) {
+    /// acknowledged (same ids) with backoff until every one is stored; says
+    /// whether every one was. A message no server can ever take (larger than
+    /// `max_payload`, or a subject too long) is dropped, counted and logged:
+    /// retrying it would stop the sink forever.
+    async fn publish(&mut self, messages: Vec<crate::codec::Message>, encoding: Encoding) -> bool {
         self.batches += 1;
+        let mut all_stored = true;
+        let (too_long, messages): (Vec<_>, Vec<_>) = messages
+            .into_iter()
+            .partition(|m| m.subject.len() > MAX_SUBJECT_BYTES);
+        for message in &too_long {
+            let subject = &message.subject;
+            all_stored = false;
+            self.subject_too_long.inc();
+            self.refused(
+                subject,
+                &format!(
+                    "its subject is {} bytes, longer than a server takes ({MAX_SUBJECT_BYTES}); shorten the sensor names or the `subject` template",
+                    subject.len()
+                ),
+            );
+        }
         let mut pending: Vec<(String, String, Bytes)> = messages
             .into_iter()
             .enumerate()
@@ -298,12 +411,14 @@ impl Publisher {
                 match js.send_publish(subject.clone(), message).await {
                     Ok(ack) => acks.push(((id, subject, payload), ack)),
                     Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                        all_stored = false;
                         self.too_large.inc();
-                        tracing::error!(
-                            stage = self.stage,
-                            subject,
-                            "dropping a message of {} bytes: larger than the server takes ({err})",
-                            payload.len()
+                        self.refused(
+                            &subject,
+                            &format!(
+                                "its {} bytes are more than the server takes ({err})",
+                                payload.len()
+                            ),
                         );
                     }
                     Err(err) => {
@@ -334,6 +449,11 @@ impl Publisher {
             if pending.is_empty() {
                 break;
             }
+            if !failover_hint(&last_error).is_empty() {
+                // The stream may be gone (NATS restarted without it):
+                // `create_stream` makes it again.
+                self.ensure_stream(&js).await;
+            }
             failing_since.get_or_insert_with(std::time::Instant::now);
             if retries.is_multiple_of(10) {
                 tracing::warn!(
@@ -354,6 +474,7 @@ impl Publisher {
                 since.elapsed()
             );
         }
+        all_stored
     }
 }
 

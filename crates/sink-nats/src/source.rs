@@ -253,7 +253,10 @@ impl Source for NatsSource {
         while acks.join_next().await.is_some() {}
         let terminated = self.terminated.load(Ordering::Relaxed);
         if terminated > 0 {
-            tracing::warn!(stage, "{terminated} undecodable messages were terminated");
+            tracing::warn!(
+                stage,
+                "{terminated} messages that could not be taken (undecodable, or too large to hold) were terminated"
+            );
         }
         if written.skipped > 0 {
             tracing::info!(
@@ -331,12 +334,42 @@ impl NatsSource {
             .and_then(|headers| headers.get(CONTENT_TYPE))
             .map(|value| value.as_str());
         let encoding = Encoding::of_message(content_type, &message.payload);
-        let batch = match decode(encoding, &message.payload, stored_at) {
+        // The most it can decode to, up to the whole limit, reserved before
+        // decoding (waiting for room), so that what decoding holds is inside
+        // the budget too.
+        let limit = cx.memory().limit();
+        let bound = crate::delivery::decoded_bound(message.payload.len()).min(limit);
+        let memory = match cx.memory().reserve(bound).await {
+            Ok(memory) => memory,
+            Err(err) => {
+                // The limit was lowered under it meanwhile: deliver it again.
+                tracing::warn!(stage, "a message cannot be held now: {err}");
+                metrics.naked.inc();
+                if let Err(err) = acker.ack_with(AckKind::Nak(None)).await {
+                    tracing::warn!(stage, "could not ask for a message again: {err}");
+                }
+                return None;
+            }
+        };
+        let decoded = decode(encoding, &message.payload, stored_at).and_then(|batch| {
+            // More than the whole budget can never be held: poison, like an
+            // undecodable message, rather than delivered again forever.
+            let held = crate::delivery::held_bytes(&batch);
+            if held > limit {
+                return Err(crate::codec::Undecodable(format!(
+                    "its {} readings take {held} bytes decoded, more than settings.memory_limit ({limit} bytes): it can never be held",
+                    batch.len()
+                )));
+            }
+            Ok(batch)
+        });
+        let batch = match decoded {
             Ok(batch) => batch,
             Err(err) => {
+                drop(memory);
                 self.terminated.fetch_add(1, Ordering::Relaxed);
                 metrics.terminated.inc();
-                tracing::warn!(stage, subject = %message.subject, "terminating an undecodable message: {}", err.0);
+                tracing::warn!(stage, subject = %message.subject, "terminating a message that cannot be taken: {}", err.0);
                 if let Err(err) = acker.ack_with(AckKind::Term).await {
                     tracing::warn!(stage, "could not terminate a message: {err}");
                 }
@@ -350,7 +383,7 @@ impl NatsSource {
             }
             return None;
         }
-        let delivered = crate::delivery::send_and_track(cx, output, batch).await;
+        let delivered = crate::delivery::send_and_track(cx, output, batch, memory).await;
         let stage = stage.to_string();
         let (acked, naked) = (metrics.acked.clone(), metrics.naked.clone());
         Some(async move {

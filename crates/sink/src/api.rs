@@ -149,6 +149,12 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// milliseconds, and a client that keeps a connection alive opens a new one.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// How long an answer may wait for its client to read it: a client that
+/// sends requests and never reads the answers (pipelining `GET /metrics`)
+/// would otherwise hold its connection, and with 64 such a client every slot,
+/// until `CONNECTION_LIFETIME`.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts connections and serves each in a task of its own, within the
 /// bounds above (axum's own loop has no header timeout or connection bound).
 async fn serve(listener: tokio::net::TcpListener, router: Router) {
@@ -171,7 +177,10 @@ async fn serve(listener: tokio::net::TcpListener, router: Router) {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(WriteDeadline::new(stream, WRITE_TIMEOUT)),
+                    service,
+                );
             tokio::pin!(connection);
             if tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut())
                 .await
@@ -183,6 +192,101 @@ async fn serve(listener: tokio::net::TcpListener, router: Router) {
             }
             drop(slot);
         });
+    }
+}
+
+/// A stream whose writes fail (`TimedOut`) once its client has left answers
+/// unread for `timeout`: from a write that finds bytes still in the
+/// kernel's send queue, until a write finds it empty (the client took
+/// everything). Partial progress does not count: the kernel's send buffer
+/// grows by itself while a client reads nothing. The server then drops the
+/// connection.
+struct WriteDeadline<S> {
+    stream: S,
+    timeout: Duration,
+    /// Set while answers wait for the client.
+    unread_since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: std::os::fd::AsRawFd> WriteDeadline<S> {
+    fn new(stream: S, timeout: Duration) -> Self {
+        Self {
+            stream,
+            timeout,
+            unread_since: None,
+        }
+    }
+
+    /// Bytes sent and not yet taken by the client (`SIOCOUTQ`); 0 if unknown.
+    fn unread(&self) -> i32 {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int into `queued` for a socket fd that
+        // `self.stream` keeps open.
+        let done = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if done == 0 { queued } else { 0 }
+    }
+
+    /// What a write that returned `poll` means under the deadline.
+    fn judge<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        if self.unread() == 0 {
+            self.unread_since = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let since = self
+            .unread_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if since.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read its answers",
+            )));
+        }
+        poll
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + std::os::fd::AsRawFd + Unpin> tokio::io::AsyncWrite
+    for WriteDeadline<S>
+{
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.judge(cx, poll)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut this.stream).poll_flush(cx);
+        this.judge(cx, poll)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

@@ -305,7 +305,8 @@ fn unknown_type(name: &str, kind: Option<KindArg>) -> String {
             .push(info.kind.to_string());
     }
     let names: Vec<String> = known.keys().map(|name| name.to_string()).collect();
-    let hint = if known.contains_key(name) {
+    // No type name is anywhere near that long: no suggestion to look for.
+    let hint = if known.contains_key(name) || name.len() > 256 {
         String::new()
     } else {
         crate::pipeline::did_you_mean(name, &names)
@@ -320,7 +321,8 @@ fn unknown_type(name: &str, kind: Option<KindArg>) -> String {
         ""
     };
     format!(
-        "no stage type `{name}`{of_kind} in this binary{hint}; known: {}",
+        "no stage type `{}`{of_kind} in this binary{hint}; known: {}",
+        crate::pipeline::echoed(name),
         listed.join(", ")
     )
 }

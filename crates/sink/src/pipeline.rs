@@ -390,6 +390,14 @@ impl Pipeline {
                 format!("must be from 1 to {MAX_CAPACITY} batches"),
             );
         }
+        if settings.shutdown_timeout.is_zero() {
+            // Zero leaves no time to drain: every exit would be a failure.
+            errors.push(
+                None,
+                Some("settings.shutdown_timeout".into()),
+                "must be more than 0s: it is the time the pipeline has to drain on shutdown".into(),
+            );
+        }
         if settings.memory_limit.0 < MIN_MEMORY_LIMIT {
             errors.push(
                 None,
@@ -423,6 +431,7 @@ impl Pipeline {
             }
         }
         check_graph(&nodes, &mut errors);
+        check_exclusive_files(&stages, &mut errors);
         if errors.found.is_empty() {
             Ok(Self {
                 file: file.to_path_buf(),
@@ -438,6 +447,59 @@ impl Pipeline {
     /// The stage named `id`.
     pub fn stage(&self, id: &str) -> Option<&StageSpec> {
         self.stages.iter().find(|stage| stage.id == id)
+    }
+}
+
+/// Refuses two sinks that claim the same file (see
+/// [`SinkConfig::exclusive_files`]), however each spells it.
+fn check_exclusive_files(stages: &[StageSpec], errors: &mut Errors) {
+    let mut claimed: HashMap<PathBuf, String> = HashMap::new();
+    for stage in stages {
+        let StageConfig::Sink(config) = &stage.config else {
+            continue;
+        };
+        let name = format!("{}.{}", stage.kind.section(), stage.id);
+        for (key, path) in config.exclusive_files() {
+            match claimed.entry(resolved(&path)) {
+                std::collections::hash_map::Entry::Occupied(first) => errors.push(
+                    Some(name.clone()),
+                    Some(key.into()),
+                    format!(
+                        "`{}` is the file `{}` writes too; two sinks cannot share a file",
+                        path.display(),
+                        first.get()
+                    ),
+                ),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(name.clone());
+                }
+            }
+        }
+    }
+}
+
+/// `path` as one spelling of its file: absolute, without `.` and `..`, and
+/// through the links of its existing parent directories.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut normal = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    // The file itself may be missing, and a link at its name is its own file
+    // to json_file; its directory is resolved where it exists.
+    match (normal.parent(), normal.file_name()) {
+        (Some(parent), Some(name)) => match parent.canonicalize() {
+            Ok(parent) => parent.join(name),
+            Err(_) => normal,
+        },
+        _ => normal,
     }
 }
 
@@ -1022,6 +1084,35 @@ pub(crate) fn did_you_mean(word: &str, known: &[String]) -> String {
         .min()
         .map(|(_, candidate)| format!(" (did you mean `{candidate}`?)"))
         .unwrap_or_default()
+}
+
+/// The longest piece of a user's word echoed back, in characters.
+const MAX_ECHOED_CHARS: usize = 64;
+
+/// `word` as an error may echo it to a terminal: control characters (escape
+/// sequences, newlines) written as escapes, and cut after
+/// [`MAX_ECHOED_CHARS`] characters, saying how many more there were.
+pub(crate) fn echoed(word: &str) -> String {
+    let mut shown: String = word
+        .chars()
+        .take(MAX_ECHOED_CHARS)
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
+    let total = word.chars().count();
+    if total > MAX_ECHOED_CHARS {
+        shown.push_str(&format!(
+            "... ({} more characters)",
+            total - MAX_ECHOED_CHARS
+        ));
+    }
+    shown
 }
 
 /// "known <kind> types: a, b" for this binary.

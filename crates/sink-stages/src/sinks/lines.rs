@@ -20,6 +20,13 @@ use sink_api::{Batch, Context, DoneMarker, Input, Params, StageError, Timestamp}
 /// Waiting batches are added to one write until it holds this many bytes.
 const COALESCE_BYTES: usize = 1 << 20;
 
+/// The most one write carries of a large batch (in the `value` layout, one
+/// line per reading): its lines are encoded and written in pieces of about
+/// this, so that what encoding holds stays bounded however large the batch,
+/// even when its names escape six times larger (`\u0001`). A piece holds
+/// at least one line.
+const PIECE_BYTES: usize = 4 << 20;
+
 /// The shortest time between two wake-ups of a target with no batch.
 const MIN_WAKE_GAP: Duration = Duration::from_secs(1);
 
@@ -53,6 +60,15 @@ pub(crate) trait LineSinkConfig: Any + Send + Sync {
     /// started in: follows an outside rotation, rotates by size or time. An
     /// error fails the write, which is retried.
     fn prepare(&self, _target: &mut Self::Target) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Runs on the blocking pool before a retry that resumes a write cut
+    /// short (at a line boundary): follows an outside rotation only. A file
+    /// moved away (or deleted) while writes fail for want of room would
+    /// otherwise stay open, its space never freed, and the retries never
+    /// succeed. What remains of the write goes to the new file.
+    fn follow(&self, _target: &mut Self::Target) -> io::Result<()> {
         Ok(())
     }
 
@@ -113,6 +129,7 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
         metrics: LineMetrics::new(cx.metrics()),
         handle: cx.metrics().clone(),
         progress: Progress::default(),
+        rest: None,
     };
     {
         let mut target = lock(&writer.target);
@@ -142,8 +159,11 @@ pub(crate) async fn write_lines<C: LineSinkConfig>(
                 if writer.wanted.moves_target(&writer.open_for) {
                     writer.move_target(false).await;
                 }
-                writer.encode(batch, &mut input);
-                writer.write(&mut params, &mut input).await?;
+                writer.rest = Some((batch, 0));
+                while writer.rest.is_some() {
+                    writer.encode(&mut input);
+                    writer.write(&mut params, &mut input).await?;
+                }
                 // Every batch encoded above is now written (and synced, if the
                 // config asks), and counted done by the write itself; the
                 // next `input.recv()` finishes their tokens.
@@ -194,27 +214,55 @@ struct Writer<C: LineSinkConfig> {
     /// The stage's handle, for [`LineSinkConfig::observe`].
     handle: Metrics,
     progress: Progress,
+    /// A batch not yet encoded whole, and the index of its next reading.
+    rest: Option<(Batch, usize)>,
 }
 
 impl<C: LineSinkConfig> Writer<C> {
-    /// Encodes `batch` and, under load, the batches already waiting too, so
-    /// that one write, and one trip to the blocking pool and back, carries
-    /// them all (as far as the target has room before rotating).
-    fn encode(&mut self, batch: Batch, input: &mut Input) {
+    /// Encodes the next piece of the batch in hand ([`rest`](Self::rest))
+    /// and, under load, the batches already waiting too, so that one write,
+    /// and one trip to the blocking pool and back, carries them all (as far
+    /// as the target has room before rotating). A batch whose lines pass
+    /// [`PIECE_BYTES`] is left in `rest` for the next piece.
+    fn encode(&mut self, input: &mut Input) {
         // The latest layout, even while a new path cannot be opened yet.
         let layout = self.wanted.layout();
         let bytes = &mut self.bytes;
         bytes.clear();
         self.progress.start(layout);
         let now = Timestamp::now();
-        encode_batch(layout, &batch, now, bytes);
-        self.progress.encoded(bytes.len(), batch.len());
-        drop(batch);
         let limit = COALESCE_BYTES.min(self.open_for.room(&lock(&self.target)));
-        while bytes.len() < limit {
-            let Ok(batch) = input.try_recv() else { break };
-            encode_batch(layout, &batch, now, bytes);
-            self.progress.encoded(bytes.len(), batch.len());
+        loop {
+            let Some((batch, from)) = &mut self.rest else {
+                if bytes.len() >= limit {
+                    break;
+                }
+                let Ok(batch) = input.try_recv() else { break };
+                self.rest = Some((batch, 0));
+                continue;
+            };
+            let start = *from;
+            let end = match layout {
+                // One line per batch: the line is written whole.
+                Layout::Batch => {
+                    encode_batch(layout, batch, now, bytes);
+                    batch.len()
+                }
+                Layout::Value => {
+                    let mut end = start;
+                    while end < batch.len() && (end == start || bytes.len() < PIECE_BYTES) {
+                        encode_batch(layout, &batch[end..=end], now, bytes);
+                        end += 1;
+                    }
+                    end
+                }
+            };
+            self.progress.encoded(bytes.len(), end - start);
+            if end < batch.len() {
+                *from = end;
+                break;
+            }
+            self.rest = None;
         }
     }
 
@@ -314,11 +362,14 @@ impl<C: LineSinkConfig> Writer<C> {
             let bytes = std::mem::take(&mut self.bytes);
             let mut progress = std::mem::take(&mut self.progress);
             let done = done.clone();
+            let last_piece = self.rest.is_none();
             let (bytes, progress, outcome) = tokio::task::spawn_blocking(move || {
                 let outcome = attempt(&*config, &mut lock(&target), &bytes, written);
                 match &outcome {
                     // Written and synced: every reading in hand is in this write.
-                    Ok(()) => done.mark_all_done(),
+                    Ok(()) if last_piece => done.mark_all_done(),
+                    // A piece of a batch: the readings whose lines it holds.
+                    Ok(()) => progress.report(&bytes, bytes.len(), &done),
                     Err((reached, _)) => progress.report(&bytes, *reached, &done),
                 }
                 (bytes, progress, outcome)
@@ -433,6 +484,8 @@ fn attempt<C: LineSinkConfig>(
 ) -> Result<(), (usize, io::Error)> {
     if from == 0 {
         config.prepare(target).map_err(|err| (0, err))?;
+    } else {
+        config.follow(target).map_err(|err| (from, err))?;
     }
     if let Err((done, err)) = write_from(target, bytes, from) {
         let whole = line_start(bytes, done);

@@ -175,6 +175,15 @@ pub(super) fn pass(job: &Job, in_use: Option<(u64, u64)>, now: SystemTime) -> bo
         }
     }
 
+    // A file dated in the future (rotated while the clock was ahead) would
+    // never reach `max_age`: it is renamed to now, and ages from here.
+    for unit in &mut units {
+        if unit.time > now + FUTURE_SLACK {
+            redate(job, unit, now);
+        }
+    }
+    units.sort_by(|a, b| (a.time, &a.base).cmp(&(b.time, &b.base)));
+
     // Retention, before compressing what would be deleted anyway.
     if let Some(retain) = &job.retain {
         let too_many = retain
@@ -226,12 +235,19 @@ pub(super) fn pass(job: &Job, in_use: Option<(u64, u64)>, now: SystemTime) -> bo
     succeeded
 }
 
-/// The rotated files of `names`, oldest first.
+/// The rotated files of `names`, oldest first. Only regular files count:
+/// a symbolic link (or anything else) with a rotated-style name is not ours,
+/// and is never read, compressed or removed, so that no pass reaches outside
+/// the directory it owns.
 fn scan(names: &Names) -> io::Result<Vec<Unit>> {
     let mut found: Vec<Rotated> = Vec::new();
     for entry in std::fs::read_dir(&names.dir)? {
         let entry = entry?;
-        if let Some(rotated) = entry.file_name().to_str().and_then(|n| names.parse(n)) {
+        let Some(rotated) = entry.file_name().to_str().and_then(|n| names.parse(n)) else {
+            continue;
+        };
+        // The entry's own type: a link is not followed.
+        if entry.file_type()?.is_file() {
             found.push(rotated);
         }
     }
@@ -258,6 +274,55 @@ fn scan(names: &Names) -> io::Result<Vec<Unit>> {
         }
     }
     Ok(units)
+}
+
+/// How far in the future a rotated file's date may be before it is taken
+/// for the mark of a clock that was wrong.
+const FUTURE_SLACK: Duration = Duration::from_secs(60);
+
+/// Renames every form of `unit` to the name of a rotation at `now` (a few
+/// milliseconds later if that is taken), never replacing a file; on a
+/// failure (logged) the unit keeps its old name and is tried next pass.
+fn redate(job: &Job, unit: &mut Unit, now: SystemTime) {
+    let dir = &job.names.dir;
+    let old_plain = dir.join(&unit.base);
+    let mut forms: Vec<Compression> = unit.compressed.clone();
+    if unit.plain {
+        forms.push(Compression::None);
+    }
+    for step in 0..1000u64 {
+        let time = now + Duration::from_millis(step);
+        let new_plain = job.names.rotated(time);
+        let taken = forms
+            .iter()
+            .any(|codec| std::fs::symlink_metadata(compressed_path(&new_plain, *codec)).is_ok());
+        if taken {
+            continue;
+        }
+        for codec in &forms {
+            let from = compressed_path(&old_plain, *codec);
+            let to = compressed_path(&new_plain, *codec);
+            if let Err(err) = super::rotate::rename_no_replace(&from, &to) {
+                tracing::warn!(
+                    "cannot rename `{}`, dated in the future, to `{}`: {err}",
+                    from.display(),
+                    to.display()
+                );
+                job.metrics.housekeeping_errors.inc();
+                return;
+            }
+        }
+        tracing::info!(
+            "`{}` was dated in the future (a clock that was ahead?); renamed to `{}` so that retention ages it from now",
+            old_plain.display(),
+            new_plain.display()
+        );
+        unit.time = time;
+        if let Some(name) = new_plain.file_name().and_then(|n| n.to_str()) {
+            unit.base = name.to_string();
+        }
+        return;
+    }
 }
 
 fn compressed_path(plain: &Path, codec: Compression) -> PathBuf {
@@ -295,8 +360,18 @@ fn compress(plain: &Path, codec: Compression) -> io::Result<()> {
 }
 
 fn write_compressed(plain: &Path, temporary: &Path, codec: Compression) -> io::Result<()> {
-    let mut source = File::open(plain)?;
-    let out = BufWriter::with_capacity(256 * 1024, File::create(temporary)?);
+    use std::os::unix::fs::OpenOptionsExt;
+    // Neither end follows a link put in place since the scan: the source is
+    // read only if it is still our file, and the temporary is a new file.
+    let mut source = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(plain)?;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temporary)?;
+    let out = BufWriter::with_capacity(256 * 1024, created);
     let file = match codec {
         Compression::None => return Ok(()),
         Compression::Gzip => {

@@ -77,7 +77,21 @@ impl SinkConfig for JsonFileConfig {
         if self.path.as_os_str().is_empty() {
             return Err(ConfigError::new("path", "must name a file"));
         }
+        // Said here, so that `sink validate` and a reload refuse it (the
+        // reload is then not applied), rather than the stage alone later.
+        if let Ok(metadata) = std::fs::metadata(&self.path) {
+            open::refuse_unless_regular(&metadata).map_err(|err| {
+                ConfigError::new(
+                    "path",
+                    format!("cannot write to {}: {err}", self.target_name()),
+                )
+            })?;
+        }
         rotate::validate(self.rotate.as_ref(), self.retain.as_ref(), &self.path)
+    }
+
+    fn exclusive_files(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![("path", self.path.clone())]
     }
 
     /// Runs while the pipeline is built, before any stage runs: the open
@@ -308,6 +322,16 @@ impl LineSinkConfig for JsonFileConfig {
 
     fn target_name(&self) -> String {
         format!("`{}`", self.path.display())
+    }
+
+    fn follow(&self, file: &mut ActiveFile) -> io::Result<()> {
+        if self.follow_outside_rotation(file)? {
+            tracing::info!(
+                "{} was moved or deleted while a write was failing; the rest of the write goes to a new file there",
+                self.target_name()
+            );
+        }
+        Ok(())
     }
 
     /// Follows logrotate-style rotation (rename or delete, then a new file at

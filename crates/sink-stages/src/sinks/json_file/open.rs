@@ -65,7 +65,8 @@ pub(super) fn identity(metadata: &std::fs::Metadata) -> (u64, u64) {
     (metadata.dev(), metadata.ino())
 }
 
-fn refuse_unless_regular(metadata: &std::fs::Metadata) -> io::Result<()> {
+/// Refuses anything but a regular file, naming what it is.
+pub(super) fn refuse_unless_regular(metadata: &std::fs::Metadata) -> io::Result<()> {
     let kind = metadata.file_type();
     let what = if kind.is_file() {
         return Ok(());

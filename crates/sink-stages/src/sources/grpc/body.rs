@@ -7,12 +7,15 @@
 //!   charged on the encoded size before any of the body is read or decoded;
 //! - the body is collected as it arrives, in a buffer that grows with the
 //!   bytes received, never reserved at the announced length (a 5-byte prefix
-//!   announcing 1 GiB costs 5 bytes, not 1 GiB);
+//!   announcing 1 GiB costs 5 bytes, not 1 GiB), and its bytes can be
+//!   reserved from a memory budget as they arrive ([`BodyReader::metered`]);
 //! - the caller bounds each read with a deadline (`body_timeout`);
 //! - a second message in the same unary call is refused, and nothing of the
 //!   call is accepted;
 //! - gzip and zstd messages (`grpc-encoding`) are inflated into a buffer
-//!   bounded by `max_message_bytes`, so a decompression bomb is refused.
+//!   bounded by `max_message_bytes`, so a decompression bomb is refused;
+//!   every gzip member and zstd frame is inflated, and trailing bytes that
+//!   are neither refuse the call.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -20,6 +23,7 @@ use std::io::Read;
 use std::pin::Pin;
 
 use bytes::{Buf, Bytes, BytesMut};
+use sink_api::{MemoryBudget, Reservation};
 use tonic::codegen::http::HeaderMap;
 use tonic::codegen::{Body, StdError};
 use tonic::{Code, Status};
@@ -89,6 +93,43 @@ pub struct BodyReader<B> {
     body: Pin<Box<B>>,
     /// Bytes received and not yet taken.
     buf: BytesMut,
+    /// Once [`metered`](Self::metered): the budget the bytes received are
+    /// reserved from as they arrive, what is reserved, and how many bytes
+    /// have arrived in all.
+    meter: Option<Meter>,
+}
+
+/// The bytes of a body reserved as they arrive.
+struct Meter {
+    budget: MemoryBudget,
+    held: Option<Reservation>,
+    received: u64,
+}
+
+impl Meter {
+    /// Reserves what has arrived beyond what is held, waiting for room: a
+    /// body that finds none is not read further, and HTTP/2 flow control
+    /// holds its client back.
+    async fn cover(&mut self, arrived: usize) -> Result<(), Status> {
+        self.received += arrived as u64;
+        let held = self.held.as_ref().map_or(0, Reservation::bytes);
+        if self.received <= held {
+            return Ok(());
+        }
+        let more = match self.budget.try_reserve(self.received - held) {
+            Ok(more) => more,
+            Err(_) => self
+                .budget
+                .reserve(self.received - held)
+                .await
+                .map_err(|err| Status::resource_exhausted(err.to_string()))?,
+        };
+        match &mut self.held {
+            Some(held) => held.merge(more),
+            None => self.held = Some(more),
+        }
+        Ok(())
+    }
 }
 
 impl<B> BodyReader<B>
@@ -100,7 +141,24 @@ where
         Self {
             body: Box::pin(body),
             buf: BytesMut::new(),
+            meter: None,
         }
+    }
+
+    /// From now on, reserves every byte received from `budget` as it
+    /// arrives (what is buffered already at once), waiting for room when
+    /// there is none; given back when the reader is dropped. So what bodies
+    /// still arriving hold is bounded by `budget` and paid for byte by byte
+    /// by their senders, while a body announced and not sent holds nothing.
+    pub async fn metered(&mut self, budget: MemoryBudget) -> Result<(), Status> {
+        let mut meter = Meter {
+            budget,
+            held: None,
+            received: 0,
+        };
+        meter.cover(self.buf.len()).await?;
+        self.meter = Some(meter);
+        Ok(())
     }
 
     /// Reads the message prefix; `Ok(None)` when the body ends with no
@@ -156,26 +214,48 @@ where
     /// the body ends first (`false`). Trailers are skipped.
     async fn fill(&mut self, len: usize) -> Result<bool, Status> {
         while self.buf.len() < len {
-            let frame = poll_fn(|cx| self.body.as_mut().poll_frame(cx)).await;
-            let Some(frame) = frame else {
-                return Ok(false);
+            // Taken whole by a plain function: no frame (whose data need not
+            // be `Send`) is held across the meter's await.
+            let arrived = match absorb(
+                &mut self.buf,
+                poll_fn(|cx| self.body.as_mut().poll_frame(cx)).await,
+            )? {
+                Some(arrived) => arrived,
+                None => return Ok(false),
             };
-            let frame = frame.map_err(|err| {
-                let err: StdError = err.into();
-                Status::cancelled(format!("the request body broke off: {err}"))
-            })?;
-            if let Ok(mut data) = frame.into_data() {
-                // Grows with what arrived, however much the prefix announced.
-                while data.has_remaining() {
-                    let chunk = data.chunk();
-                    self.buf.extend_from_slice(chunk);
-                    let taken = chunk.len();
-                    data.advance(taken);
-                }
+            if let Some(meter) = &mut self.meter {
+                meter.cover(arrived).await?;
             }
         }
         Ok(true)
     }
+}
+
+/// Appends the data of `frame` to `buf`, growing with what arrived however
+/// much the prefix announced; says how many bytes that was (0 for trailers),
+/// or `None` at the end of the body.
+fn absorb<D: Buf, E: Into<StdError>>(
+    buf: &mut BytesMut,
+    frame: Option<Result<http_body::Frame<D>, E>>,
+) -> Result<Option<usize>, Status> {
+    let Some(frame) = frame else {
+        return Ok(None);
+    };
+    let frame = frame.map_err(|err| {
+        let err: StdError = err.into();
+        Status::cancelled(format!("the request body broke off: {err}"))
+    })?;
+    let Ok(mut data) = frame.into_data() else {
+        return Ok(Some(0));
+    };
+    let arrived = data.remaining();
+    while data.has_remaining() {
+        let chunk = data.chunk();
+        buf.extend_from_slice(chunk);
+        let taken = chunk.len();
+        data.advance(taken);
+    }
+    Ok(Some(arrived))
 }
 
 /// Inflates `message`, compressed with `encoding`, refusing with
@@ -190,7 +270,11 @@ pub fn decompress(encoding: Encoding, message: &[u8], max_bytes: usize) -> Resul
                 "the message is flagged compressed but the call has no grpc-encoding",
             ));
         }
-        Encoding::Gzip => flate2::read::GzDecoder::new(message)
+        // Every member: a gzip stream may be several concatenated members
+        // (RFC 1952), and GzDecoder would stop after the first, answering OK
+        // for readings it dropped. Bytes after the last member that are not
+        // a member are an error, not ignored.
+        Encoding::Gzip => flate2::read::MultiGzDecoder::new(message)
             .take(limit)
             .read_to_end(&mut out),
         Encoding::Zstd => {
@@ -216,6 +300,17 @@ pub fn decompress(encoding: Encoding, message: &[u8], max_bytes: usize) -> Resul
         )));
     }
     Ok(out.into())
+}
+
+/// What inflating a message of up to `max_bytes` takes beside its output:
+/// the decoder's window (zstd's up to [`window_log`], gzip's 32 KiB) and the
+/// output buffer's growth past the bytes it holds (it doubles).
+pub fn decompression_overhead(encoding: Encoding, max_bytes: usize) -> u64 {
+    let window = match encoding {
+        Encoding::Zstd => 1u64 << window_log(max_bytes),
+        Encoding::Gzip | Encoding::Identity => 32 << 10,
+    };
+    window.saturating_add(max_bytes as u64)
 }
 
 /// The zstd window log that covers `max_bytes`, at least 8 MiB's and within
@@ -250,6 +345,34 @@ mod tests {
         }
         let flagged = decompress(Encoding::Identity, &gz, 1000).unwrap_err();
         assert_eq!(flagged.code(), Code::Internal);
+    }
+
+    #[test]
+    fn every_gzip_member_is_inflated_and_trailing_garbage_refused() {
+        let member = |bytes: &[u8]| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(bytes).unwrap();
+            gz.finish().unwrap()
+        };
+        let mut two = member(b"first ");
+        two.extend(member(b"second"));
+        assert_eq!(
+            decompress(Encoding::Gzip, &two, 1000).unwrap(),
+            &b"first second"[..]
+        );
+        let mut garbage = member(b"first ");
+        garbage.extend_from_slice(b"not a gzip member");
+        let refused = decompress(Encoding::Gzip, &garbage, 1000).unwrap_err();
+        assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+        let mut zstd_two = zstd::stream::encode_all(&b"first "[..], 3).unwrap();
+        zstd_two.extend(zstd::stream::encode_all(&b"second"[..], 3).unwrap());
+        assert_eq!(
+            decompress(Encoding::Zstd, &zstd_two, 1000).unwrap(),
+            &b"first second"[..]
+        );
+        zstd_two.extend_from_slice(b"not a zstd frame");
+        let refused = decompress(Encoding::Zstd, &zstd_two, 1000).unwrap_err();
+        assert_eq!(refused.code(), Code::Internal, "{refused:?}");
     }
 
     #[test]

@@ -15,6 +15,14 @@
 //!   as ended); this also ends connections that never complete the HTTP/2
 //!   handshake. Keepalive pings (configured on the server) do not count as
 //!   activity;
+//! - **half-open connections are bounded and short-lived**: a connection is
+//!   half-open until its client has sent the first [`HANDSHAKE_BYTES`] bytes
+//!   (the HTTP/2 preface, or a TLS ClientHello). One that stays half-open
+//!   for [`HANDSHAKE_DEADLINE`] (or `idle_timeout`, if shorter) is closed,
+//!   and at most a quarter of `max_connections` may be half-open at once:
+//!   beyond that, the oldest half-open one is closed to make room. So a
+//!   flood of silent connections cannot keep honest clients, who speak at
+//!   once, out of the slots;
 //! - TCP_NODELAY on every connection (small answers must not wait for Nagle).
 //!
 //! The seam: [`incoming`] yields [`Connection`]s, each an `AsyncRead +
@@ -23,13 +31,13 @@
 //! this stream, wraps each connection, and forwards `connect_info()` so that
 //! calls are still counted against their connection.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -58,6 +66,17 @@ const MAX_DEFAULT_CONNECTIONS: u64 = 1024;
 /// First and longest pause after a failed `accept`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long a connection may stay half-open (its client silent) before it
+/// is closed: honest clients speak at once.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Bytes a client must send before its connection counts as begun: the
+/// length of the HTTP/2 client preface (`PRI * HTTP/2.0...`), and less than
+/// any TLS ClientHello. Garbage of that length is refused by the server
+/// that reads it (HTTP/2 or TLS), and a stalled TLS handshake by
+/// `handshake_timeout`.
+pub const HANDSHAKE_BYTES: u64 = 24;
 
 /// At most one WARN about failing accepts per this long.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -140,6 +159,7 @@ pub fn incoming(
     Incoming {
         local: listener.local_addr().ok(),
         listener,
+        half_open: Arc::new(HalfOpen::new((max_connections / 4).max(1))),
         slots: PollSemaphore::new(Arc::new(Semaphore::new(max_connections))),
         slot: None,
         pause: None,
@@ -156,6 +176,8 @@ pub struct Incoming {
     local: Option<SocketAddr>,
     /// One permit per open connection.
     slots: PollSemaphore,
+    /// The connections whose clients have not spoken yet.
+    half_open: Arc<HalfOpen>,
     /// The slot the next connection takes, once one is free.
     slot: Option<OwnedSemaphorePermit>,
     /// The pause after a failed accept.
@@ -210,7 +232,10 @@ impl Stream for Incoming {
                     let _ = stream.set_nodelay(true);
                     this.metrics.accepted.inc();
                     let open = Open::new(&this.metrics);
-                    let connection = Connection::new(stream, remote, slot, this.idle.clone(), open);
+                    let activity = Arc::new(Activity::new(Some(Arc::clone(&this.half_open))));
+                    this.half_open.admit(&activity, &this.metrics);
+                    let connection =
+                        Connection::new(stream, remote, slot, this.idle.clone(), open, activity);
                     return Poll::Ready(Some(Ok(connection)));
                 }
                 Err(err) => {
@@ -298,6 +323,67 @@ pub struct Activity {
     open: AtomicUsize,
     /// Milliseconds since [`CLOCK`].
     last: AtomicU64,
+    /// [`HALF_OPEN`], [`BEGUN`] or [`EVICTED`].
+    state: AtomicU8,
+    /// The half-open connections this one counts among while half-open.
+    half_open: Option<Arc<HalfOpen>>,
+    /// The connection's reader, woken when it is evicted.
+    waker: Mutex<Option<Waker>>,
+}
+
+/// The client has not sent [`HANDSHAKE_BYTES`] yet.
+const HALF_OPEN: u8 = 0;
+/// The client has spoken.
+const BEGUN: u8 = 1;
+/// Closed half-open to make room for a newer connection.
+const EVICTED: u8 = 2;
+
+/// The half-open connections, oldest first, and their bound.
+#[derive(Debug)]
+struct HalfOpen {
+    limit: usize,
+    count: AtomicUsize,
+    /// Oldest first; entries that are no longer half-open are skipped.
+    queue: Mutex<VecDeque<Weak<Activity>>>,
+}
+
+impl HalfOpen {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            count: AtomicUsize::new(0),
+            queue: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Counts a new connection half-open; beyond the bound, evicts the
+    /// oldest half-open one (it reads as ended at once).
+    fn admit(&self, activity: &Arc<Activity>, metrics: &ConnectionMetrics) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let over = self.count.fetch_add(1, Ordering::SeqCst) + 1 > self.limit;
+        // Entries that left the half-open state are dropped as they reach
+        // the front, so the queue holds about what the last
+        // HANDSHAKE_DEADLINE accepted.
+        while let Some(oldest) = queue.front() {
+            match oldest.upgrade() {
+                Some(oldest) if oldest.is_half_open() => {
+                    if !over {
+                        break;
+                    }
+                    queue.pop_front();
+                    if oldest.leave_half_open(EVICTED) {
+                        metrics.half_open_closed.inc();
+                        oldest.wake();
+                        break;
+                    }
+                }
+                _ => {
+                    queue.pop_front();
+                }
+            }
+        }
+        queue.push_back(Arc::downgrade(activity));
+    }
 }
 
 /// The origin of [`Activity::last`].
@@ -308,10 +394,54 @@ fn now_millis() -> u64 {
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(half_open: Option<Arc<HalfOpen>>) -> Self {
         Self {
             open: AtomicUsize::new(0),
             last: AtomicU64::new(now_millis()),
+            state: AtomicU8::new(if half_open.is_some() {
+                HALF_OPEN
+            } else {
+                BEGUN
+            }),
+            half_open,
+            waker: Mutex::new(None),
+        }
+    }
+
+    fn is_half_open(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == HALF_OPEN
+    }
+
+    fn is_evicted(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == EVICTED
+    }
+
+    /// Moves a half-open connection to `state` (once: `false` if it was not
+    /// half-open any more), counting it out of the half-open ones.
+    fn leave_half_open(&self, state: u8) -> bool {
+        let left = self
+            .state
+            .compare_exchange(HALF_OPEN, state, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if left && let Some(half_open) = &self.half_open {
+            half_open.count.fetch_sub(1, Ordering::SeqCst);
+        }
+        left
+    }
+
+    fn wake(&self) {
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Keeps `waker` to wake the reader of a half-open connection if it is
+    /// evicted.
+    fn wake_on_eviction(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|kept| kept.will_wake(waker)) {
+            *slot = Some(waker.clone());
         }
     }
 
@@ -353,8 +483,17 @@ pub struct Connection {
     check: Pin<Box<Sleep>>,
     /// Set once idle: every later read sees the end.
     closed: bool,
+    /// Bytes read while half-open.
+    heard: u64,
     _slot: OwnedSemaphorePermit,
     open: Open,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // A connection closed half-open leaves the count.
+        self.info.activity.leave_half_open(BEGUN);
+    }
 }
 
 /// A connection counted open (`sink_grpc_connections`) until dropped.
@@ -380,20 +519,27 @@ impl Connection {
         slot: OwnedSemaphorePermit,
         idle: IdleTimeout,
         open: Open,
+        activity: Arc<Activity>,
     ) -> Self {
-        let check = Box::pin(tokio::time::sleep(idle.get()));
+        let check = Box::pin(tokio::time::sleep(idle.get().min(HANDSHAKE_DEADLINE)));
         Self {
             stream,
-            info: ConnectionInfo {
-                remote,
-                activity: Arc::new(Activity::new()),
-            },
+            info: ConnectionInfo { remote, activity },
             idle,
             check,
             closed: false,
+            heard: 0,
             _slot: slot,
             open,
         }
+    }
+
+    /// Closes the connection: every later read sees the end.
+    fn close(&mut self, why: &str, counter: &sink_api::metrics::Counter) -> Poll<io::Result<()>> {
+        tracing::debug!(remote = %self.info.remote, "closing a connection: {why}");
+        self.closed = true;
+        counter.inc();
+        Poll::Ready(Ok(()))
     }
 
     /// Whether the idle timeout has passed with no call; re-arms the timer
@@ -403,7 +549,13 @@ impl Connection {
             if self.check.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let timeout = self.idle.get();
+            // A connection whose client has not spoken has no call either:
+            // the same measure, with the shorter handshake deadline.
+            let timeout = if self.info.activity.is_half_open() {
+                self.idle.get().min(HANDSHAKE_DEADLINE)
+            } else {
+                self.idle.get()
+            };
             let wait = match self.info.activity.idle_for() {
                 Some(idle) if idle >= timeout => return true,
                 Some(idle) => timeout - idle,
@@ -434,18 +586,39 @@ impl AsyncRead for Connection {
         if this.closed {
             return Poll::Ready(Ok(()));
         }
+        let half_open = this.info.activity.is_half_open();
+        if half_open {
+            this.info.activity.wake_on_eviction(cx.waker());
+        }
+        if this.info.activity.is_evicted() {
+            // Counted by the eviction.
+            this.closed = true;
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Pending => {
                 // The server always has a read pending, so this is where an
                 // idle connection is noticed: it reads as ended, and the
                 // server closes it.
                 if this.poll_idle(cx) {
-                    tracing::debug!(remote = %this.info.remote, "closing an idle connection");
-                    this.closed = true;
-                    this.open.0.idle_closed.inc();
-                    return Poll::Ready(Ok(()));
+                    let metrics = this.open.0.clone();
+                    if this.info.activity.leave_half_open(EVICTED) {
+                        return this.close(
+                            "silent past the handshake deadline",
+                            &metrics.half_open_closed,
+                        );
+                    }
+                    return this.close("idle", &metrics.idle_closed);
                 }
                 Poll::Pending
+            }
+            Poll::Ready(Ok(())) if half_open => {
+                this.heard += (buf.filled().len() - before) as u64;
+                if this.heard >= HANDSHAKE_BYTES {
+                    this.info.activity.leave_half_open(BEGUN);
+                }
+                Poll::Ready(Ok(()))
             }
             ready => ready,
         }
@@ -511,22 +684,99 @@ where
         Box::pin(async move {
             let response = answer.await?;
             Ok(match guard {
-                Some(guard) => response.map(|body| {
-                    ResponseBody::new(Guarded {
-                        body,
-                        _guard: guard,
-                    })
-                }),
+                Some(guard) => guarded(response, guard),
                 None => response,
             })
         })
     }
 }
 
+/// The methods whose calls are long-lived streams: they stay open for as
+/// long as the client likes, holding their connection busy.
+const LONG_LIVED: [&str; 3] = [
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Wraps the server's routes so that at most so many long-lived streams
+/// (health `Watch`, reflection) are open at once; one more is answered
+/// RESOURCE_EXHAUSTED at once. A connection with such a stream open is never
+/// idle, so without this bound a few hundred of them would hold every
+/// `max_connections` slot for as long as they liked.
+#[derive(Clone)]
+pub struct LimitStreams<S> {
+    inner: S,
+    streams: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl<S> LimitStreams<S> {
+    /// `inner`, with at most `limit` long-lived streams open at once.
+    pub fn new(inner: S, limit: usize) -> Self {
+        Self {
+            inner,
+            streams: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
+/// The most long-lived streams for `max_connections`: an eighth of the
+/// connections, so that they can never take the slots of the others.
+pub fn long_lived_limit(max_connections: usize) -> usize {
+    (max_connections / 8).max(1)
+}
+
+impl<S, B> Service<Request<B>> for LimitStreams<S>
+where
+    S: Service<Request<B>, Response = Response<ResponseBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if !LONG_LIVED.contains(&request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(permit) = Arc::clone(&self.streams).try_acquire_owned() else {
+            let status = tonic::Status::resource_exhausted(format!(
+                "too many long-lived streams (health Watch, reflection) are open: at most {}; use health Check, or retry later",
+                self.limit
+            ));
+            let refused = status.into_http();
+            return Box::pin(async move { Ok(refused) });
+        };
+        let answer = self.inner.call(request);
+        Box::pin(async move { Ok(guarded(answer.await?, permit)) })
+    }
+}
+
+/// `response`, holding `guard` until its body has been sent (or dropped).
+fn guarded(
+    response: Response<ResponseBody>,
+    guard: impl Send + Sync + 'static,
+) -> Response<ResponseBody> {
+    response.map(|body| {
+        ResponseBody::new(Guarded {
+            body,
+            _guard: Box::new(guard),
+        })
+    })
+}
+
 /// A response body that holds its call open until it has been sent.
 struct Guarded {
     body: ResponseBody,
-    _guard: CallGuard,
+    /// Released once the body has been sent (or dropped).
+    _guard: Box<dyn Send + Sync>,
 }
 
 impl Body for Guarded {

@@ -109,13 +109,14 @@ pub(super) const HANDSHAKE_FAILURES: [&str; 6] = [
     "other",
 ];
 
-/// The accept loop's metrics: connections open and accepted, closed idle,
-/// failed accepts, and times the `max_connections` bound was reached.
+/// The accept loop's metrics: connections open and accepted, closed idle or
+/// half-open, failed accepts, and times the `max_connections` bound was reached.
 #[derive(Clone, Default)]
 pub(super) struct ConnectionMetrics {
     pub(super) open: Gauge,
     pub(super) accepted: Counter,
     pub(super) idle_closed: Counter,
+    pub(super) half_open_closed: Counter,
     pub(super) accept_errors: Counter,
     pub(super) limit_reached: Counter,
 }
@@ -170,6 +171,10 @@ impl GrpcMetrics {
                 idle_closed: metrics.counter(
                     "sink_grpc_connections_idle_closed_total",
                     "Connections closed after idle_timeout with no call",
+                ),
+                half_open_closed: metrics.counter(
+                    "sink_grpc_connections_half_open_closed_total",
+                    "Connections closed before their client began to speak: the handshake not begun within 5 s (or idle_timeout), or the oldest of too many half-open connections",
                 ),
                 accept_errors: metrics.counter(
                     "sink_grpc_accept_errors_total",

@@ -193,6 +193,20 @@ fn default_keepalive_timeout() -> Duration {
 const STREAM_WINDOW: u32 = 256 * 1024;
 const CONNECTION_WINDOW: u32 = 512 * 1024;
 
+/// Bodies still arriving may hold at most this fraction of
+/// `settings.memory_limit` in all, on top of it: their bytes are reserved as
+/// they arrive, so a body announced and not sent holds nothing, and bodies
+/// that trickle in cannot take what decoded calls need.
+const ARRIVING_SHARE: u64 = 8;
+
+/// What the bodies still arriving may hold: [`ARRIVING_SHARE`] of the
+/// memory limit, and at least one whole message of `max_message_bytes` (up
+/// to the limit) so that the largest message can always arrive.
+fn arriving_limit(memory_limit: u64, max_message_bytes: usize) -> u64 {
+    let message = (max_message_bytes as u64).saturating_add(64);
+    (memory_limit / ARRIVING_SHARE).max(message.min(memory_limit))
+}
+
 /// Durations beyond this are refused: no timeout needs to be longer, and the
 /// timer arithmetic stays far from overflowing.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -340,6 +354,10 @@ impl Source for GrpcSource {
             output: ArcSwapOption::from_pointee(output),
             calls: Arc::new(Semaphore::new(self.config.max_concurrent_calls as usize)),
             memory: cx.memory().clone(),
+            arriving: MemoryBudget::new(arriving_limit(
+                cx.memory().limit(),
+                self.config.max_message_bytes,
+            )),
             acks: AckStats::default(),
             stage: cx.id().into(),
             started: std::time::Instant::now(),
@@ -379,7 +397,10 @@ impl Source for GrpcSource {
                 .http2_keepalive_interval(Some(config.keepalive_interval))
                 .http2_keepalive_timeout(Some(config.keepalive_timeout))
                 .serve_with_incoming_shutdown(
-                    incoming::TrackCalls(routes),
+                    incoming::TrackCalls(incoming::LimitStreams::new(
+                        routes,
+                        incoming::long_lived_limit(max_connections),
+                    )),
                     tls::Incoming::new(
                         incoming::incoming(
                             listener,
@@ -395,6 +416,8 @@ impl Source for GrpcSource {
 
         // Limits change live: each call reads the current ones.
         let mut params = cx.params::<GrpcConfig>();
+        // The TLS table in force, which a reload may not loosen.
+        let mut tls_config = self.config.tls.clone();
         loop {
             tokio::select! {
                 // Shutdown first: the server also ends when shutdown starts.
@@ -405,7 +428,11 @@ impl Source for GrpcSource {
                     shared.limits.store(Arc::new(Limits::new(&new, Some(&old))));
                     idle.set(new.idle_timeout);
                     match (&tls, &new.tls) {
-                        (Some(running), Some(config)) => running.update(config),
+                        (Some(running), Some(config)) => {
+                            let config = tls::kept_client_auth(cx.id(), tls_config.as_ref(), config);
+                            running.update(&config);
+                            tls_config = Some(config);
+                        }
                         (None, None) => {}
                         // The runtime refuses this edit (`x-restart = "presence"`).
                         _ => tracing::warn!(
@@ -484,6 +511,9 @@ struct Shared {
     calls: Arc<Semaphore>,
     /// The pipeline's `settings.memory_limit`.
     memory: MemoryBudget,
+    /// What the bodies still arriving may hold in all: a share of `memory`
+    /// ([`ARRIVING_SHARE`]), reserved byte by byte as they arrive.
+    arriving: MemoryBudget,
     acks: AckStats,
     stage: Arc<str>,
     started: std::time::Instant,
@@ -701,26 +731,47 @@ impl SensorService {
             self.0.metrics.refused(Refusal::ShuttingDown);
             return Err(Status::unavailable("the sink is shutting down"));
         };
-        // The most the message can decode to, reserved before it is read
-        // (waiting or refusing per `when_full`, as at a full channel), so
-        // that what decoding holds is bounded too; cut to the real size once
+        // Reserved as its bytes arrive, from the share of memory that bodies
+        // still arriving may hold: a body announced and not sent reserves
+        // nothing, so streams that send only a prefix cannot starve calls
+        // whose bytes are here (they hold a permit for body_timeout at most).
+        let deadline = started + limits.body_timeout + waited.elapsed();
+        let arriving = arriving_limit(self.0.memory.limit(), limits.max_message_bytes);
+        if self.0.arriving.limit() != arriving.div_ceil(1024) * 1024 {
+            self.0.arriving.set_limit(arriving);
+        }
+        let message = timeout_at(deadline, async {
+            body.metered(self.0.arriving.clone()).await?;
+            body.message(prefix).await
+        })
+        .await
+        .map_err(|_| too_slow())??;
+        // The most the message can decode to, reserved now that it is here
+        // and before it is decompressed or decoded (waiting or refusing per
+        // `when_full`, as at a full channel); cut to the real size once
         // decoded.
-        let raw_len = if prefix.compressed {
-            limits.max_message_bytes
+        let bound = if prefix.compressed {
+            acks::decoded_bound(
+                limits.max_message_bytes,
+                limits.max_readings_per_call,
+                limits.reading.max_labels,
+            )
+            .saturating_add(body::decompression_overhead(
+                encoding,
+                limits.max_message_bytes,
+            ))
+            .saturating_add(prefix.len as u64)
         } else {
-            prefix.len
+            acks::decoded_bound(
+                prefix.len,
+                limits.max_readings_per_call,
+                limits.reading.max_labels,
+            )
         };
-        let bound = acks::decoded_bound(
-            raw_len,
-            limits.max_readings_per_call,
-            limits.reading.max_labels,
-        );
         let bound = bound.min(self.0.memory.limit());
         let memory = self.reserve_memory(bound, limits.when_full).await?;
-        let deadline = started + limits.body_timeout + waited.elapsed();
-        let message = timeout_at(deadline, body.message(prefix))
-            .await
-            .map_err(|_| too_slow())??;
+        // The message's bytes are in `memory` now.
+        drop(body);
         self.0.metrics.request(prefix.len);
         let message = if prefix.compressed {
             body::decompress(encoding, &message, limits.max_message_bytes)

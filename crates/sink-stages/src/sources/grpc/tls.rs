@@ -65,8 +65,9 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
 }
 
+/// As the plaintext handshake deadline: honest clients take milliseconds.
 fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
+    super::incoming::HANDSHAKE_DEADLINE
 }
 
 /// Handshakes in progress at once; beyond it the listener is not polled, and
@@ -111,6 +112,30 @@ impl TlsConfig {
         }
         Ok(())
     }
+}
+
+/// The TLS table a reload may apply: `new`, except that a reload never
+/// turns client authentication off. Removing `client_ca` from a running
+/// mutual-TLS listener would let every client in without a certificate, so
+/// it is refused (the CA in force stays, with an ERROR saying that a restart
+/// applies it); every other change of the table applies.
+pub(super) fn kept_client_auth(
+    stage: &str,
+    in_force: Option<&TlsConfig>,
+    new: &TlsConfig,
+) -> TlsConfig {
+    let mut applied = new.clone();
+    if let Some(client_ca) = in_force.and_then(|old| old.client_ca.as_ref())
+        && new.client_ca.is_none()
+    {
+        tracing::error!(
+            stage,
+            "reload refused for tls.client_ca: removing it would turn client certificate checks off; client certificates stay required with {} until a restart applies the change",
+            client_ca.display()
+        );
+        applied.client_ca = Some(client_ca.clone());
+    }
+    applied
 }
 
 /// What a handshake starts from; swapped whole when the material changes.

@@ -101,6 +101,19 @@ pub(super) fn load(config: &TlsConfig) -> Result<Loaded, ConfigError> {
         ));
     }
 
+    if leaf.not_before > now {
+        // Clients refuse it as they refuse an expired one: swapping it in
+        // would fail every new connection until the date comes.
+        return Err(fault(
+            "tls.cert",
+            &config.cert,
+            &format!(
+                "the certificate is not valid before {} (is a clock wrong?)",
+                rfc3339(leaf.not_before)
+            ),
+        ));
+    }
+
     let key_pem = read_pem("tls.key", &config.key)?;
     key_pem.hash(&mut hasher);
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| {
