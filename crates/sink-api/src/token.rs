@@ -334,6 +334,16 @@ impl Reservation {
         self.budget.release(self.kib - keep);
         self.kib = keep;
     }
+
+    /// Takes over what `other` holds, so that one reservation covers what
+    /// was reserved piece by piece (messages reserved as they arrive, handed
+    /// on as one batch). A reservation of another budget is released instead.
+    pub fn absorb(&mut self, mut other: Reservation) {
+        if Arc::ptr_eq(&self.budget, &other.budget) {
+            self.kib += other.kib;
+            other.kib = 0;
+        }
+    }
 }
 
 impl Drop for Reservation {
