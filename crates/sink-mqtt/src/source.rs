@@ -12,11 +12,10 @@
 //! reading, and the broker holds the rest.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter,
+    AsyncClient, ConnectionError, Event, EventLoop, Packet, PubAck, Publish, QoS, SubscribeFilter,
 };
 use serde::{Deserialize, Serialize};
 use sink_api::backoff::Backoff;
@@ -29,7 +28,7 @@ use sink_stages::sources::grpc::Acknowledge;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::connect::{Broker, Brokers, Connection, MqttTls, client_config, read_password};
+use crate::connect::{Brokers, Connection, MqttTls, client_config, read_password};
 use crate::payload::{Payload, Reason, Refused};
 use crate::topic::{TopicPattern, topic_fields};
 
@@ -346,46 +345,36 @@ struct Delivered {
     memory: Option<Reservation>,
 }
 
-/// What the two tasks share.
-struct Shared {
-    /// The number of the current connection, counted from 1; 0 while none.
-    connection: AtomicU64,
-    /// Asks the connection task to reconnect, so that the broker delivers
-    /// again what was not written.
-    reconnect: Notify,
+/// QoS 1 messages to acknowledge, all delivered on connection `connection`.
+struct AckRequest {
+    connection: u64,
+    pkids: Vec<u16>,
 }
 
-/// Sends PUBACKs, only on the connection that delivered the message.
+/// Hands acknowledgements to the connection task, which writes them on the
+/// connection that delivered the messages only.
 #[derive(Clone)]
 struct Acker {
-    client: AsyncClient,
-    shared: Arc<Shared>,
+    acks: mpsc::UnboundedSender<AckRequest>,
+    /// Asks the connection task to reconnect, so that the broker delivers
+    /// again what was not written.
+    reconnect: Arc<Notify>,
     metrics: SourceMetrics,
 }
 
 impl Acker {
-    /// Acknowledges the QoS 1 messages `pkids` of connection `connection`. On
-    /// a later connection the broker has already delivered them again (a
-    /// resumed session), and an old packet id may name another message now:
-    /// they are left for their new delivery.
-    async fn ack(&self, connection: u64, pkids: &[u16]) {
+    /// Acknowledges the QoS 1 messages `pkids` of connection `connection`.
+    /// The channel holds at most what the broker has in flight to this
+    /// client, as it sends no more until some are acknowledged.
+    fn ack(&self, connection: u64, pkids: Vec<u16>) {
         if pkids.is_empty() {
             return;
         }
         self.metrics.in_flight.dec_by(pkids.len() as i64);
-        if self.shared.connection.load(Ordering::Acquire) != connection {
-            self.metrics.unacknowledged.inc_by(pkids.len() as u64);
-            return;
-        }
-        for pkid in pkids {
-            let mut publish = Publish::new("", QoS::AtLeastOnce, Vec::new());
-            publish.pkid = *pkid;
-            if self.client.ack(&publish).await.is_err() {
-                // The event loop is gone (shutdown): delivered again later.
-                self.metrics.unacknowledged.inc();
-                continue;
-            }
-            self.metrics.acknowledged.inc();
+        let count = pkids.len() as u64;
+        if self.acks.send(AckRequest { connection, pkids }).is_err() {
+            // The connection task is gone: delivered again on the next start.
+            self.metrics.unacknowledged.inc_by(count);
         }
     }
 
@@ -398,7 +387,7 @@ impl Acker {
         self.metrics.in_flight.dec_by(pkids.len() as i64);
         self.metrics.unacknowledged.inc_by(pkids.len() as u64);
         if !shutting_down {
-            self.shared.reconnect.notify_one();
+            self.reconnect.notify_one();
         }
     }
 }
@@ -443,12 +432,10 @@ impl Source for MqttSource {
         let metrics = SourceMetrics::new(cx.metrics());
         let first = &self.connection.brokers[0];
         let options = self.connection.options(first).map_err(StageError::from)?;
-        let (client, eventloop) = AsyncClient::new(options, 1024);
-        let shared = Arc::new(Shared {
-            connection: AtomicU64::new(0),
-            reconnect: Notify::new(),
-        });
+        let (client, eventloop) = AsyncClient::new(options, 16);
+        let reconnect = Arc::new(Notify::new());
         let (messages_tx, mut messages) = mpsc::channel(QUEUE);
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop) = oneshot::channel();
         cx.readiness()
             .set_not_ready(&stage, "not connected to the MQTT broker yet");
@@ -462,17 +449,18 @@ impl Source for MqttSource {
                     .iter()
                     .map(|topic| SubscribeFilter::new(topic.clone(), self.config.qos()))
                     .collect(),
-                client: client.clone(),
-                shared: Arc::clone(&shared),
+                client,
+                reconnect: Arc::clone(&reconnect),
                 metrics: metrics.clone(),
                 cx: cx.clone(),
                 payload: self.config.payload,
+                current: None,
             }
-            .run(eventloop, messages_tx, stop),
+            .run(eventloop, messages_tx, acks_rx, stop),
         );
         let acker = Acker {
-            client: client.clone(),
-            shared,
+            acks: acks_tx,
+            reconnect,
             metrics: metrics.clone(),
         };
         let mut acks = JoinSet::new();
@@ -500,9 +488,8 @@ impl Source for MqttSource {
                     Err(_) => break,
                 }
             }
-            let (batch, memory, pending) = self
-                .decode(&mut group, &acker, &metrics, &mut log, &limits, &stage)
-                .await;
+            let (batch, memory, pending) =
+                self.decode(&mut group, &acker, &metrics, &mut log, &limits, &stage);
             if let Some(ack) = self
                 .hand_on(batch, memory, pending, &output, &cx, &acker)
                 .await
@@ -514,6 +501,9 @@ impl Source for MqttSource {
         drop(messages);
         drop(output);
         while acks.join_next().await.is_some() {}
+        // Every acknowledgement is queued now: the connection task writes
+        // them, then disconnects.
+        drop(acker);
         let _ = stop_tx.send(());
         let _ = connection_task.await;
         Ok(())
@@ -531,7 +521,7 @@ impl MqttSource {
     /// and acknowledged here. Returns the batch and the messages to
     /// acknowledge once it is accepted or written (all of one connection:
     /// a group that spans a reconnection is acknowledged per connection).
-    async fn decode(
+    fn decode(
         &self,
         group: &mut Vec<Delivered>,
         acker: &Acker,
@@ -609,7 +599,7 @@ impl MqttSource {
                     metrics.refused(refused.reason);
                     log.log(stage, &publish.topic, &refused);
                     if at_least_once {
-                        acker.ack(connection, &[publish.pkid]).await;
+                        acker.ack(connection, vec![publish.pkid]);
                     }
                 }
             }
@@ -638,9 +628,9 @@ impl MqttSource {
             }
         };
         if readings.is_empty() {
-            // Only messages at QoS 0, or all refused.
-            for p in &pending {
-                acker.ack(p.connection, &p.pkids).await;
+            // Messages at QoS 0, refused, or JSON arrays of no readings.
+            for p in pending {
+                acker.ack(p.connection, p.pkids);
             }
             return None;
         }
@@ -662,8 +652,8 @@ impl MqttSource {
             return None;
         }
         let Some(acknowledgement) = acknowledgement else {
-            for p in &pending {
-                acker.ack(p.connection, &p.pkids).await;
+            for p in pending {
+                acker.ack(p.connection, p.pkids);
             }
             return None;
         };
@@ -671,9 +661,9 @@ impl MqttSource {
         let shutdown = cx.shutdown().clone();
         Some(async move {
             let written = acknowledgement.await == Delivery::Written;
-            for p in &pending {
+            for p in pending {
                 if written {
-                    acker.ack(p.connection, &p.pkids).await;
+                    acker.ack(p.connection, p.pkids);
                 } else {
                     acker.give_back(&p.pkids, shutdown.is_triggered());
                 }
@@ -701,50 +691,89 @@ struct ConnectionTask {
     connection: Connection,
     filters: Vec<SubscribeFilter>,
     client: AsyncClient,
-    shared: Arc<Shared>,
+    reconnect: Arc<Notify>,
     metrics: SourceMetrics,
     cx: Context,
     payload: Payload,
+    /// The number of the connection up now, counted from 1.
+    current: Option<u64>,
+}
+
+/// What the connection task does next.
+enum Step {
+    Event(Result<Event, ConnectionError>),
+    Acks(Option<AckRequest>),
+    Reconnect,
+    Stop,
 }
 
 impl ConnectionTask {
     async fn run(
-        self,
+        mut self,
         mut eventloop: EventLoop,
         messages: mpsc::Sender<Delivered>,
+        mut acks: mpsc::UnboundedReceiver<AckRequest>,
         mut stop: oneshot::Receiver<()>,
     ) {
-        let stage = self.stage.as_str();
-        let brokers = &self.connection.brokers;
         let mut broker = 0;
         let mut backoff = Backoff::between(Duration::from_millis(100), Duration::from_secs(5));
         let mut failures = 0u64;
-        let mut connection = 0u64;
+        let mut connections = 0u64;
+        let mut stopping = false;
         loop {
-            let event = tokio::select! {
+            // Acknowledgements go first: each one lets the broker send
+            // another message. Polling the event loop is cancelled when one
+            // arrives; what it was reading stays in its buffer.
+            let step = tokio::select! {
                 biased;
-                _ = &mut stop => break,
-                _ = self.shared.reconnect.notified() => {
-                    tracing::info!(stage, "reconnecting so that the broker delivers again what was not written");
-                    eventloop.clean();
-                    self.disconnected(&brokers[broker], "reconnecting");
+                _ = &mut stop, if !stopping => Step::Stop,
+                // Not while connecting: acknowledgements of an earlier
+                // connection would cancel every attempt.
+                ack = acks.recv(), if self.current.is_some() => Step::Acks(ack),
+                _ = self.reconnect.notified() => Step::Reconnect,
+                event = eventloop.poll() => Step::Event(event),
+            };
+            let event = match step {
+                Step::Stop if self.current.is_none() => break,
+                Step::Stop => {
+                    // The stage has queued its last acknowledgements and
+                    // dropped its sender: write them, then leave.
+                    stopping = true;
                     continue;
                 }
-                event = eventloop.poll() => event,
+                Step::Acks(Some(first)) => {
+                    self.write_acks(&mut eventloop, first, &mut acks).await;
+                    continue;
+                }
+                Step::Acks(None) if stopping => break,
+                Step::Acks(None) => {
+                    // The stage ended without stopping this task first.
+                    break;
+                }
+                Step::Reconnect => {
+                    tracing::info!(
+                        stage = self.stage,
+                        "reconnecting so that the broker delivers again what was not written"
+                    );
+                    eventloop.clean();
+                    self.disconnected(broker, "reconnecting");
+                    continue;
+                }
+                Step::Event(event) => event,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connection += 1;
-                    self.shared.connection.store(connection, Ordering::Release);
+                    connections += 1;
+                    self.current = Some(connections);
                     self.metrics.connected.set(1);
                     self.metrics.connections.inc();
-                    self.cx.readiness().set_ready(stage);
+                    self.cx.readiness().set_ready(&self.stage);
                     backoff.reset();
                     tracing::info!(
-                        stage,
+                        stage = self.stage,
                         session_present = ack.session_present,
                         "connected to {} as `{}`{}",
-                        brokers[broker],
+                        self.connection.brokers[broker],
                         self.connection.client_id,
                         if failures > 0 {
                             format!(" after {failures} failed attempts")
@@ -758,7 +787,7 @@ impl ConnectionTask {
                     if (!ack.session_present || self.connection.clean_session)
                         && let Err(err) = self.client.try_subscribe_many(self.filters.clone())
                     {
-                        tracing::warn!(stage, "cannot subscribe, reconnecting: {err}");
+                        tracing::warn!(stage = self.stage, "cannot subscribe, reconnecting: {err}");
                         eventloop.clean();
                     }
                 }
@@ -770,7 +799,7 @@ impl ConnectionTask {
                         .count();
                     if refused > 0 {
                         tracing::error!(
-                            stage,
+                            stage = self.stage,
                             "the broker refused {refused} of the subscriptions {:?}: nothing arrives on them (check the broker's ACLs)",
                             self.filters
                                 .iter()
@@ -780,65 +809,101 @@ impl ConnectionTask {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let Some(connection) = self.current else {
+                        continue;
+                    };
+                    if stopping {
+                        // The stage takes no more: the broker keeps it.
+                        continue;
+                    }
                     let bytes = self
                         .payload
                         .decoded_bound(publish.payload.len(), publish.topic.len());
-                    // Waiting here is the backpressure: the socket is not
-                    // read, and the broker holds what is not sent.
-                    let reserved = tokio::select! {
-                        biased;
-                        _ = &mut stop => break,
-                        reserved = self.cx.memory().reserve(bytes) => reserved,
+                    // Waiting for memory, then for room in the queue, is the
+                    // backpressure: the socket is not read meanwhile and the
+                    // broker holds what it has not sent. Acknowledgements are
+                    // still written while waiting.
+                    let budget = self.cx.memory().clone();
+                    let reserve = budget.reserve(bytes);
+                    tokio::pin!(reserve);
+                    let reserved = loop {
+                        tokio::select! {
+                            biased;
+                            ack = acks.recv() => match ack {
+                                Some(first) => self.write_acks(&mut eventloop, first, &mut acks).await,
+                                None => break None,
+                            },
+                            reserved = &mut reserve => break Some(reserved),
+                        }
                     };
+                    let Some(reserved) = reserved else { break };
                     // A message that could decode to more than the whole
                     // budget is passed unreserved, to be refused.
-                    let memory = reserved.ok();
                     let delivered = Delivered {
                         connection,
                         publish,
-                        memory,
+                        memory: reserved.ok(),
                     };
-                    if messages.send(delivered).await.is_err() {
+                    let send = messages.send(delivered);
+                    tokio::pin!(send);
+                    let sent = loop {
+                        tokio::select! {
+                            biased;
+                            ack = acks.recv() => match ack {
+                                Some(first) => self.write_acks(&mut eventloop, first, &mut acks).await,
+                                None => break false,
+                            },
+                            sent = &mut send => break sent.is_ok(),
+                        }
+                    };
+                    if !sent {
                         // The stage stopped taking messages (shutdown): the
                         // broker keeps this one.
-                        continue;
+                        stopping = true;
                     }
                 }
                 Ok(_) => {}
                 Err(err) => {
-                    self.disconnected(&brokers[broker], &describe(&err));
+                    let why = describe(&err);
+                    self.disconnected(broker, &why);
                     if failures.is_multiple_of(10) {
                         tracing::warn!(
-                            stage,
-                            "MQTT broker {}: {}; retrying",
-                            brokers[broker],
-                            describe(&err)
+                            stage = self.stage,
+                            "MQTT broker {}: {why}; retrying",
+                            self.connection.brokers[broker],
                         );
                     }
                     failures += 1;
                     let delay = backoff.next_delay();
                     tokio::select! {
-                        _ = &mut stop => break,
+                        _ = &mut stop, if !stopping => stopping = true,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    if brokers.len() > 1 {
-                        broker = (broker + 1) % brokers.len();
-                        match self.connection.options(&brokers[broker]) {
+                    if stopping {
+                        // No connection to acknowledge on: the broker
+                        // delivers the rest again next time.
+                        break;
+                    }
+                    let brokers = self.connection.brokers.len();
+                    if brokers > 1 || self.connection.password_file.is_some() {
+                        // The next broker, or the same with a rotated password.
+                        broker = (broker + 1) % brokers;
+                        match self.connection.options(&self.connection.brokers[broker]) {
                             Ok(options) => eventloop.mqtt_options = options,
-                            Err(why) => tracing::warn!(stage, "{why}"),
-                        }
-                    } else if self.connection.password_file.is_some() {
-                        // The password file may have been rotated.
-                        match self.connection.options(&brokers[broker]) {
-                            Ok(options) => eventloop.mqtt_options = options,
-                            Err(why) => tracing::warn!(stage, "{why}"),
+                            Err(why) => tracing::warn!(stage = self.stage, "{why}"),
                         }
                     }
                 }
             }
         }
-        // Acknowledgements queued by now are written before disconnecting.
-        if self.client.try_disconnect().is_ok() {
+        // Whatever is still queued cannot be acknowledged now.
+        acks.close();
+        while let Ok(request) = acks.try_recv() {
+            self.metrics
+                .unacknowledged
+                .inc_by(request.pkids.len() as u64);
+        }
+        if self.current.is_some() && self.client.try_disconnect().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 loop {
                     match eventloop.poll().await {
@@ -849,17 +914,71 @@ impl ConnectionTask {
             })
             .await;
         }
-        self.shared.connection.store(0, Ordering::Release);
         self.metrics.connected.set(0);
     }
 
-    fn disconnected(&self, broker: &Broker, why: &str) {
-        self.shared.connection.store(0, Ordering::Release);
+    /// Writes the PUBACKs of `first` and of every request queued behind it
+    /// in one flush. Those of an earlier connection are dropped: on a
+    /// resumed session the broker has delivered them again, and an old
+    /// packet id may name another message now.
+    async fn write_acks(
+        &self,
+        eventloop: &mut EventLoop,
+        first: AckRequest,
+        acks: &mut mpsc::UnboundedReceiver<AckRequest>,
+    ) {
+        let mut written = 0u64;
+        let mut stale = 0u64;
+        let mut failed = false;
+        let mut next = Some(first);
+        while let Some(request) = next {
+            let count = request.pkids.len() as u64;
+            match (&mut eventloop.network, self.current) {
+                (Some(network), Some(current)) if current == request.connection && !failed => {
+                    for pkid in request.pkids {
+                        if network
+                            .write(Packet::PubAck(PubAck::new(pkid)))
+                            .await
+                            .is_err()
+                        {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed {
+                        stale += count;
+                    } else {
+                        written += count;
+                    }
+                }
+                _ => stale += count,
+            }
+            next = acks.try_recv().ok();
+        }
+        if written > 0 {
+            if let Some(network) = &mut eventloop.network
+                && network.flush().await.is_err()
+            {
+                // The next poll finds the connection broken and reconnects;
+                // the broker delivers these again.
+                stale += written;
+                written = 0;
+            }
+        }
+        self.metrics.acknowledged.inc_by(written);
+        self.metrics.unacknowledged.inc_by(stale);
+    }
+
+    fn disconnected(&mut self, broker: usize, why: &str) {
+        self.current = None;
         self.metrics.connected.set(0);
         self.metrics.connection_errors.inc();
         self.cx.readiness().set_not_ready(
             &self.stage,
-            format!("not connected to the MQTT broker {broker}: {why}"),
+            format!(
+                "not connected to the MQTT broker {}: {why}",
+                self.connection.brokers[broker]
+            ),
         );
     }
 }
