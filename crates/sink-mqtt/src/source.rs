@@ -955,15 +955,14 @@ impl ConnectionTask {
             }
             next = acks.try_recv().ok();
         }
-        if written > 0 {
-            if let Some(network) = &mut eventloop.network
-                && network.flush().await.is_err()
-            {
-                // The next poll finds the connection broken and reconnects;
-                // the broker delivers these again.
-                stale += written;
-                written = 0;
-            }
+        if written > 0
+            && let Some(network) = &mut eventloop.network
+            && network.flush().await.is_err()
+        {
+            // The next poll finds the connection broken and reconnects;
+            // the broker delivers these again.
+            stale += written;
+            written = 0;
         }
         self.metrics.acknowledged.inc_by(written);
         self.metrics.unacknowledged.inc_by(stale);
