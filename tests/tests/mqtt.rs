@@ -724,3 +724,64 @@ async fn mqtts_with_a_private_ca_round_trips() {
     let expected: Vec<String> = (0..50).map(|i| format!("t/s{i}")).collect();
     assert!(wait_for_names(&out, &expected));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: .ci/system/55-mqtt.sh"]
+async fn credentials_from_a_password_file_and_a_refusal_named_in_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&users)
+        .args(["sensor-sink", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto)");
+    assert!(status.success());
+    let mut broker = Mosquitto::start(dir.path());
+    broker.stop();
+    let conf = std::fs::read_to_string(&broker.config).unwrap();
+    std::fs::write(
+        &broker.config,
+        conf.replace(
+            "allow_anonymous true",
+            &format!("allow_anonymous false\npassword_file {}", users.display()),
+        ),
+    )
+    .unwrap();
+    broker.restart();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "wrong\n").unwrap();
+    let out = dir.path().join("out.json");
+    let sink = SinkProcess::start(&pipeline(
+        &broker.url(),
+        &format!(
+            "topics = [\"c/#\"]\nclient_id = \"t-creds\"\nusername = \"sensor-sink\"\npassword_file = \"{}\"",
+            secret.display()
+        ),
+        &out,
+    ));
+    assert!(
+        wait_until(|| ready(&sink).1.contains("refused")),
+        "{:?}",
+        ready(&sink)
+    );
+    assert_eq!(ready(&sink).0, 503);
+    // Read again on the next attempt: a rotated secret needs no restart.
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    assert!(wait_until_for(Duration::from_secs(15), || ready(&sink).0 == 200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut options = MqttOptions::new("c-publisher", "127.0.0.1", broker.port);
+    options.set_credentials("sensor-sink", "s3cret");
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client
+        .publish("c/t1", QoS::AtLeastOnce, false, b"7".to_vec())
+        .await
+        .unwrap();
+    loop {
+        match eventloop.poll().await.expect("publisher") {
+            Event::Incoming(Packet::PubAck(_)) => break,
+            _ => continue,
+        }
+    }
+    assert!(wait_for_names(&out, &["c/t1".to_string()]));
+}
