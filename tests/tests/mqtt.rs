@@ -96,6 +96,15 @@ impl Mosquitto {
         );
     }
 
+    /// Restarts with `from` replaced by `to` in its config.
+    fn reconfigure(&mut self, from: &str, to: &str) {
+        self.stop();
+        let config = std::fs::read_to_string(&self.config).expect("read mosquitto.conf");
+        assert!(config.contains(from), "{from:?} is not in mosquitto.conf");
+        std::fs::write(&self.config, config.replace(from, to)).expect("write mosquitto.conf");
+        self.restart();
+    }
+
     /// SIGTERM: mosquitto saves its store and exits.
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -230,6 +239,18 @@ fn wait_until_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     condition()
 }
 
+/// Starts `sink` on `pipeline` and waits until its `sources` mqtt sources
+/// have subscribed: a broker keeps nothing for a subscription not made yet.
+fn start_subscribed(pipeline: &str, sources: usize) -> SinkProcess {
+    let sink = SinkProcess::start(pipeline);
+    assert!(
+        wait_until(|| sink.count_log("subscribed to") >= sources),
+        "{}",
+        sink.log_text()
+    );
+    sink
+}
+
 fn refused(sink: &SinkProcess, reason: &str) -> f64 {
     sink.metric("sink_mqtt_messages_refused_total", &[("reason", reason)])
         .unwrap_or(0.0)
@@ -267,20 +288,7 @@ async fn every_payload_kind_and_topic_pattern_arrive_exact() {
         "inputs = [\"field\"]",
         "inputs = [\"field\", \"json\", \"proto\"]",
     );
-    let sink = SinkProcess::start(&pipeline);
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    // Each source subscribes once connected; the broker keeps nothing for a
-    // subscription that does not exist yet.
-    assert!(wait_until(|| sink
-        .log_lines()
-        .iter()
-        .filter(|line| line.contains("connected to mqtt://"))
-        .count()
-        >= 3));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sink = start_subscribed(&pipeline, 3);
     let request = SensorValuesRequest {
         items: vec![SensorValue {
             sensor_name: "p1".into(),
@@ -367,25 +375,16 @@ async fn poison_messages_are_counted_acknowledged_and_never_stall_the_session() 
     let mut broker = Mosquitto::start(dir.path());
     // One message in flight at a time: a poison message left unacknowledged
     // would stall the session for good.
-    broker.stop();
-    let conf = std::fs::read_to_string(&broker.config).unwrap();
-    std::fs::write(
-        &broker.config,
-        conf.replace("max_inflight_messages 1000", "max_inflight_messages 1"),
-    )
-    .unwrap();
-    broker.restart();
+    broker.reconfigure("max_inflight_messages 1000", "max_inflight_messages 1");
     let out = dir.path().join("out.json");
-    let sink = SinkProcess::start(&pipeline(
-        &broker.url(),
-        "topics = [\"p/#\"]\nclient_id = \"t-poison\"\npayload = \"json\"\ntopic_pattern = \"p/{sensor_name}\"\nmax_payload_bytes = \"1KiB\"\nacknowledge = \"written\"",
-        &out,
-    ));
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sink = start_subscribed(
+        &pipeline(
+            &broker.url(),
+            "topics = [\"p/#\"]\nclient_id = \"t-poison\"\npayload = \"json\"\ntopic_pattern = \"p/{sensor_name}\"\nmax_payload_bytes = \"1KiB\"\nacknowledge = \"written\"",
+            &out,
+        ),
+        1,
+    );
     let poison: Vec<(&str, Vec<u8>)> = vec![
         ("p/a", b"not json".to_vec()),
         ("p/b", br#"{"sensor_value":"#.to_vec()),
@@ -445,12 +444,7 @@ async fn a_sink_killed_mid_stream_loses_nothing_the_broker_accepted() {
     // one lost unless its message was left unacknowledged.
     .replace("max_events = 500", "max_events = 100000")
     .replace("flush_interval = \"100ms\"", "flush_interval = \"1s\"");
-    let mut sink = SinkProcess::start(&pipeline);
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sink = start_subscribed(&pipeline, 1);
     const TOTAL: usize = 20_000;
     let expected: Vec<String> = (0..TOTAL).map(|i| format!("k/s{i}")).collect();
     // A first half, written; then the second, with the sink killed once it
@@ -480,7 +474,7 @@ async fn a_sink_killed_mid_stream_loses_nothing_the_broker_accepted() {
         "the sink was killed after writing {before}"
     );
     // The broker keeps the session's messages while the sink is away.
-    let sink = SinkProcess::start(&pipeline);
+    let sink = start_subscribed(&pipeline);
     publisher
         .await
         .expect("every message accepted by the broker");
@@ -514,13 +508,7 @@ async fn a_broker_restarted_mid_stream_loses_nothing_and_readiness_follows_it() 
         &out,
     )
     .replace("flush_interval = \"100ms\"", "flush_interval = \"1s\"");
-    let sink = SinkProcess::start(&pipeline);
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    assert!(wait_until(|| ready(&sink).0 == 200));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sink = SinkProcess::start(&pipeline, 1);
     publish(broker.port, number_messages("r", 0..3000), QoS::AtLeastOnce).await;
     broker.stop();
     assert!(wait_until(|| ready(&sink).0 == 503), "{:?}", ready(&sink));
@@ -558,12 +546,7 @@ async fn a_persistent_session_keeps_what_arrives_while_the_sink_is_stopped() {
         "topics = [\"s/#\"]\nclient_id = \"t-session\"",
         &out,
     );
-    let mut sink = SinkProcess::start(&pipeline);
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sink = start_subscribed(&pipeline, 1);
     sink.stop();
     publish(broker.port, number_messages("s", 0..500), QoS::AtLeastOnce).await;
     let _sink = SinkProcess::start(&pipeline);
@@ -578,16 +561,14 @@ async fn qos_0_arrives_without_acknowledgements() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path());
     let out = dir.path().join("out.json");
-    let sink = SinkProcess::start(&pipeline(
-        &broker.url(),
-        "topics = [\"z/#\"]\nclient_id = \"t-qos0\"\nqos = 0\nclean_session = true",
-        &out,
-    ));
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sink = start_subscribed(
+        &pipeline(
+            &broker.url(),
+            "topics = [\"z/#\"]\nclient_id = \"t-qos0\"\nqos = 0\nclean_session = true",
+            &out,
+        ),
+        1,
+    );
     publish(broker.port, number_messages("z", 0..200), QoS::AtLeastOnce).await;
     let expected: Vec<String> = (0..200).map(|i| format!("z/s{i}")).collect();
     assert!(wait_for_names(&out, &expected));
@@ -622,12 +603,7 @@ async fn a_stuck_pipeline_stays_within_memory_limit_and_the_broker_holds_the_res
             "delay_per_batch = \"1h\""
         ),
     );
-    let sink = SinkProcess::start(&pipeline);
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sink = start_subscribed(&pipeline, 1);
     // 30 MB of readings, 30 times the limit.
     let label = "v".repeat(900);
     let payload = format!(r#"{{"sensor_value":1,"labels":{{"k":"{label}"}}}}"#).into_bytes();
@@ -640,6 +616,8 @@ async fn a_stuck_pipeline_stays_within_memory_limit_and_the_broker_holds_the_res
             .unwrap_or(0.0)
             > 0.0
     }));
+    // Every message is at the broker now; a second in which a source that
+    // did not stop reading would take in the rest.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let received = sink
         .metric("sink_mqtt_messages_received_total", &[])
@@ -690,19 +668,17 @@ async fn mqtts_with_a_private_ca_round_trips() {
     );
     let out = dir.path().join("out.json");
     let url = format!("mqtts://127.0.0.1:{}", broker.port);
-    let sink = SinkProcess::start(&pipeline(
-        &url,
-        &format!(
-            "topics = [\"t/#\"]\nclient_id = \"t-tls\"\ntls = {{ ca = \"{}\" }}",
-            ca_path.display()
+    let sink = start_subscribed(
+        &pipeline(
+            &url,
+            &format!(
+                "topics = [\"t/#\"]\nclient_id = \"t-tls\"\ntls = {{ ca = \"{}\" }}",
+                ca_path.display()
+            ),
+            &out,
         ),
-        &out,
-    ));
-    assert!(wait_until(|| sink
-        .metric("sink_mqtt_connected", &[])
-        .unwrap_or(0.0)
-        >= 1.0));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        1,
+    );
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
@@ -738,17 +714,10 @@ async fn credentials_from_a_password_file_and_a_refusal_named_in_readiness() {
         .expect("mosquitto_passwd (package mosquitto)");
     assert!(status.success());
     let mut broker = Mosquitto::start(dir.path());
-    broker.stop();
-    let conf = std::fs::read_to_string(&broker.config).unwrap();
-    std::fs::write(
-        &broker.config,
-        conf.replace(
-            "allow_anonymous true",
-            &format!("allow_anonymous false\npassword_file {}", users.display()),
-        ),
-    )
-    .unwrap();
-    broker.restart();
+    broker.reconfigure(
+        "allow_anonymous true",
+        &format!("allow_anonymous false\npassword_file {}", users.display()),
+    );
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "wrong\n").unwrap();
     let out = dir.path().join("out.json");
@@ -768,8 +737,10 @@ async fn credentials_from_a_password_file_and_a_refusal_named_in_readiness() {
     assert_eq!(ready(&sink).0, 503);
     // Read again on the next attempt: a rotated secret needs no restart.
     std::fs::write(&secret, "s3cret\n").unwrap();
-    assert!(wait_until_for(Duration::from_secs(15), || ready(&sink).0 == 200));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(wait_until_for(Duration::from_secs(15), || sink
+        .count_log("subscribed to")
+        == 1));
+    assert_eq!(ready(&sink).0, 200);
     let mut options = MqttOptions::new("c-publisher", "127.0.0.1", broker.port);
     options.set_credentials("sensor-sink", "s3cret");
     let (client, mut eventloop) = AsyncClient::new(options, 10);

@@ -797,14 +797,13 @@ impl ConnectionTask {
                         .iter()
                         .filter(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure))
                         .count();
-                    if refused > 0 {
+                    let filters: Vec<&str> = self.filters.iter().map(|f| f.path.as_str()).collect();
+                    if refused == 0 {
+                        tracing::info!(stage = self.stage, "subscribed to {filters:?}");
+                    } else {
                         tracing::error!(
                             stage = self.stage,
-                            "the broker refused {refused} of the subscriptions {:?}: nothing arrives on them (check the broker's ACLs)",
-                            self.filters
-                                .iter()
-                                .map(|f| f.path.as_str())
-                                .collect::<Vec<_>>()
+                            "the broker refused {refused} of the subscriptions {filters:?}: nothing arrives on them (check the broker's ACLs)"
                         );
                     }
                 }
@@ -824,19 +823,12 @@ impl ConnectionTask {
                     // broker holds what it has not sent. Acknowledgements are
                     // still written while waiting.
                     let budget = self.cx.memory().clone();
-                    let reserve = budget.reserve(bytes);
-                    tokio::pin!(reserve);
-                    let reserved = loop {
-                        tokio::select! {
-                            biased;
-                            ack = acks.recv() => match ack {
-                                Some(first) => self.write_acks(&mut eventloop, first, &mut acks).await,
-                                None => break None,
-                            },
-                            reserved = &mut reserve => break Some(reserved),
-                        }
+                    let Some(reserved) = self
+                        .acking(&mut eventloop, &mut acks, budget.reserve(bytes))
+                        .await
+                    else {
+                        break;
                     };
-                    let Some(reserved) = reserved else { break };
                     // A message that could decode to more than the whole
                     // budget is passed unreserved, to be refused.
                     let delivered = Delivered {
@@ -844,18 +836,10 @@ impl ConnectionTask {
                         publish,
                         memory: reserved.ok(),
                     };
-                    let send = messages.send(delivered);
-                    tokio::pin!(send);
-                    let sent = loop {
-                        tokio::select! {
-                            biased;
-                            ack = acks.recv() => match ack {
-                                Some(first) => self.write_acks(&mut eventloop, first, &mut acks).await,
-                                None => break false,
-                            },
-                            sent = &mut send => break sent.is_ok(),
-                        }
-                    };
+                    let sent = self
+                        .acking(&mut eventloop, &mut acks, messages.send(delivered))
+                        .await
+                        .is_some_and(|sent| sent.is_ok());
                     if !sent {
                         // The stage stopped taking messages (shutdown): the
                         // broker keeps this one.
@@ -915,6 +899,27 @@ impl ConnectionTask {
             .await;
         }
         self.metrics.connected.set(0);
+    }
+
+    /// Waits for `wait`, writing acknowledgements as they come meanwhile;
+    /// `None` once the stage has queued its last one.
+    async fn acking<F: Future>(
+        &self,
+        eventloop: &mut EventLoop,
+        acks: &mut mpsc::UnboundedReceiver<AckRequest>,
+        wait: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                biased;
+                ack = acks.recv() => match ack {
+                    Some(first) => self.write_acks(eventloop, first, acks).await,
+                    None => return None,
+                },
+                done = &mut wait => return Some(done),
+            }
+        }
     }
 
     /// Writes the PUBACKs of `first` and of every request queued behind it
