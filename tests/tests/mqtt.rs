@@ -473,8 +473,9 @@ async fn a_sink_killed_mid_stream_loses_nothing_the_broker_accepted() {
         before <= TOTAL - 2_000,
         "the sink was killed after writing {before}"
     );
-    // The broker keeps the session's messages while the sink is away.
-    let sink = start_subscribed(&pipeline);
+    // The broker keeps the session's messages while the sink is away, and
+    // its subscription: the restarted sink resumes it.
+    let sink = SinkProcess::start(&pipeline);
     publisher
         .await
         .expect("every message accepted by the broker");
@@ -508,7 +509,8 @@ async fn a_broker_restarted_mid_stream_loses_nothing_and_readiness_follows_it() 
         &out,
     )
     .replace("flush_interval = \"100ms\"", "flush_interval = \"1s\"");
-    let sink = SinkProcess::start(&pipeline, 1);
+    let sink = start_subscribed(&pipeline, 1);
+    assert_eq!(ready(&sink).0, 200);
     publish(broker.port, number_messages("r", 0..3000), QoS::AtLeastOnce).await;
     broker.stop();
     assert!(wait_until(|| ready(&sink).0 == 503), "{:?}", ready(&sink));
@@ -668,7 +670,7 @@ async fn mqtts_with_a_private_ca_round_trips() {
     );
     let out = dir.path().join("out.json");
     let url = format!("mqtts://127.0.0.1:{}", broker.port);
-    let sink = start_subscribed(
+    let _sink = start_subscribed(
         &pipeline(
             &url,
             &format!(
