@@ -758,3 +758,23 @@ async fn credentials_from_a_password_file_and_a_refusal_named_in_readiness() {
     }
     assert!(wait_for_names(&out, &["c/t1".to_string()]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: .ci/system/55-mqtt.sh"]
+async fn a_list_of_brokers_moves_past_one_that_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let down = format!("mqtt://127.0.0.1:{}", free_port());
+    let out = dir.path().join("out.json");
+    let sink = start_subscribed(
+        &pipeline(&down, "topics = [\"l/#\"]\nclient_id = \"t-list\"", &out).replace(
+            &format!("url = \"{down}\""),
+            &format!("url = [\"{down}\", \"{}\"]", broker.url()),
+        ),
+        1,
+    );
+    assert!(sink.log_text().contains(&format!("MQTT broker {down}")));
+    publish(broker.port, number_messages("l", 0..10), QoS::AtLeastOnce).await;
+    let expected: Vec<String> = (0..10).map(|i| format!("l/s{i}")).collect();
+    assert!(wait_for_names(&out, &expected));
+}
