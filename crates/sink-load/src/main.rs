@@ -9,6 +9,7 @@
 //! `sink-load --count 10` sends ten readings to a sink on the default address.
 
 mod client;
+mod mqtt;
 mod requests;
 mod stats;
 mod tls;
@@ -110,6 +111,22 @@ struct Args {
     /// No progress lines on stderr.
     #[arg(long, short)]
     quiet: bool,
+
+    /// Publish to this MQTT broker (`mqtt://HOST:PORT`) instead of calling
+    /// the sink: one reading per message, its value as text, on
+    /// `<--mqtt-topic>/s<i>`; `--connections` publishing clients, each with
+    /// `--concurrency` messages in flight.
+    #[arg(long)]
+    mqtt: Option<String>,
+
+    /// QoS of what `--mqtt` publishes: 1 counts a message once the broker
+    /// acknowledged it, 0 once sent.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    mqtt_qos: u8,
+
+    /// Topic prefix of what `--mqtt` publishes.
+    #[arg(long, default_value = "sensors/load")]
+    mqtt_topic: String,
 }
 
 /// Default length of a run given neither --duration nor --count.
@@ -183,6 +200,23 @@ struct RetryPolicy {
 }
 
 async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
+    if let Some(url) = &args.mqtt {
+        let load = mqtt::MqttLoad {
+            url: url.clone(),
+            qos: args.mqtt_qos,
+            topic: args.mqtt_topic.clone(),
+            sensors: args.sensors,
+            count: args.count,
+            duration: args.duration.unwrap_or(if args.count.is_some() {
+                Duration::from_secs(365 * 24 * 3600)
+            } else {
+                DEFAULT_DURATION
+            }),
+            connections: args.connections,
+            in_flight: u16::try_from(args.concurrency).unwrap_or(u16::MAX),
+        };
+        return Ok((mqtt::run(&load).await?, None));
+    }
     if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
         anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
     }

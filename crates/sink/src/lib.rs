@@ -29,6 +29,7 @@ pub mod top;
 use std::process::ExitCode;
 
 // The built-in stages register themselves when linked; naming the crate links it.
+use sink_mqtt as _;
 use sink_nats as _;
 use sink_prometheus as _;
 use sink_stages as _;
