@@ -154,21 +154,39 @@ async fn open(config: &PostgresSinkConfig) -> Result<Session, Refusal> {
         .connection()
         .await
         .map_err(|message| Refusal::permanent("config", "password_file", message))?;
-    let (client, connection) = settings
-        .connect(NoTls)
-        .await
-        .map_err(|err| classify(&err, "url"))?;
+    // `connect_timeout` bounds the TCP connection alone; a server that
+    // accepts it and then stalls (SIGSTOP, an overloaded host) would hold
+    // the startup exchange forever.
+    let (client, connection) =
+        tokio::time::timeout(config.connect_timeout, settings.connect(NoTls))
+            .await
+            .map_err(|_| {
+                Refusal::Transient(format!(
+                    "no answer within connect_timeout ({:?})",
+                    config.connect_timeout
+                ))
+            })?
+            .map_err(|err| classify(&err, "url"))?;
     // The connection's I/O runs on its own task and ends when the client is
     // dropped; its error, if any, reaches the client's next call.
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let target = schema::prepare(&client, &config.table, config.create_table)
-        .await
-        .map_err(|err| match err {
-            SchemaError::Unfit(message) => Refusal::permanent("table", "table", message),
-            SchemaError::Database(err) => classify(&err, "table"),
-        })?;
+    let target = tokio::time::timeout(
+        config.statement_timeout,
+        schema::prepare(&client, &config.table, config.create_table),
+    )
+    .await
+    .map_err(|_| {
+        Refusal::Transient(format!(
+            "the table check got no answer within statement_timeout ({:?})",
+            config.statement_timeout
+        ))
+    })?
+    .map_err(|err| match err {
+        SchemaError::Unfit(message) => Refusal::permanent("table", "table", message),
+        SchemaError::Database(err) => classify(&err, "table"),
+    })?;
     Ok(Session {
         client,
         target,
@@ -498,7 +516,8 @@ impl Writer {
                 // the failed transaction is rolled back.
                 let usable = match (&self.session, err.as_db_error()) {
                     (Some(session), Some(_)) if !session.client.is_closed() => {
-                        session.client.batch_execute("ROLLBACK").await.is_ok()
+                        let rollback = session.client.batch_execute("ROLLBACK");
+                        matches!(tokio::time::timeout(deadline, rollback).await, Ok(Ok(())))
                     }
                     _ => false,
                 };
