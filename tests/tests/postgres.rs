@@ -671,7 +671,7 @@ async fn kill_9_of_the_sink_loses_no_reading_acknowledged_as_written() {
     let tasks = start_load(sink.address("sensors"), 8, "k", &stop, &oks);
     assert!(wait_for(|| oks.load(Ordering::Relaxed) >= 300, DEADLINE).await);
     sink.signal(libc::SIGKILL);
-    // Every client's next call fails, which ends its loop.
+    stop.store(true, Ordering::Relaxed);
     let load = finish_load(tasks).await;
     sink.wait_exit();
     let written = db.names("readings").await;
@@ -857,4 +857,111 @@ async fn a_stalled_database_holds_clients_within_the_memory_limit_and_then_catch
         load.failed
     );
     assert_eq!(duplicates, 0);
+}
+
+/// A TCP proxy in front of the server that breaks the connection around the
+/// first `COMMIT`s it sees, as a network failure or a crash at the worst
+/// moment would: the first `forwarded` of them reach the server (which
+/// commits) before the connection is cut, the next `swallowed` do not (the
+/// server aborts). Connections after that pass untouched.
+async fn commit_cutting_proxy(upstream: u16, forwarded: usize, swallowed: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cuts = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                continue;
+            };
+            let cuts = Arc::clone(&cuts);
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let mut answers = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    let Ok(read) = client_read.read(&mut buffer).await else {
+                        break;
+                    };
+                    if read == 0 {
+                        break;
+                    }
+                    let chunk = &buffer[..read];
+                    let commit = chunk.windows(7).any(|w| w == b"COMMIT\0");
+                    let cut = if commit {
+                        cuts.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            (n < forwarded + swallowed).then_some(n + 1)
+                        })
+                        .ok()
+                    } else {
+                        None
+                    };
+                    match cut {
+                        Some(n) if n < forwarded => {
+                            // Nothing goes back to the client from now on.
+                            answers.abort();
+                            let _ = (&mut answers).await;
+                            let _ = server_write.write_all(chunk).await;
+                            // Let the server commit, then lose its answer.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            break;
+                        }
+                        Some(_) => break,
+                        None => {
+                            if server_write.write_all(chunk).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "system test: needs PostgreSQL; run by .ci/system/55-postgres.sh"]
+async fn a_commit_whose_answer_is_lost_is_settled_by_the_server_and_written_once() {
+    let db = Postgres::start();
+    let proxy = commit_cutting_proxy(db.port, 1, 1).await;
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{proxy}/postgres",
+        SUPERUSER_PASSWORD.replace(' ', "%20")
+    );
+    let text = format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}{}",
+        grpc("sensors", "acknowledge = \"written\""),
+        postgres(
+            "db",
+            &["sensors"],
+            &url,
+            "table = \"readings\"\ncreate_table = true"
+        ),
+    );
+    let mut sink = SinkProcess::start(&text);
+    let mut client = sink.client("sensors").await;
+    // One call at a time, each its own transaction: the first COMMIT is cut
+    // after the server got it, the second before.
+    let names = send_all(&mut client, "doubt", 4, 25).await;
+    let written = db.names("readings").await;
+    assert_eq!(
+        check_written(&names, &written, &sink.log_text()),
+        0,
+        "a row was written twice"
+    );
+    assert_eq!(written.len(), names.len());
+    let outcome = |outcome| {
+        sink.metric(
+            "sink_postgres_commits_in_doubt_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(outcome("committed"), Some(1.0), "{}", sink.log_text());
+    assert_eq!(outcome("aborted"), Some(1.0), "{}", sink.log_text());
+    sink.stop();
 }
