@@ -882,10 +882,7 @@ async fn commit_cutting_proxy(upstream: u16, forwarded: usize, swallowed: usize)
                     let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
                 });
                 let mut buffer = vec![0u8; 64 * 1024];
-                loop {
-                    let Ok(read) = client_read.read(&mut buffer).await else {
-                        break;
-                    };
+                while let Ok(read) = client_read.read(&mut buffer).await {
                     if read == 0 {
                         break;
                     }
