@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use sink_e2e::tls;
 use sink_e2e::*;
 use sink_proto::sensor_value::Measurement;
 use sink_proto::{SensorValue, SensorValuesRequest};
@@ -961,4 +962,92 @@ async fn a_commit_whose_answer_is_lost_is_settled_by_the_server_and_written_once
     assert_eq!(outcome("committed"), Some(1.0), "{}", sink.log_text());
     assert_eq!(outcome("aborted"), Some(1.0), "{}", sink.log_text());
     sink.stop();
+}
+
+impl Postgres {
+    /// Turns TLS on with a certificate for 127.0.0.1 signed by `ca`, and
+    /// makes the server refuse user `sink` over plaintext.
+    fn require_tls_for_sink(&self, ca: &tls::TestCa) {
+        let data = PathBuf::from(self.data());
+        let (cert, key) = ca.server(1, 30.0).write(&data, "server");
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(
+            &hba,
+            format!("hostnossl all sink 0.0.0.0/0 reject\n{rules}"),
+        )
+        .unwrap();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&cert)
+                .arg(&key)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        self.pg("pg_ctl", &["-D", &self.data(), "-w", "reload"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "system test: needs PostgreSQL; run by .ci/system/55-postgres.sh"]
+async fn tls_verified_against_the_ca_carries_readings_and_a_foreign_ca_or_plaintext_is_refused() {
+    let db = Postgres::start();
+    let ca = tls::TestCa::new("postgres test CA");
+    db.require_tls_for_sink(&ca);
+    db.execute(
+        "CREATE ROLE sink LOGIN PASSWORD 'sink';
+         CREATE TABLE readings (sensor_name text NOT NULL, labels jsonb NOT NULL DEFAULT '{}', \
+           sensor_value bigint, sensor_value_float float8, created_at timestamptz, \
+           received_at timestamptz NOT NULL);
+         GRANT INSERT ON readings TO sink;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let foreign = tls::TestCa::new("another CA").write(dir.path(), "foreign.crt");
+    let url = db.url("sink", "sink");
+    let keys = |mode: &str, ca: &Path| {
+        format!(
+            "table = \"readings\"\ntls = {{ mode = \"{mode}\", ca = \"{}\" }}",
+            ca.display()
+        )
+    };
+
+    let mut sink = SinkProcess::start(&pipeline(
+        &url,
+        "acknowledge = \"written\"",
+        &keys("verify-full", &ca_file),
+    ));
+    let mut client = sink.client("sensors").await;
+    let names = send_all(&mut client, "tls", 3, 10).await;
+    assert_eq!(
+        check_written(&names, &db.names("readings").await, &sink.log_text()),
+        0
+    );
+    sink.stop();
+
+    refused(
+        &url,
+        "table = \"readings\"",
+        "url",
+        &["pg_hba.conf rejects connection"],
+    );
+    refused(
+        &url,
+        &keys("verify-full", &foreign),
+        "tls",
+        &["TLS refused"],
+    );
+    refused(&url, &keys("verify-ca", &foreign), "tls", &["TLS refused"]);
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sink_api::ConfigError;
 
+use crate::tls::PostgresTls;
+
 /// Writes readings into a PostgreSQL table with `COPY`, one transaction per
 /// batch; a batch counts as written once its transaction has committed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -41,6 +43,11 @@ pub struct PostgresSinkConfig {
     /// each committed before the next starts.
     #[serde(default = "default_max_batch_rows")]
     pub max_batch_rows: usize,
+    /// TLS to the server: `{ mode = "verify-full", ca = "ca.crt" }` (modes
+    /// `"verify-full"`, `"verify-ca"`, `"require"`, as libpq's `sslmode`;
+    /// `cert` and `key` for a client certificate). Absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<PostgresTls>,
     /// How long connecting may take before it counts as failed and is retried.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
@@ -90,11 +97,16 @@ impl PostgresSinkConfig {
         if config.get_hosts().is_empty() {
             return Err(ConfigError::new("url", "names no host"));
         }
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require && self.tls.is_none() {
             return Err(ConfigError::new(
                 "url",
-                "sslmode=require: this sink does not speak TLS yet; use sslmode=disable (or prefer) on a trusted network",
+                "sslmode=require: say how to check the server with the `tls` key instead \
+                 (`tls = { mode = \"verify-full\", ca = \"ca.crt\" }`, or `mode = \"require\"`)",
             ));
+        }
+        if let Some(tls) = &self.tls {
+            tls.check()
+                .map_err(|(key, message)| ConfigError::new(key, message))?;
         }
         table_name(&self.table).map_err(|err| ConfigError::new("table", err))?;
         if self.max_batch_rows == 0 {
@@ -120,6 +132,7 @@ impl PostgresSinkConfig {
             || self.create_table != other.create_table
             || self.password_file != other.password_file
             || self.connect_timeout != other.connect_timeout
+            || self.tls != other.tls
     }
 
     /// The connection settings, with the password from `password_file`.
@@ -127,6 +140,9 @@ impl PostgresSinkConfig {
         let mut config = tokio_postgres::Config::from_str(&self.url)
             .map_err(|err| format!("not a PostgreSQL connection string: {err}"))?;
         config.connect_timeout(self.connect_timeout);
+        if self.tls.is_some() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         if config.get_application_name().is_none() {
             config.application_name("telemetry-sink");
         }
@@ -248,6 +264,7 @@ mod tests {
             create_table: false,
             method: Method::default(),
             password_file: None,
+            tls: None,
             max_batch_rows: 10,
             connect_timeout: Duration::from_secs(1),
             statement_timeout: Duration::from_secs(1),

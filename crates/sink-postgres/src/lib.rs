@@ -15,5 +15,7 @@ pub mod config;
 pub mod encode;
 pub mod schema;
 mod sink;
+pub mod tls;
 
 pub use config::{Method, PostgresSinkConfig};
+pub use tls::{PostgresTls, TlsMode};

@@ -35,6 +35,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use crate::config::{Method, PostgresSinkConfig};
 use crate::encode::{self, Binary, COLUMNS, Columns, CopyEncoder, Text};
 use crate::schema::{self, SchemaError, Target};
+use crate::tls::MakeRustls;
 
 /// COPY data is sent on in pieces of about this size, so that what the sink
 /// holds besides its batch stays bounded whatever the batch.
@@ -140,6 +141,24 @@ fn classify(err: &tokio_postgres::Error, key: &'static str) -> Refusal {
     }
 }
 
+/// As [`classify`], and a handshake the certificates refused is a mistake
+/// in `tls`, not something to retry.
+fn classify_tls(err: &tokio_postgres::Error) -> Refusal {
+    let mut cause = std::error::Error::source(err);
+    while let Some(error) = cause {
+        let refused = error.downcast_ref::<rustls::Error>().is_some()
+            || error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+        if refused {
+            return Refusal::permanent("tls", "tls", format!("TLS refused: {err}"));
+        }
+        cause = error.source();
+    }
+    classify(err, "url")
+}
+
 /// An open connection whose table has been checked.
 struct Session {
     client: Client,
@@ -157,21 +176,39 @@ async fn open(config: &PostgresSinkConfig) -> Result<Session, Refusal> {
     // `connect_timeout` bounds the TCP connection alone; a server that
     // accepts it and then stalls (SIGSTOP, an overloaded host) would hold
     // the startup exchange forever.
-    let (client, connection) =
-        tokio::time::timeout(config.connect_timeout, settings.connect(NoTls))
-            .await
-            .map_err(|_| {
-                Refusal::Transient(format!(
-                    "no answer within connect_timeout ({:?})",
-                    config.connect_timeout
-                ))
-            })?
-            .map_err(|err| classify(&err, "url"))?;
+    let timed_out = || {
+        Refusal::Transient(format!(
+            "no answer within connect_timeout ({:?})",
+            config.connect_timeout
+        ))
+    };
     // The connection's I/O runs on its own task and ends when the client is
     // dropped; its error, if any, reaches the client's next call.
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let client = match &config.tls {
+        None => {
+            let (client, connection) =
+                tokio::time::timeout(config.connect_timeout, settings.connect(NoTls))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|err| classify(&err, "url"))?;
+            tokio::spawn(connection);
+            client
+        }
+        Some(tls) => {
+            let rustls = tls
+                .client_config()
+                .await
+                .map_err(|message| Refusal::permanent("tls", "tls", message))?;
+            let make = MakeRustls(Arc::new(rustls));
+            let (client, connection) =
+                tokio::time::timeout(config.connect_timeout, settings.connect(make))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|err| classify_tls(&err))?;
+            tokio::spawn(connection);
+            client
+        }
+    };
     let target = tokio::time::timeout(
         config.statement_timeout,
         schema::prepare(&client, &config.table, config.create_table),
