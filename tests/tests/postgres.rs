@@ -1051,3 +1051,86 @@ async fn tls_verified_against_the_ca_carries_readings_and_a_foreign_ca_or_plaint
     );
     refused(&url, &keys("verify-ca", &foreign), "tls", &["TLS refused"]);
 }
+
+/// The stage API's conformance check (batches of 97, a reload midway, a
+/// shutdown, every token resolved as written) on the real server, with the
+/// conformance readings and, read back, each reading's name and value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "system test: needs PostgreSQL; run by .ci/system/55-postgres.sh"]
+async fn the_sink_passes_the_stage_conformance_check_against_the_real_server() {
+    use sink_api::Value;
+    use sink_postgres::{Method, PostgresSinkConfig};
+
+    let db = Postgres::start();
+    let config = PostgresSinkConfig {
+        url: String::new(),
+        table: "conformance".into(),
+        create_table: true,
+        method: Method::CopyBinary,
+        password_file: Some(db.dir.path().join("pw")),
+        tls: None,
+        max_batch_rows: 50,
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(5),
+    };
+    let config = PostgresSinkConfig {
+        url: format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            db.port
+        ),
+        ..config
+    };
+    let url = db.superuser();
+    let expected = |sent: &[sink_api::Reading]| -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = sent
+            .iter()
+            .map(|r| {
+                let value = match r.value {
+                    Some(Value::Int(i)) => format!("int {i}"),
+                    Some(Value::Float(f)) => format!("float {:x}", f.to_bits()),
+                    None => "none".into(),
+                };
+                (r.sensor_name.clone(), value)
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let written = move || -> Vec<(String, String)> {
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                let mut rows: Vec<(String, String)> = client
+                    .query(
+                        "SELECT sensor_name, sensor_value, sensor_value_float FROM conformance",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| {
+                        let value =
+                            match (row.get::<_, Option<i64>>(1), row.get::<_, Option<f64>>(2)) {
+                                (Some(i), _) => format!("int {i}"),
+                                (_, Some(f)) => format!("float {:x}", f.to_bits()),
+                                _ => "none".into(),
+                            };
+                        (row.get(0), value)
+                    })
+                    .collect();
+                rows.sort();
+                rows
+            })
+        })
+        .join()
+        .unwrap()
+    };
+    sink_api::testkit::check_sink_with(config, expected, written).await;
+}
