@@ -1062,8 +1062,12 @@ async fn the_sink_passes_the_stage_conformance_check_against_the_real_server() {
     use sink_postgres::{Method, PostgresSinkConfig};
 
     let db = Postgres::start();
+    // The key=value form, the password from a file.
     let config = PostgresSinkConfig {
-        url: String::new(),
+        url: format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            db.port
+        ),
         table: "conformance".into(),
         create_table: true,
         method: Method::CopyBinary,
@@ -1072,13 +1076,6 @@ async fn the_sink_passes_the_stage_conformance_check_against_the_real_server() {
         max_batch_rows: 50,
         connect_timeout: Duration::from_secs(5),
         statement_timeout: Duration::from_secs(5),
-    };
-    let config = PostgresSinkConfig {
-        url: format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            db.port
-        ),
-        ..config
     };
     let url = db.superuser();
     let expected = |sent: &[sink_api::Reading]| -> Vec<(String, String)> {
