@@ -326,6 +326,8 @@ struct Writer {
     buffer: Vec<u8>,
     /// The id of a transaction whose COMMIT was sent but not answered.
     in_doubt: Option<i64>,
+    /// New parameters waiting for a transaction in doubt to be settled.
+    pending: Option<Arc<PostgresSinkConfig>>,
     connect_log: Every10s,
     retry_log: Every10s,
     refusal_log: Every10s,
@@ -350,6 +352,7 @@ impl Writer {
             text: Text::default(),
             buffer: Vec::with_capacity(SEND_BYTES * 2),
             in_doubt: None,
+            pending: None,
             connect_log: Every10s::default(),
             retry_log: Every10s::default(),
             refusal_log: Every10s::default(),
@@ -476,6 +479,13 @@ impl Writer {
         let mut start = 0;
         while start < batch.len() {
             if let Some(new) = params.try_changed() {
+                self.pending = Some(new);
+            }
+            // A transaction in doubt is settled on the database it ran on
+            // before writing moves elsewhere.
+            if self.in_doubt.is_none()
+                && let Some(new) = self.pending.take()
+            {
                 self.apply(new).await;
             }
             let end = batch.len().min(start + self.config.max_batch_rows);
