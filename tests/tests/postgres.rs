@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sink_e2e::tls;
 use sink_e2e::*;
@@ -533,16 +533,23 @@ struct Load {
 }
 
 /// `clients` clients sending calls of 10 readings until `stop` is set.
+/// Returns the flag that stops them, the count of calls OK'd, and the tasks.
 fn start_load(
     address: std::net::SocketAddr,
     clients: usize,
     prefix: &str,
-    stop: &Arc<AtomicBool>,
-    oks: &Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Load>> {
-    (0..clients)
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    Vec<tokio::task::JoinHandle<Load>>,
+) {
+    let (stop, oks) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let tasks = (0..clients)
         .map(|task| {
-            let (stop, oks) = (Arc::clone(stop), Arc::clone(oks));
+            let (stop, oks) = (Arc::clone(&stop), Arc::clone(&oks));
             let prefix = format!("{prefix}{task}-");
             tokio::spawn(async move {
                 let mut client = connect(address).await;
@@ -567,7 +574,8 @@ fn start_load(
                 load
             })
         })
-        .collect()
+        .collect();
+    (stop, oks, tasks)
 }
 
 async fn finish_load(tasks: Vec<tokio::task::JoinHandle<Load>>) -> Load {
@@ -595,17 +603,6 @@ fn check_written(acknowledged: &[String], written: &[String], log: &str) -> usiz
     written.len() - set.len()
 }
 
-async fn wait_for(mut condition: impl FnMut() -> bool, deadline: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    condition()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "system test: needs PostgreSQL; run by .ci/system/55-postgres.sh"]
 async fn a_database_crash_and_restart_under_load_loses_no_acknowledged_reading() {
@@ -615,12 +612,8 @@ async fn a_database_crash_and_restart_under_load_loses_no_acknowledged_reading()
         "acknowledge = \"written\"",
         "table = \"readings\"\ncreate_table = true\nstatement_timeout = \"2s\"\nconnect_timeout = \"1s\"",
     ));
-    let (stop, oks) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks = start_load(sink.address("sensors"), 4, "r", &stop, &oks);
-    assert!(wait_for(|| oks.load(Ordering::Relaxed) >= 200, DEADLINE).await);
+    let (stop, oks, tasks) = start_load(sink.address("sensors"), 4, "r");
+    assert!(eventually(|| oks.load(Ordering::Relaxed) >= 200).await);
     for _ in 0..2 {
         db.crash();
         assert!(
@@ -632,7 +625,7 @@ async fn a_database_crash_and_restart_under_load_loses_no_acknowledged_reading()
         tokio::time::sleep(Duration::from_millis(300)).await;
         db.start_again();
         assert!(
-            wait_for(|| oks.load(Ordering::Relaxed) >= stalled + 200, DEADLINE).await,
+            eventually(|| oks.load(Ordering::Relaxed) >= stalled + 200).await,
             "load did not resume after the restart; log:\n{}",
             sink.log_text()
         );
@@ -665,12 +658,8 @@ async fn kill_9_of_the_sink_loses_no_reading_acknowledged_as_written() {
         "acknowledge = \"written\"",
         "table = \"readings\"\ncreate_table = true",
     ));
-    let (stop, oks) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks = start_load(sink.address("sensors"), 8, "k", &stop, &oks);
-    assert!(wait_for(|| oks.load(Ordering::Relaxed) >= 300, DEADLINE).await);
+    let (stop, oks, tasks) = start_load(sink.address("sensors"), 8, "k");
+    assert!(eventually(|| oks.load(Ordering::Relaxed) >= 300).await);
     sink.signal(libc::SIGKILL);
     stop.store(true, Ordering::Relaxed);
     let load = finish_load(tasks).await;
@@ -711,9 +700,8 @@ async fn unreachable_at_startup_the_sink_is_not_ready_then_writes_once_it_answer
 
     let db = Postgres::start_on(port);
     assert!(
-        wait_for(
-            || sink::top::fetch(&address, "/ready", None).is_ok_and(|(status, _)| status == 200),
-            DEADLINE
+        eventually(
+            || sink::top::fetch(&address, "/ready", None).is_ok_and(|(status, _)| status == 200)
         )
         .await,
         "not ready after the database came up; log:\n{}",
@@ -769,12 +757,8 @@ async fn a_reload_moves_writing_to_another_table_live_losing_nothing() {
     let url = db.superuser();
     let keys = |table: &str| format!("table = \"{table}\"\ncreate_table = true");
     let mut sink = SinkProcess::start(&pipeline(&url, "acknowledge = \"written\"", &keys("first")));
-    let (stop, oks) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks = start_load(sink.address("sensors"), 2, "m", &stop, &oks);
-    assert!(wait_for(|| oks.load(Ordering::Relaxed) >= 50, DEADLINE).await);
+    let (stop, oks, tasks) = start_load(sink.address("sensors"), 2, "m");
+    assert!(eventually(|| oks.load(Ordering::Relaxed) >= 50).await);
     std::fs::write(
         sink.path("pipeline.toml"),
         pipeline(&url, "acknowledge = \"written\"", &keys("second")),
@@ -786,7 +770,7 @@ async fn a_reload_moves_writing_to_another_table_live_losing_nothing() {
         sink.log_text()
     );
     let moved = oks.load(Ordering::Relaxed);
-    assert!(wait_for(|| oks.load(Ordering::Relaxed) >= moved + 50, DEADLINE).await);
+    assert!(eventually(|| oks.load(Ordering::Relaxed) >= moved + 50).await);
     stop.store(true, Ordering::Relaxed);
     let load = finish_load(tasks).await;
     sink.stop();
@@ -813,12 +797,8 @@ async fn a_stalled_database_holds_clients_within_the_memory_limit_and_then_catch
         )
     );
     let mut sink = SinkProcess::start(&text);
-    let (stop, oks) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks = start_load(sink.address("sensors"), 8, "s", &stop, &oks);
-    assert!(wait_for(|| oks.load(Ordering::Relaxed) >= 100, DEADLINE).await);
+    let (stop, oks, tasks) = start_load(sink.address("sensors"), 8, "s");
+    assert!(eventually(|| oks.load(Ordering::Relaxed) >= 100).await);
     db.signal_all(libc::SIGSTOP);
     assert!(
         sink.wait_log("no answer within statement_timeout"),
@@ -827,9 +807,8 @@ async fn a_stalled_database_holds_clients_within_the_memory_limit_and_then_catch
     );
     let address = sink.api_address();
     assert!(
-        wait_for(
-            || sink::top::fetch(&address, "/ready", None).is_ok_and(|(status, _)| status == 503),
-            DEADLINE
+        eventually(
+            || sink::top::fetch(&address, "/ready", None).is_ok_and(|(status, _)| status == 503)
         )
         .await
     );
@@ -843,7 +822,7 @@ async fn a_stalled_database_holds_clients_within_the_memory_limit_and_then_catch
     db.signal_all(libc::SIGCONT);
     let resumed = oks.load(Ordering::Relaxed);
     assert!(
-        wait_for(|| oks.load(Ordering::Relaxed) >= resumed + 100, DEADLINE).await,
+        eventually(|| oks.load(Ordering::Relaxed) >= resumed + 100).await,
         "load did not resume; log:\n{}",
         sink.log_text()
     );
