@@ -28,7 +28,7 @@ fn every_bench_pipeline_validates() {
         checked += 1;
     }
     assert_eq!(
-        checked, 12,
+        checked, 13,
         "bench/ should hold the eleven scenario pipelines"
     );
 }
