@@ -424,3 +424,208 @@ fn any_value(buf: &[u8], text: &mut Text, depth: u32) -> Result<(), DecodeError>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use sink_api::{ReadingLimits, Timestamp, Value};
+
+    use super::*;
+    use crate::points::Points;
+    use crate::proto::collector::metrics::v1::ExportMetricsServiceRequest;
+    use crate::proto::common::v1::{
+        AnyValue, ArrayValue, KeyValue, KeyValueList, any_value::Value as Any,
+    };
+    use crate::proto::metrics::v1::{
+        Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics,
+        ScopeMetrics, Sum, metric::Data, number_data_point,
+    };
+    use crate::proto::resource::v1::Resource;
+
+    fn kv(key: &str, value: Any) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+        }
+    }
+
+    fn point(value: number_data_point::Value, attributes: Vec<KeyValue>) -> NumberDataPoint {
+        NumberDataPoint {
+            attributes,
+            start_time_unix_nano: 1,
+            time_unix_nano: 1_795_860_000_123_456_789,
+            value: Some(value),
+            flags: 0,
+        }
+    }
+
+    fn request(metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![
+                        kv("service.name", Any::StringValue("api".into())),
+                        kv("host", Any::StringValue("r".into())),
+                    ],
+                    dropped_attributes_count: 0,
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: None,
+                    metrics,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    fn decode_all(bytes: &[u8]) -> Result<crate::points::Decoded, DecodeError> {
+        let limits = ReadingLimits::default();
+        let mut points = Points::new(Timestamp::new(0, 0).unwrap(), &limits, 1000, 1 << 24);
+        decode(bytes, &mut points, limits.max_label_value_bytes)?;
+        Ok(points.finish())
+    }
+
+    #[test]
+    fn gauges_and_sums_become_readings_with_every_attribute_as_a_label() {
+        let nested = AnyValue {
+            value: Some(Any::KvlistValue(KeyValueList {
+                values: vec![
+                    kv("a", Any::IntValue(1)),
+                    kv("b", Any::StringValue("x\"".into())),
+                ],
+            })),
+        };
+        let request = request(vec![
+            Metric {
+                name: "temperature".into(),
+                unit: "Cel".into(),
+                data: Some(Data::Gauge(Gauge {
+                    data_points: vec![point(
+                        number_data_point::Value::AsDouble(21.5),
+                        vec![
+                            kv("host", Any::StringValue("p".into())),
+                            kv("ok", Any::BoolValue(true)),
+                            kv("n", Any::IntValue(-3)),
+                            kv("d", Any::DoubleValue(2.0)),
+                            kv(
+                                "list",
+                                Any::ArrayValue(ArrayValue {
+                                    values: vec![
+                                        AnyValue {
+                                            value: Some(Any::StringValue("s".into())),
+                                        },
+                                        nested,
+                                        AnyValue { value: None },
+                                    ],
+                                }),
+                            ),
+                            kv("raw", Any::BytesValue(vec![1, 2, 3])),
+                        ],
+                    )],
+                })),
+                ..Default::default()
+            },
+            Metric {
+                name: "requests".into(),
+                data: Some(Data::Sum(Sum {
+                    data_points: vec![point(number_data_point::Value::AsInt(i64::MAX), vec![])],
+                    aggregation_temporality: 1,
+                    is_monotonic: true,
+                })),
+                ..Default::default()
+            },
+            Metric {
+                name: "latency".into(),
+                data: Some(Data::Histogram(Histogram {
+                    data_points: vec![HistogramDataPoint::default(); 2],
+                    aggregation_temporality: 2,
+                })),
+                ..Default::default()
+            },
+        ]);
+        let decoded = decode_all(&request.encode_to_vec()).unwrap();
+        assert_eq!(decoded.readings.len(), 2);
+        let gauge = &decoded.readings[0];
+        assert_eq!(gauge.sensor_name, "temperature");
+        assert_eq!(gauge.value, Some(Value::Float(21.5)));
+        assert_eq!(gauge.created_at, Timestamp::new(1_795_860_000, 123_456_789));
+        let labels: Vec<_> = gauge.labels.iter().collect();
+        assert_eq!(
+            labels,
+            [
+                ("d", "2.0"),
+                ("host", "p"),
+                ("list", r#"["s",{"a":1,"b":"x\""},null]"#),
+                ("n", "-3"),
+                ("ok", "true"),
+                ("otlp.unit", "Cel"),
+                ("raw", "AQID"),
+                ("service.name", "api"),
+            ]
+        );
+        let sum = &decoded.readings[1];
+        assert_eq!(sum.value, Some(Value::Int(i64::MAX)));
+        assert_eq!(sum.labels.get("otlp.temporality"), Some("delta"));
+        assert_eq!(sum.labels.get("otlp.monotonic"), Some("true"));
+        assert_eq!(decoded.rejected, 2);
+        assert!(
+            decoded
+                .error_message
+                .contains("histogram points are not accepted")
+        );
+    }
+
+    #[test]
+    fn fields_in_any_order_decode_the_same() {
+        // The resource after the metrics, the name after the points.
+        let request = request(vec![Metric {
+            name: "m".into(),
+            data: Some(Data::Gauge(Gauge {
+                data_points: vec![point(number_data_point::Value::AsInt(5), vec![])],
+            })),
+            ..Default::default()
+        }]);
+        let rm = &request.resource_metrics[0];
+        let mut metric = Vec::new();
+        rm.scope_metrics[0].metrics[0]
+            .data
+            .as_ref()
+            .unwrap()
+            .encode(&mut metric);
+        prost::encoding::string::encode(1, &"m".to_string(), &mut metric);
+        let mut scope = Vec::new();
+        prost::encoding::bytes::encode(2, &metric, &mut scope);
+        let mut resource_metrics = Vec::new();
+        prost::encoding::bytes::encode(2, &scope, &mut resource_metrics);
+        prost::encoding::message::encode(1, rm.resource.as_ref().unwrap(), &mut resource_metrics);
+        let mut bytes = Vec::new();
+        prost::encoding::bytes::encode(1, &resource_metrics, &mut bytes);
+        let reordered = decode_all(&bytes).unwrap();
+        let ordered = decode_all(&request.encode_to_vec()).unwrap();
+        assert_eq!(reordered.readings, ordered.readings);
+        assert_eq!(ordered.readings[0].labels.get("host"), Some("r"));
+    }
+
+    #[test]
+    fn truncated_or_mistyped_bytes_are_malformed_never_a_panic() {
+        let bytes = request(vec![Metric {
+            name: "m".into(),
+            data: Some(Data::Gauge(Gauge {
+                data_points: vec![point(number_data_point::Value::AsDouble(1.0), vec![]); 3],
+            })),
+            ..Default::default()
+        }])
+        .encode_to_vec();
+        for end in 0..bytes.len() {
+            let cut = &bytes[..end];
+            let ours = decode_all(cut);
+            let prost = ExportMetricsServiceRequest::decode(cut);
+            assert_eq!(ours.is_ok(), prost.is_ok(), "cut at {end}");
+        }
+        // A name sent as a varint.
+        let err = decode_all(&[0x0a, 0x06, 0x12, 0x04, 0x12, 0x02, 0x08, 0x01]).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)), "{err:?}");
+        assert!(decode_all(&[]).unwrap().readings.is_empty());
+    }
+}

@@ -695,3 +695,164 @@ fn temporality<'de, D: Deserializer<'de>>(de: D) -> Result<i32, D::Error> {
     }
     de.deserialize_any(Temporality)
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use sink_api::{ReadingLimits, Timestamp};
+
+    use super::*;
+    use crate::points::{Decoded, Points};
+
+    fn decode_json(json: &str) -> Result<Decoded, DecodeError> {
+        let limits = ReadingLimits::default();
+        let mut points = Points::new(Timestamp::new(0, 0).unwrap(), &limits, 1000, 1 << 24);
+        decode(json.as_bytes(), &mut points, limits.max_label_value_bytes)?;
+        Ok(points.finish())
+    }
+
+    /// The shape of the specification's example (opentelemetry-proto's
+    /// examples/metrics.json), the metadata after the points here and there.
+    const EXAMPLE: &str = r#"{
+      "resourceMetrics": [{
+        "scopeMetrics": [{
+          "scope": {"name": "my.library", "version": "1.0.0"},
+          "metrics": [
+            {"name": "my.counter", "unit": "1", "description": "I am a Counter",
+             "sum": {"dataPoints": [{"asDouble": 5, "startTimeUnixNano": "1544712660300000000",
+                                     "timeUnixNano": "1544712660300000000",
+                                     "attributes": [{"key": "my.counter.attr", "value": {"stringValue": "some value"}}]}],
+                     "aggregationTemporality": 1, "isMonotonic": true}},
+            {"name": "my.gauge", "unit": "1",
+             "gauge": {"dataPoints": [{"asInt": "-9007199254740993", "timeUnixNano": 1544712660300000001,
+                                       "attributes": [{"key": "ids", "value": {"arrayValue": {"values": [{"intValue": "7"}, {"boolValue": false}]}}},
+                                                      {"key": "f", "value": {"doubleValue": "NaN"}}],
+                                       "exemplars": [{"spanId": "abcd", "traceId": "00ff"}],
+                                       "unknownField": {"ignored": [1, 2]}}]}},
+            {"name": "my.histogram", "histogram": {"aggregationTemporality": 1,
+             "dataPoints": [{"count": "2", "sum": 2, "bucketCounts": ["1", "1"], "explicitBounds": [1]}]}},
+            {"name": "my.summary", "summary": {"dataPoints": [{}, {}]}}
+          ]
+        }],
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "my.service"}}]}
+      }]
+    }"#;
+
+    #[test]
+    fn the_specification_example_decodes_with_its_rules() {
+        let decoded = decode_json(EXAMPLE).unwrap();
+        assert_eq!(decoded.readings.len(), 2);
+        let counter = &decoded.readings[0];
+        assert_eq!(counter.sensor_name, "my.counter");
+        assert_eq!(counter.value, Some(Value::Float(5.0)));
+        assert_eq!(
+            counter.created_at,
+            Timestamp::new(1_544_712_660, 300_000_000)
+        );
+        let labels: Vec<_> = counter.labels.iter().collect();
+        assert_eq!(
+            labels,
+            [
+                ("my.counter.attr", "some value"),
+                ("otlp.monotonic", "true"),
+                ("otlp.temporality", "delta"),
+                ("otlp.unit", "1"),
+                ("service.name", "my.service"),
+            ]
+        );
+        let gauge = &decoded.readings[1];
+        assert_eq!(gauge.value, Some(Value::Int(-9_007_199_254_740_993)));
+        assert_eq!(gauge.labels.get("ids"), Some(r#"[7,false]"#));
+        assert_eq!(gauge.labels.get("f"), Some("NaN"));
+        assert_eq!(decoded.rejected, 3);
+        assert!(decoded.error_message.contains("1 × histogram points"));
+        assert!(decoded.error_message.contains("2 × summary points"));
+    }
+
+    #[test]
+    fn json_and_protobuf_of_the_same_request_decode_alike() {
+        use crate::proto::collector::metrics::v1::ExportMetricsServiceRequest;
+        use crate::proto::common::v1::{AnyValue, KeyValue, any_value};
+        use crate::proto::metrics::v1::{
+            Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric,
+            number_data_point,
+        };
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: vec![Metric {
+                        name: "g".into(),
+                        data: Some(metric::Data::Gauge(Gauge {
+                            data_points: vec![NumberDataPoint {
+                                attributes: vec![KeyValue {
+                                    key: "k".into(),
+                                    value: Some(AnyValue {
+                                        value: Some(any_value::Value::DoubleValue(0.1)),
+                                    }),
+                                }],
+                                time_unix_nano: 5,
+                                value: Some(number_data_point::Value::AsDouble(1e-7)),
+                                ..Default::default()
+                            }],
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let limits = ReadingLimits::default();
+        let mut points = Points::new(Timestamp::new(0, 0).unwrap(), &limits, 10, 1 << 20);
+        crate::decode::decode(&request.encode_to_vec(), &mut points, 1024).unwrap();
+        let from_protobuf = points.finish();
+        let from_json = decode_json(
+            r#"{"resource_metrics":[{"scope_metrics":[{"metrics":[{"name":"g","gauge":{"data_points":[
+                {"time_unix_nano":"5","as_double":1e-7,"attributes":[{"key":"k","value":{"double_value":0.1}}]}]}}]}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(from_json.readings, from_protobuf.readings);
+        assert_eq!(from_json.readings[0].labels.get("k"), Some("0.1"));
+    }
+
+    #[test]
+    fn bad_json_is_malformed_and_empty_json_is_nothing() {
+        for bad in [
+            "",
+            "5",
+            "{\"resourceMetrics\": 5}",
+            r#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"g","gauge":{"dataPoints":[{"asInt":"1.5"}]}}]}]}]}"#,
+            r#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"g","gauge":{"dataPoints":[{"asInt":"18446744073709551616"}]}}]}]}]}"#,
+            "{\"resourceMetrics\": [",
+        ] {
+            assert!(
+                matches!(decode_json(bad), Err(DecodeError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        for empty in [
+            "{}",
+            "{\"resourceMetrics\": []}",
+            "{\"resourceMetrics\": null}",
+        ] {
+            let decoded = decode_json(empty).unwrap();
+            assert!(
+                decoded.readings.is_empty() && decoded.rejected == 0,
+                "{empty}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_stops_decoding_and_is_reported_as_such() {
+        let limits = ReadingLimits::default();
+        let mut points = Points::new(Timestamp::new(0, 0).unwrap(), &limits, 1, 1 << 20);
+        let err = decode(
+            br#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"g","gauge":{"dataPoints":[{},{}]}}]}]}]}"#,
+            &mut points,
+            1024,
+        )
+        .unwrap_err();
+        assert_eq!(err, DecodeError::Refused(Refused::TooManyPoints(1)));
+    }
+}
