@@ -35,6 +35,7 @@ use tokio::sync::Semaphore;
 
 pub use self::decode::DecodeError;
 use self::export::{Limits, OtlpMetrics, Shared};
+pub use self::http::RpcStatus;
 
 /// The generated OTLP messages (only those the source reads or answers
 /// with), and a client, for tests and benchmarks.
