@@ -36,16 +36,13 @@ pub struct Connection {
 
 impl Connection {
     /// Connects to `address` (`host:port`, `http://host:port` or
-    /// `https://host:port`), over TLS with `tls`.
-    pub async fn open(address: &str, tls: Option<&Tls>) -> anyhow::Result<Self> {
+    /// `https://host:port`), over TLS with `tls`, to call the method at `path`.
+    pub async fn open(address: &str, tls: Option<&Tls>, path: &str) -> anyhow::Result<Self> {
         let authority = authority(address);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let uri: Uri = format!(
-            "{scheme}://{authority}{}",
-            sink_proto::SEND_SENSOR_VALUES_PATH
-        )
-        .parse()
-        .with_context(|| format!("bad address {address}"))?;
+        let uri: Uri = format!("{scheme}://{authority}{path}")
+            .parse()
+            .with_context(|| format!("bad address {address}"))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
             .await
             .map_err(|_| anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}"))

@@ -57,6 +57,12 @@ struct Args {
     #[arg(long, value_parser = requests::parse_labels, default_value = "")]
     labels: requests::LabelSet,
 
+    /// Send OTLP/gRPC (`MetricsService/Export`, to an `otlp` source) instead
+    /// of sensor.v1: each reading a gauge point of its own metric, its
+    /// labels as the point's attributes.
+    #[arg(long)]
+    otlp: bool,
+
     /// Distinct sensor names the readings cycle through.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     sensors: u64,
@@ -186,7 +192,7 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
         anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
     }
-    let connections = connect_all(&args.address, &args.tls, args.connections).await?;
+    let connections = connect_all(&args.address, &args.tls, args.connections, args.otlp).await?;
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -196,6 +202,7 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
         nanos: now.subsec_nanos() as i32,
     };
     let shape = Shape {
+        otlp: args.otlp,
         float: args.float,
         labels: args.labels.clone(),
     };
@@ -259,12 +266,19 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     Ok((report, shared.lost.get().cloned()))
 }
 
-/// Opens `connections` HTTP/2 connections to `address`, over TLS if `tls` says so.
+/// Opens `connections` HTTP/2 connections to `address`, over TLS if `tls`
+/// says so, for sensor.v1 calls or OTLP exports (`otlp`).
 async fn connect_all(
     address: &str,
     tls: &tls::TlsArgs,
     connections: u64,
+    otlp: bool,
 ) -> anyhow::Result<Vec<Connection>> {
+    let path = if otlp {
+        sink_otlp::EXPORT_PATH
+    } else {
+        sink_proto::SEND_SENSOR_VALUES_PATH
+    };
     let authority = client::authority(address);
     let host = authority
         .rsplit_once(':')
@@ -272,7 +286,7 @@ async fn connect_all(
     let tls = tls.client(host)?;
     let mut opened = Vec::with_capacity(connections as usize);
     for _ in 0..connections {
-        opened.push(Connection::open(address, tls.as_ref()).await?);
+        opened.push(Connection::open(address, tls.as_ref(), path).await?);
     }
     Ok(opened)
 }

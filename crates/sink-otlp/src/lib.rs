@@ -69,6 +69,25 @@ pub mod proto {
     }
 }
 
+/// Decodes one request, protobuf or JSON (`json`), into readings stamped
+/// `received_at`, as a call does (within `limits`, with no bound on points
+/// or memory). Public for the benchmarks (`cargo bench -p sink-otlp`).
+pub fn decode_request(
+    message: &[u8],
+    json: bool,
+    received_at: sink_api::Timestamp,
+    limits: &ReadingLimits,
+) -> Result<points::Decoded, DecodeError> {
+    let mut points = points::Points::new(received_at, limits, usize::MAX, u64::MAX);
+    let cap = limits.max_label_value_bytes;
+    if json {
+        json::decode(message, &mut points, cap)?;
+    } else {
+        decode::decode(message, &mut points, cap)?;
+    }
+    Ok(points.finish())
+}
+
 /// The gRPC service name, as the health service reports it.
 pub const SERVICE_NAME: &str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
 /// The gRPC path of `MetricsService/Export`.
