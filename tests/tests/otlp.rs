@@ -785,3 +785,113 @@ fn the_python_sdk_exports_over_grpc_and_http() {
         }
     }
 }
+
+/// A TLS connection to `address` trusting `ca`, offering `alpn`.
+async fn tls_stream(
+    address: SocketAddr,
+    ca: &sink_e2e::tls::TestCa,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).expect("PEM"))
+        .expect("CA");
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake")
+}
+
+/// POSTs `body` as protobuf over HTTP/2 on `io`; the answer's status.
+async fn post_http2<T>(io: T, body: Vec<u8>) -> u16
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut client, connection) = h2::client::handshake(io).await.expect("HTTP/2");
+    tokio::spawn(connection);
+    let request = http::Request::post("https://localhost/v1/metrics")
+        .header("content-type", "application/x-protobuf")
+        .body(())
+        .expect("request");
+    let (answer, mut stream) = client.send_request(request, false).expect("send");
+    stream.send_data(body.into(), true).expect("body");
+    answer.await.expect("answer").status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_both_listeners_and_http_speaks_http1_and_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = tempfile::tempdir().unwrap();
+    let ca = sink_e2e::tls::TestCa::new("test CA");
+    let (cert, key) = ca.server(1, 365.0).write(certs.path(), "server");
+    let mut sink = SinkProcess::start(&pipeline(
+        &format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        ),
+        "",
+    ));
+    let (grpc, http) = addresses(&sink, "otel");
+
+    let channel = sink_e2e::tls::tls_channel(grpc, &ca, None)
+        .await
+        .expect("TLS connect");
+    MetricsServiceClient::new(channel)
+        .export(request("api", vec![gauge("tls.grpc", 1)]))
+        .await
+        .expect("gRPC over TLS");
+
+    // An HTTP/1.1-only client, as the SDKs' HTTP exporters are.
+    let mut stream = tls_stream(http, &ca, &[b"http/1.1"]).await;
+    let body = request("api", vec![gauge("tls.http1", 1)]).encode_to_vec();
+    let head = format!(
+        "POST /v1/metrics HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(&body).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A client that prefers HTTP/2 (Go's, Java's) gets it, over TLS and in
+    // plaintext by prior knowledge.
+    let stream = tls_stream(http, &ca, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let body = request("api", vec![gauge("tls.http2", 1)]).encode_to_vec();
+    assert_eq!(post_http2(stream, body).await, 200);
+
+    let lines = written(&sink, 3);
+    sink.stop();
+    let names: Vec<_> = lines.iter().map(|l| l["sensor_name"].clone()).collect();
+    for name in ["tls.grpc", "tls.http1", "tls.http2"] {
+        assert!(names.contains(&Json::from(name)), "{names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_http2_by_prior_knowledge_is_served() {
+    let sink = SinkProcess::start(&pipeline("", ""));
+    let (_, http) = addresses(&sink, "otel");
+    let tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
+    let body = request("api", vec![gauge("h2c", 2)]).encode_to_vec();
+    assert_eq!(post_http2(tcp, body).await, 200);
+    assert_eq!(written(&sink, 2).len(), 2);
+}

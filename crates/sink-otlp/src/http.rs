@@ -1,6 +1,7 @@
 //! OTLP/HTTP: `POST /v1/metrics` with an `application/x-protobuf` or
 //! `application/json` body, `Content-Encoding: gzip` (or zstd) or none, over
-//! HTTP/1.1, plaintext or TLS, on the grpc source's accept loop.
+//! HTTP/1.1 or HTTP/2 (by ALPN under TLS, by the connection's first bytes in
+//! plaintext), on the grpc source's accept loop.
 //!
 //! The answers are the specification's: 200 with an
 //! `ExportMetricsServiceResponse` in the request's encoding (its
@@ -22,11 +23,13 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use hyper::body::Incoming as RequestBody;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use prost::Message;
 use sink_api::{ShutdownSignal, StageError};
 use sink_stages::sources::grpc::shared::{
-    self, Conn, Connection, ConnectionInfo, Encoding, Refusal, TlsIncoming,
+    self, CONNECTION_WINDOW, Conn, Connection, ConnectionInfo, Encoding, Refusal, STREAM_WINDOW,
+    TlsIncoming,
 };
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
@@ -35,9 +38,9 @@ use tonic::transport::server::Connected;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::HTTP_PATH;
 use crate::export::{Exported, Format, Shared};
 use crate::grpc::{Unary, response_message};
+use crate::{HTTP_PATH, OtlpConfig};
 
 type Accepted = TlsIncoming<shared::Incoming, Connection>;
 
@@ -45,12 +48,33 @@ type Accepted = TlsIncoming<shared::Incoming, Connection>;
 /// requests before they are closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// The HTTP/2 settings of the listener (HTTP/1.1 needs none beyond the
+/// header timeout, which is `body_timeout`'s).
+#[derive(Clone, Copy)]
+pub struct Http2 {
+    max_streams: u32,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+impl Http2 {
+    /// As the gRPC listener has them.
+    pub fn new(config: &OtlpConfig) -> Self {
+        Self {
+            max_streams: config.max_concurrent_calls,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_timeout: config.keepalive_timeout,
+        }
+    }
+}
+
 /// Serves OTLP/HTTP on the connections of `incoming` until shutdown, then
 /// lets the open ones finish (answering their last request) within
 /// [`CLOSE_GRACE`].
 pub async fn serve(
     shared: Arc<Shared>,
     mut incoming: Accepted,
+    http2: Http2,
     shutdown: ShutdownSignal,
 ) -> Result<(), StageError> {
     let mut connections = JoinSet::new();
@@ -66,7 +90,12 @@ pub async fn serve(
             Some(Err(_)) => continue,
             None => break,
         };
-        connections.spawn(connection(Arc::clone(&shared), conn, shutdown.clone()));
+        connections.spawn(connection(
+            Arc::clone(&shared),
+            conn,
+            http2,
+            shutdown.clone(),
+        ));
     }
     drop(incoming);
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
@@ -77,8 +106,14 @@ pub async fn serve(
 }
 
 /// Serves one connection: HTTP/1.1 with keep-alive, its headers within
-/// `body_timeout`, each request counted as activity for the idle timeout.
-async fn connection(shared: Arc<Shared>, conn: Conn<Connection>, shutdown: ShutdownSignal) {
+/// `body_timeout`, or HTTP/2 with the gRPC listener's windows and stream
+/// bound; each request counted as activity for the idle timeout.
+async fn connection(
+    shared: Arc<Shared>,
+    conn: Conn<Connection>,
+    http2: Http2,
+    shutdown: ShutdownSignal,
+) {
     let info: ConnectionInfo = conn.connect_info();
     let header_timeout = shared.limits.load().body_timeout;
     let service = hyper::service::service_fn(move |request| {
@@ -90,11 +125,21 @@ async fn connection(shared: Arc<Shared>, conn: Conn<Connection>, shutdown: Shutd
             Ok::<_, Infallible>(response)
         }
     });
-    let serving = hyper::server::conn::http1::Builder::new()
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(conn), service);
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(http2.max_streams)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .keep_alive_interval(http2.keepalive_interval)
+        .keep_alive_timeout(http2.keepalive_timeout);
+    let serving = builder.serve_connection(TokioIo::new(conn), service);
     let mut serving = std::pin::pin!(serving);
     tokio::select! {
         _ = serving.as_mut() => return,

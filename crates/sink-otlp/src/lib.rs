@@ -363,6 +363,7 @@ impl Source for OtlpSource {
             servers.spawn(http::serve(
                 Arc::clone(&shared),
                 accept(listener)?,
+                http::Http2::new(&self.config),
                 cx.shutdown().clone(),
             ));
         }
