@@ -158,6 +158,14 @@ pub struct Held {
 /// the source adds (a Sum's point gets up to three that its bytes do not carry).
 const METADATA_COST: u64 = 3 * std::mem::size_of::<(String, String)>() as u64 + 64;
 
+/// The most a body of `len` bytes can decode to: the grpc source's bound
+/// (points, their labels, their text) plus the metadata labels.
+fn bound(limits: &Limits, len: usize) -> u64 {
+    let points = (len / 2).min(limits.max_points_per_call) as u64;
+    decoded_bound(len, limits.max_points_per_call, limits.reading.max_labels)
+        .saturating_add(points.saturating_mul(METADATA_COST))
+}
+
 impl Shared {
     /// The checks on a body of `len` bytes made before it is read: its size,
     /// shutdown, and (when the length is known) the rate limit.
@@ -195,14 +203,7 @@ impl Shared {
             self.metrics.refused(Refusal::ShuttingDown);
             return Err(Status::unavailable("the sink is shutting down"));
         };
-        let points = (raw_len / 2).min(limits.max_points_per_call) as u64;
-        let bound = decoded_bound(
-            raw_len,
-            limits.max_points_per_call,
-            limits.reading.max_labels,
-        )
-        .saturating_add(points.saturating_mul(METADATA_COST))
-        .min(self.memory.limit());
+        let bound = bound(limits, raw_len).min(self.memory.limit());
         let memory = match self.memory.try_reserve(bound) {
             Ok(memory) => memory,
             Err(_) => self
@@ -231,6 +232,12 @@ impl Shared {
             _permit,
             mut memory,
         } = held;
+        // A compressed body was reserved for at the most it could inflate
+        // to; now its size is known.
+        let known = bound(limits, message.len());
+        if memory.bytes() > known {
+            memory.shrink_to(known);
+        }
         let budget = memory.bytes().saturating_sub(message.len() as u64);
         let cap = limits.reading.max_label_value_bytes;
         let mut points = Points::new(

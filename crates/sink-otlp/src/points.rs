@@ -272,6 +272,12 @@ impl<'l> Points<'l> {
         Ok(())
     }
 
+    /// Counts `bytes` a decoder holds while it works (its own lists) against
+    /// the budget, as the readings are.
+    pub fn hold(&mut self, bytes: usize) -> Result<(), Refused> {
+        self.charge(bytes as u64)
+    }
+
     fn charge(&mut self, bytes: u64) -> Result<(), Refused> {
         self.used = self.used.saturating_add(bytes);
         if self.used > self.budget {
