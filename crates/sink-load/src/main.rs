@@ -29,6 +29,14 @@ use crate::client::{Connection, Failure};
 use crate::requests::{Encoded, Plan, Shape};
 use crate::stats::{Counters, Report, latency_histogram};
 
+/// What sink-load sends (`--protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    Sensor,
+    OtlpGrpc,
+    OtlpHttp,
+}
+
 /// Load generator for telemetry-sink: sends sensor readings over gRPC
 /// (`sensor.v1.SensorService/SendSensorValues`) and reports throughput,
 /// latency and errors. Exit status 0 when every call was acknowledged.
@@ -57,11 +65,13 @@ struct Args {
     #[arg(long, value_parser = requests::parse_labels, default_value = "")]
     labels: requests::LabelSet,
 
-    /// Send OTLP/gRPC (`MetricsService/Export`, to an `otlp` source) instead
-    /// of sensor.v1: each reading a gauge point of its own metric, its
-    /// labels as the point's attributes.
-    #[arg(long)]
-    otlp: bool,
+    /// What to send: `sensor` (sensor.v1 over gRPC), `otlp-grpc`
+    /// (`MetricsService/Export`, to an `otlp` source's gRPC address) or
+    /// `otlp-http` (`POST /v1/metrics` in protobuf over HTTP/2, to its HTTP
+    /// address). In OTLP each reading is a gauge point of its own metric,
+    /// its labels the point's attributes.
+    #[arg(long, value_enum, default_value_t = Protocol::Sensor)]
+    protocol: Protocol,
 
     /// Distinct sensor names the readings cycle through.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
@@ -192,7 +202,8 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
         anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
     }
-    let connections = connect_all(&args.address, &args.tls, args.connections, args.otlp).await?;
+    let connections =
+        connect_all(&args.address, &args.tls, args.connections, args.protocol).await?;
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -202,7 +213,7 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
         nanos: now.subsec_nanos() as i32,
     };
     let shape = Shape {
-        otlp: args.otlp,
+        otlp: args.protocol != Protocol::Sensor,
         float: args.float,
         labels: args.labels.clone(),
     };
@@ -267,17 +278,17 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
 }
 
 /// Opens `connections` HTTP/2 connections to `address`, over TLS if `tls`
-/// says so, for sensor.v1 calls or OTLP exports (`otlp`).
+/// says so, for the calls of `protocol`.
 async fn connect_all(
     address: &str,
     tls: &tls::TlsArgs,
     connections: u64,
-    otlp: bool,
+    protocol: Protocol,
 ) -> anyhow::Result<Vec<Connection>> {
-    let path = if otlp {
-        sink_otlp::EXPORT_PATH
-    } else {
-        sink_proto::SEND_SENSOR_VALUES_PATH
+    let path = match protocol {
+        Protocol::Sensor => sink_proto::SEND_SENSOR_VALUES_PATH,
+        Protocol::OtlpGrpc => sink_otlp::EXPORT_PATH,
+        Protocol::OtlpHttp => client::OTLP_HTTP_PATH,
     };
     let authority = client::authority(address);
     let host = authority
