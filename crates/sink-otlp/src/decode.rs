@@ -301,7 +301,7 @@ fn number_points(buf: &[u8], points: &mut Points<'_>, cap: usize) -> Result<(), 
 const NO_RECORDED_VALUE: u64 = 1;
 
 fn number_point(buf: &[u8], points: &mut Points<'_>, cap: usize) -> Result<(), DecodeError> {
-    let mut attributes = Vec::new();
+    let mut attributes = points.attributes();
     let mut time = 0;
     let mut value = None;
     let mut flags = 0;

@@ -323,7 +323,7 @@ impl<'de> Visitor<'de> for DataPoint<'_, '_, '_> {
         f.write_str("a data point")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut attributes = Vec::new();
+        let mut attributes = self.cx.points.attributes();
         let (mut time, mut value, mut flags) = (0, None, 0);
         while let Some(field) = next_field(&mut map, POINT_FIELDS)? {
             match field {

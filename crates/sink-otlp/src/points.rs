@@ -145,6 +145,13 @@ impl<'l> Points<'l> {
         Ok(())
     }
 
+    /// An empty list for a point's attributes, with room for the labels
+    /// [`point`](Self::point) adds to it, so that a point's labels take one
+    /// allocation.
+    pub fn attributes(&self) -> Vec<(String, String)> {
+        Vec::with_capacity(self.resource.len() + self.meta.len() + 4)
+    }
+
     /// A new metric starts: its points follow.
     pub fn begin_metric(&mut self, name: &str, unit: &str, kind: Kind) {
         self.name.clear();
@@ -185,10 +192,9 @@ impl<'l> Points<'l> {
             self.reject(1, reason);
             return Ok(());
         }
-        let mut pairs =
-            Vec::with_capacity(self.resource.len() + attributes.len() + self.meta.len());
-        pairs.extend(self.resource.iter().cloned());
-        pairs.extend(attributes);
+        // In `from_pairs` the later of a key wins: the resource's first.
+        let mut pairs = attributes;
+        pairs.splice(0..0, self.resource.iter().cloned());
         pairs.extend(self.meta.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         let labels = Labels::from_pairs(pairs);
         if let Err(reason) = self.limits.check_label_count(labels.len()).and_then(|()| {
