@@ -27,5 +27,8 @@ fn every_bench_pipeline_validates() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 10, "bench/ should hold the ten scenario pipelines");
+    assert_eq!(
+        checked, 11,
+        "bench/ should hold the eleven scenario pipelines"
+    );
 }
