@@ -32,20 +32,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Connection {
     sender: SendRequest<Bytes>,
     uri: Uri,
+    /// OTLP/HTTP (a protobuf body, the answer in the HTTP status) rather
+    /// than a gRPC call.
+    otlp_http: bool,
 }
 
 impl Connection {
     /// Connects to `address` (`host:port`, `http://host:port` or
-    /// `https://host:port`), over TLS with `tls`.
-    pub async fn open(address: &str, tls: Option<&Tls>) -> anyhow::Result<Self> {
+    /// `https://host:port`), over TLS with `tls`, to call the method at `path`
+    /// (`/v1/metrics`: OTLP/HTTP over HTTP/2).
+    pub async fn open(address: &str, tls: Option<&Tls>, path: &str) -> anyhow::Result<Self> {
+        let otlp_http = path == OTLP_HTTP_PATH;
         let authority = authority(address);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let uri: Uri = format!(
-            "{scheme}://{authority}{}",
-            sink_proto::SEND_SENSOR_VALUES_PATH
-        )
-        .parse()
-        .with_context(|| format!("bad address {address}"))?;
+        let uri: Uri = format!("{scheme}://{authority}{path}")
+            .parse()
+            .with_context(|| format!("bad address {address}"))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
             .await
             .map_err(|_| anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}"))
@@ -64,7 +66,11 @@ impl Connection {
                 http2(stream, authority).await?
             }
         };
-        Ok(Self { sender, uri })
+        Ok(Self {
+            sender,
+            uri,
+            otlp_http,
+        })
     }
 
     /// Sends one gRPC frame (the 5-byte prefix and the message) as a unary
@@ -80,12 +86,32 @@ impl Connection {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();
         let headers = request.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert(TE, HeaderValue::from_static("trailers"));
+        if self.otlp_http {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-protobuf"),
+            );
+        } else {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
         let (answer, mut stream) = sender.send_request(request, false).map_err(lost)?;
-        stream.send_data(frame, true).map_err(lost)?;
+        // OTLP/HTTP sends the message alone, without the gRPC prefix.
+        let body = if self.otlp_http {
+            frame.slice(5..)
+        } else {
+            frame
+        };
+        stream.send_data(body, true).map_err(lost)?;
 
         let (head, mut body) = answer.await.map_err(lost)?.into_parts();
+        if self.otlp_http && head.status == StatusCode::OK {
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.map_err(lost)?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            return Ok(());
+        }
         if head.status != StatusCode::OK {
             return Err(Failure::Status(Status::new(
                 http_code(head.status),
@@ -111,6 +137,9 @@ impl Connection {
             .map_err(Failure::Status)
     }
 }
+
+/// The OTLP/HTTP path for metrics.
+pub const OTLP_HTTP_PATH: &str = "/v1/metrics";
 
 /// The `host:port` of `address`, without a scheme.
 pub fn authority(address: &str) -> &str {

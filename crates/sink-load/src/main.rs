@@ -30,6 +30,14 @@ use crate::client::{Connection, Failure};
 use crate::requests::{Encoded, Plan, Shape};
 use crate::stats::{Counters, Report, latency_histogram};
 
+/// What sink-load sends (`--protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    Sensor,
+    OtlpGrpc,
+    OtlpHttp,
+}
+
 /// Load generator for telemetry-sink: sends sensor readings over gRPC
 /// (`sensor.v1.SensorService/SendSensorValues`) and reports throughput,
 /// latency and errors. Exit status 0 when every call was acknowledged.
@@ -57,6 +65,14 @@ struct Args {
     /// `--labels site=a,unit=C`.
     #[arg(long, value_parser = requests::parse_labels, default_value = "")]
     labels: requests::LabelSet,
+
+    /// What to send: `sensor` (sensor.v1 over gRPC), `otlp-grpc`
+    /// (`MetricsService/Export`, to an `otlp` source's gRPC address) or
+    /// `otlp-http` (`POST /v1/metrics` in protobuf over HTTP/2, to its HTTP
+    /// address). In OTLP each reading is a gauge point of its own metric,
+    /// its labels the point's attributes.
+    #[arg(long, value_enum, default_value_t = Protocol::Sensor)]
+    protocol: Protocol,
 
     /// Distinct sensor names the readings cycle through.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
@@ -220,7 +236,8 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     if let Some(rate) = args.rate.filter(|rate| !(rate.is_finite() && *rate > 0.0)) {
         anyhow::bail!("--rate must be a positive number of calls per second, not {rate}");
     }
-    let connections = connect_all(&args.address, &args.tls, args.connections).await?;
+    let connections =
+        connect_all(&args.address, &args.tls, args.connections, args.protocol).await?;
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -230,6 +247,7 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
         nanos: now.subsec_nanos() as i32,
     };
     let shape = Shape {
+        otlp: args.protocol != Protocol::Sensor,
         float: args.float,
         labels: args.labels.clone(),
     };
@@ -293,12 +311,19 @@ async fn run(args: &Args) -> anyhow::Result<(Report, Option<String>)> {
     Ok((report, shared.lost.get().cloned()))
 }
 
-/// Opens `connections` HTTP/2 connections to `address`, over TLS if `tls` says so.
+/// Opens `connections` HTTP/2 connections to `address`, over TLS if `tls`
+/// says so, for the calls of `protocol`.
 async fn connect_all(
     address: &str,
     tls: &tls::TlsArgs,
     connections: u64,
+    protocol: Protocol,
 ) -> anyhow::Result<Vec<Connection>> {
+    let path = match protocol {
+        Protocol::Sensor => sink_proto::SEND_SENSOR_VALUES_PATH,
+        Protocol::OtlpGrpc => sink_otlp::EXPORT_PATH,
+        Protocol::OtlpHttp => client::OTLP_HTTP_PATH,
+    };
     let authority = client::authority(address);
     let host = authority
         .rsplit_once(':')
@@ -306,7 +331,7 @@ async fn connect_all(
     let tls = tls.client(host)?;
     let mut opened = Vec::with_capacity(connections as usize);
     for _ in 0..connections {
-        opened.push(Connection::open(address, tls.as_ref()).await?);
+        opened.push(Connection::open(address, tls.as_ref(), path).await?);
     }
     Ok(opened)
 }

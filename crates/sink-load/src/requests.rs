@@ -39,6 +39,10 @@ pub fn parse_labels(text: &str) -> Result<LabelSet, String> {
 /// What each reading of a run looks like beyond its name and time.
 #[derive(Debug, Clone, Default)]
 pub struct Shape {
+    /// An OTLP `ExportMetricsServiceRequest` instead of a sensor.v1 request:
+    /// each reading a gauge point of a metric of its name, its labels the
+    /// point's attributes.
+    pub otlp: bool,
     /// A float value (`i + 0.5`) instead of the integer `i`.
     pub float: bool,
     /// Labels on every reading.
@@ -112,6 +116,9 @@ fn encode_call(
     start: prost_types::Timestamp,
     shape: &Shape,
 ) -> Vec<u8> {
+    if shape.otlp {
+        return frame(&otlp_request(first, readings, sensors, start, shape));
+    }
     let request = SensorValuesRequest {
         items: (first..first + readings)
             .map(|i| SensorValue {
@@ -125,15 +132,75 @@ fn encode_call(
             })
             .collect(),
     };
-    let length = request.encoded_len();
+    frame(&request)
+}
+
+/// `message` as one uncompressed gRPC frame.
+fn frame(message: &impl Message) -> Vec<u8> {
+    let length = message.encoded_len();
     let mut frame = Vec::with_capacity(5 + length);
     frame.push(0);
     // A request over 4 GiB would be refused by any server long before.
     frame.extend_from_slice(&u32::try_from(length).unwrap_or(u32::MAX).to_be_bytes());
-    request
+    message
         .encode(&mut frame)
         .expect("a Vec grows to any encoded length");
     frame
+}
+
+/// The OTLP form of the readings `first..first + readings`.
+fn otlp_request(
+    first: u64,
+    readings: u64,
+    sensors: u64,
+    start: prost_types::Timestamp,
+    shape: &Shape,
+) -> sink_otlp::proto::collector::metrics::v1::ExportMetricsServiceRequest {
+    use sink_otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
+    use sink_otlp::proto::metrics::v1::{
+        Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
+    };
+    let attributes: Vec<KeyValue> = shape
+        .labels
+        .iter()
+        .map(|(key, value)| KeyValue {
+            key: key.clone(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.clone())),
+            }),
+        })
+        .collect();
+    let metrics = (first..first + readings)
+        .map(|i| {
+            let at = millis_after(start, i);
+            let value = if shape.float {
+                number_data_point::Value::AsDouble(i as f64 + 0.5)
+            } else {
+                number_data_point::Value::AsInt(i as i64)
+            };
+            Metric {
+                name: format!("sensor-{}", i % sensors),
+                data: Some(metric::Data::Gauge(Gauge {
+                    data_points: vec![NumberDataPoint {
+                        attributes: attributes.clone(),
+                        time_unix_nano: at.seconds as u64 * 1_000_000_000 + at.nanos as u64,
+                        value: Some(value),
+                        ..Default::default()
+                    }],
+                })),
+                ..Default::default()
+            }
+        })
+        .collect();
+    sink_otlp::proto::collector::metrics::v1::ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            scope_metrics: vec![ScopeMetrics {
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
 }
 
 /// `start` plus `millis` milliseconds.
@@ -224,10 +291,32 @@ mod tests {
     }
 
     #[test]
+    fn otlp_requests_carry_one_gauge_point_per_reading() {
+        use sink_otlp::proto::collector::metrics::v1::ExportMetricsServiceRequest;
+        let shape = Shape {
+            otlp: true,
+            labels: parse_labels("site=a,unit=C").unwrap(),
+            ..Shape::default()
+        };
+        let plan = Plan::new(3, 10, Some(3), T, &shape);
+        let frame = &plan.request(0).unwrap().frame;
+        let request = ExportMetricsServiceRequest::decode(&frame[5..]).unwrap();
+        let metrics = &request.resource_metrics[0].scope_metrics[0].metrics;
+        let names: Vec<_> = metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["sensor-0", "sensor-1", "sensor-2"]);
+        let Some(sink_otlp::proto::metrics::v1::metric::Data::Gauge(gauge)) = &metrics[1].data
+        else {
+            panic!("not a gauge: {:?}", metrics[1]);
+        };
+        assert_eq!(gauge.data_points[0].attributes.len(), 2);
+    }
+
+    #[test]
     fn floats_and_labels_are_sent_when_asked_for() {
         let shape = Shape {
             float: true,
             labels: parse_labels("site=a,unit=C").unwrap(),
+            ..Shape::default()
         };
         let plan = Plan::new(2, 1, Some(2), T, &shape);
         let items = decode(plan.request(0).unwrap()).items;

@@ -28,7 +28,7 @@ fn every_bench_pipeline_validates() {
         checked += 1;
     }
     assert_eq!(
-        checked, 13,
+        checked, 14,
         "bench/ should hold the eleven scenario pipelines"
     );
 }

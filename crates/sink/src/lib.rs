@@ -33,6 +33,7 @@ use sink_mqtt as _;
 use sink_nats as _;
 use sink_postgres as _;
 use sink_prometheus as _;
+use sink_otlp as _;
 use sink_stages as _;
 
 pub use cli::{ArgsError, REFERENCE_COMMAND, check_args, run_with_args};

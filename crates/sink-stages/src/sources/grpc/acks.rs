@@ -12,8 +12,7 @@ use sink_api::{
     Acknowledgement, Batch, Delivery, MemoryBudget, Output, Reading, Reservation, ReserveError,
     SendError, Token,
 };
-use sink_proto::SensorValuesResponse;
-use tonic::{Code, Response, Status};
+use tonic::{Code, Status};
 
 use super::metrics::{GrpcMetrics, Refusal};
 use super::ready::Stall;
@@ -39,7 +38,7 @@ pub enum Acknowledge {
 /// `encoded_len` bytes, holds in memory: the readings themselves, their
 /// labels' slots, and the text of names and labels, which is at most the
 /// encoded bytes.
-pub(super) fn decoded_bytes(readings: usize, labels: usize, encoded_len: usize) -> u64 {
+pub fn decoded_bytes(readings: usize, labels: usize, encoded_len: usize) -> u64 {
     (readings as u64)
         .saturating_mul(std::mem::size_of::<Reading>() as u64)
         .saturating_add((labels as u64).saturating_mul(LABEL_SLOT))
@@ -53,7 +52,7 @@ const LABEL_SLOT: u64 = std::mem::size_of::<(String, String)>() as u64;
 /// every label entry takes at least 2 bytes on the wire (its tag and length),
 /// a call carries at most `max_readings` items, and an item's labels are
 /// allocated only when they number at most `max_labels`.
-pub(super) fn decoded_bound(message_len: usize, max_readings: usize, max_labels: usize) -> u64 {
+pub fn decoded_bound(message_len: usize, max_readings: usize, max_labels: usize) -> u64 {
     let readings = (message_len / 2).min(max_readings);
     let labels = (message_len / 2).min(readings.saturating_mul(max_labels));
     decoded_bytes(readings, labels, message_len)
@@ -62,9 +61,9 @@ pub(super) fn decoded_bound(message_len: usize, max_readings: usize, max_labels:
 /// The calls' account of acknowledgements, for logs (the metrics are
 /// [`GrpcMetrics`]'s).
 #[derive(Debug, Default)]
-pub(super) struct AckStats {
+pub struct AckStats {
     /// Calls waiting for their readings to be written now.
-    pub(super) waiting: AtomicU64,
+    pub waiting: AtomicU64,
     /// Calls answered UNAVAILABLE because some reading was not written.
     pub(super) failed: AtomicU64,
     /// `failed` when a failure was last logged, and when (ms since start).
@@ -110,7 +109,7 @@ impl AckStats {
 /// with `when_full = "wait"`, refusing with UNAVAILABLE at once with
 /// `"reject"` (as at a full channel), and refusing with RESOURCE_EXHAUSTED
 /// a call larger than the whole limit (no retry can pass it).
-pub(super) async fn reserve(
+pub async fn reserve(
     memory: &MemoryBudget,
     bytes: u64,
     when_full: WhenFull,
@@ -132,26 +131,22 @@ pub(super) async fn reserve(
 }
 
 /// What one call needs to hand its batch on and answer.
-pub(super) struct Handoff<'a> {
-    pub(super) output: Arc<Output>,
-    pub(super) when_full: WhenFull,
-    pub(super) acknowledge: Acknowledge,
-    pub(super) stats: &'a AckStats,
-    pub(super) metrics: &'a GrpcMetrics,
-    pub(super) stage: &'a str,
-    pub(super) epoch: Instant,
+pub struct Handoff<'a> {
+    pub output: Arc<Output>,
+    pub when_full: WhenFull,
+    pub acknowledge: Acknowledge,
+    pub stats: &'a AckStats,
+    pub metrics: &'a GrpcMetrics,
+    pub stage: &'a str,
+    pub epoch: Instant,
     /// Tells readiness when the output stays full.
-    pub(super) stall: &'a Arc<Stall>,
+    pub stall: &'a Arc<Stall>,
 }
 
 impl Handoff<'_> {
     /// Sends `batch`, holding `memory` until the last copy of it is finished,
     /// and answers: OK once sent (`accepted`) or once written (`written`).
-    pub(super) async fn send(
-        self,
-        mut batch: Batch,
-        memory: Reservation,
-    ) -> Result<Response<SensorValuesResponse>, Status> {
+    pub async fn send(self, mut batch: Batch, memory: Reservation) -> Result<(), Status> {
         let acknowledgement = match self.acknowledge {
             Acknowledge::Accepted => {
                 batch.attach(Token::new(Some(memory)));
@@ -195,7 +190,7 @@ impl Handoff<'_> {
             }
         }
         match acknowledgement {
-            None => Ok(Response::new(SensorValuesResponse {})),
+            None => Ok(()),
             Some(acknowledgement) => wait(acknowledgement, stats, metrics, stage, epoch).await,
         }
     }
@@ -208,7 +203,7 @@ async fn wait(
     metrics: &GrpcMetrics,
     stage: &str,
     epoch: Instant,
-) -> Result<Response<SensorValuesResponse>, Status> {
+) -> Result<(), Status> {
     let started = Instant::now();
     tracing::debug!(stage, "a call waits for its readings to be written");
     stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -222,7 +217,7 @@ async fn wait(
     match outcome {
         Delivery::Written => {
             metrics.acks_written.inc();
-            Ok(Response::new(SensorValuesResponse {}))
+            Ok(())
         }
         Delivery::Failed => {
             metrics.acks_failed.inc();

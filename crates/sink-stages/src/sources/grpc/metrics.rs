@@ -39,7 +39,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
 /// Why a call was refused by a limit of the source or the pipeline: the
 /// `reason` label of `sink_grpc_refusals_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Refusal {
+pub enum Refusal {
     /// Over `max_message_bytes` (or decompressing to more).
     MessageTooLarge,
     /// Over `rate_limit`.
@@ -81,7 +81,7 @@ impl Refusal {
     }
 }
 
-pub(super) struct GrpcMetrics {
+pub struct GrpcMetrics {
     calls: [Counter; 17],
     refusals: [Counter; 7],
     request_bytes: Counter,
@@ -94,9 +94,9 @@ pub(super) struct GrpcMetrics {
     pub(super) acks_waiting: Gauge,
     /// How long answered calls waited for their readings to be written.
     pub(super) ack_wait: Histogram,
-    pub(super) connections: ConnectionMetrics,
+    pub connections: ConnectionMetrics,
     /// Failed TLS handshakes by reason, in [`HANDSHAKE_FAILURES`] order.
-    pub(super) handshake_failures: [Counter; 6],
+    pub handshake_failures: [Counter; 6],
 }
 
 /// The `reason` label values of `sink_grpc_tls_handshake_failures_total`.
@@ -112,7 +112,7 @@ pub(super) const HANDSHAKE_FAILURES: [&str; 6] = [
 /// The accept loop's metrics: connections open and accepted, closed idle or
 /// half-open, failed accepts, and times the `max_connections` bound was reached.
 #[derive(Clone, Default)]
-pub(super) struct ConnectionMetrics {
+pub struct ConnectionMetrics {
     pub(super) open: Gauge,
     pub(super) accepted: Counter,
     pub(super) idle_closed: Counter,
@@ -122,7 +122,7 @@ pub(super) struct ConnectionMetrics {
 }
 
 impl GrpcMetrics {
-    pub(super) fn new(metrics: &Metrics) -> Self {
+    pub fn new(metrics: &Metrics) -> Self {
         Self {
             calls: CODE_NAMES.map(|code| {
                 metrics.counter_with(
@@ -196,14 +196,14 @@ impl GrpcMetrics {
     }
 
     /// Counts a call refused for `reason`.
-    pub(super) fn refused(&self, reason: Refusal) {
+    pub fn refused(&self, reason: Refusal) {
         self.refusals[reason as usize].inc();
     }
 
     /// Counts a call answered with `response`, which started at `started`.
     /// A unary answer carries its status in the headers when it fails; a
     /// success carries it in the trailers, so no status here means OK.
-    pub(super) fn answered<B>(&self, started: Instant, response: &http::Response<B>) {
+    pub fn answered<B>(&self, started: Instant, response: &http::Response<B>) {
         let code = response
             .headers()
             .get("grpc-status")
@@ -220,13 +220,13 @@ impl GrpcMetrics {
     }
 
     /// Counts a request message of `bytes` read.
-    pub(super) fn request(&self, bytes: usize) {
+    pub fn request(&self, bytes: usize) {
         self.request_bytes.inc_by(bytes as u64);
     }
 
     /// Counts a message of `bytes` refused by the rate limit (its readings
     /// are unknown: the body is refused unread).
-    pub(super) fn rate_limited(&self, bytes: usize) {
+    pub fn rate_limited(&self, bytes: usize) {
         self.rate_limited.inc_by(bytes as u64);
         self.refused(Refusal::RateLimited);
     }

@@ -13,6 +13,7 @@ mod decode;
 mod incoming;
 mod metrics;
 mod ready;
+pub mod shared;
 mod tls;
 
 use std::net::SocketAddr;
@@ -156,7 +157,7 @@ pub enum WhenFull {
 }
 
 /// Suggested wait before retrying a call refused because the pipeline was full.
-const FULL_RETRY_DELAY: Duration = Duration::from_millis(100);
+pub const FULL_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 fn default_max_concurrent_calls() -> u32 {
     256
@@ -190,8 +191,8 @@ fn default_keepalive_timeout() -> Duration {
 /// permit leaves its body unread, and what its client may send meanwhile is
 /// buffered up to these: per connection at most `CONNECTION_WINDOW` bytes,
 /// so waiting calls hold at most `max_connections` × 512 KiB in all.
-const STREAM_WINDOW: u32 = 256 * 1024;
-const CONNECTION_WINDOW: u32 = 512 * 1024;
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+pub const CONNECTION_WINDOW: u32 = 512 * 1024;
 
 /// Bodies still arriving may hold at most this fraction of
 /// `settings.memory_limit` in all, on top of it: their bytes are reserved as
@@ -209,7 +210,7 @@ fn arriving_limit(memory_limit: u64, max_message_bytes: usize) -> u64 {
 
 /// Durations beyond this are refused: no timeout needs to be longer, and the
 /// timer arithmetic stays far from overflowing.
-const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 impl RateLimit {
     fn burst(&self) -> u32 {
@@ -312,7 +313,7 @@ impl SourceConfig for GrpcConfig {
 
 /// What `address` binds: Go's `:port` (an original `.env`'s
 /// GRPC_SERVER_SOCKET may say `:8000`) is every IPv4 interface.
-fn listen_address(address: &str) -> std::borrow::Cow<'_, str> {
+pub fn listen_address(address: &str) -> std::borrow::Cow<'_, str> {
     match address.strip_prefix(':') {
         Some(port) => format!("0.0.0.0:{port}").into(),
         None => address.into(),
@@ -831,7 +832,10 @@ impl SensorService {
             epoch: self.0.started,
             stall: &self.0.stall,
         };
-        handoff.send(batch, memory).await
+        handoff
+            .send(batch, memory)
+            .await
+            .map(|()| Response::new(SensorValuesResponse {}))
     }
 
     /// Reserves `bytes` of `settings.memory_limit` for a call: at once when
@@ -858,7 +862,11 @@ impl SensorService {
 }
 
 /// Takes `cost` bytes from the bucket, or says when to retry.
-fn admit(cost: usize, limit: RateLimit, bucket: &DefaultDirectRateLimiter) -> Result<(), Status> {
+pub fn admit(
+    cost: usize,
+    limit: RateLimit,
+    bucket: &DefaultDirectRateLimiter,
+) -> Result<(), Status> {
     let never = || {
         Status::resource_exhausted(format!(
             "request of {cost} bytes exceeds the rate limit's burst of {} bytes and can never pass; send smaller requests",
@@ -889,7 +897,7 @@ fn admit(cost: usize, limit: RateLimit, bucket: &DefaultDirectRateLimiter) -> Re
 
 /// A status carrying a `google.rpc.RetryInfo` with `delay`, which OTLP-style
 /// clients honour instead of dropping the data.
-fn retry_status(code: Code, message: String, delay: Duration) -> Status {
+pub fn retry_status(code: Code, message: String, delay: Duration) -> Status {
     Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay)))
 }
 

@@ -18,7 +18,7 @@ use tonic_health::server::HealthReporter;
 pub(super) const STALL_AFTER: Duration = Duration::from_secs(1);
 
 /// Watches the source's output while it is full.
-pub(super) struct Stall {
+pub struct Stall {
     stage: String,
     readiness: Readiness,
     shutdown: ShutdownSignal,
@@ -35,7 +35,7 @@ pub(super) struct Stall {
 }
 
 impl Stall {
-    pub(super) fn new(cx: &Context) -> Arc<Self> {
+    pub fn new(cx: &Context) -> Arc<Self> {
         Arc::new(Self {
             stage: cx.id().to_string(),
             readiness: cx.readiness().clone(),
@@ -50,7 +50,7 @@ impl Stall {
     /// Awaits `reserving` (a call's wait for room in `settings.memory_limit`);
     /// past [`STALL_AFTER`] the pipeline counts as stalled until the wait ends,
     /// as when the output is full.
-    pub(super) async fn waiting_for_memory<T>(&self, reserving: impl Future<Output = T>) -> T {
+    pub async fn waiting_for_memory<T>(&self, reserving: impl Future<Output = T>) -> T {
         let mut reserving = std::pin::pin!(reserving);
         // Most calls find room at once: no timer for them.
         let first = std::future::poll_fn(|cx| Poll::Ready(reserving.as_mut().poll(cx))).await;
@@ -170,7 +170,7 @@ pub(super) const LIVENESS: &str = "liveness";
 /// Keeps the gRPC health service's answer for the whole server (`""`) and
 /// for `service` in line with the pipeline's readiness, until shutdown, and
 /// answers [`LIVENESS`] SERVING. The first answers are set before this returns.
-pub(super) async fn report_health(
+pub async fn report_health(
     health: HealthReporter,
     cx: &Context,
     service: &'static str,

@@ -92,7 +92,7 @@ const FAILURE_WARN_EVERY: Duration = Duration::from_secs(10);
 impl TlsConfig {
     /// Checks what can be checked without reading the files (which happens
     /// when the source is built, and again on every change).
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         for (key, path) in [("tls.cert", &self.cert), ("tls.key", &self.key)]
             .into_iter()
             .chain(self.client_ca.as_ref().map(|path| ("tls.client_ca", path)))
@@ -146,14 +146,14 @@ struct Material {
 
 /// The TLS side of one source: loaded when the source is built (so that bad
 /// files refuse the start), kept up to date while it runs.
-pub(super) struct Tls {
+pub struct Tls {
     config: TlsConfig,
     loaded: Loaded,
 }
 
 impl Tls {
     /// Loads the files `config` names; a refusal names the key, file and reason.
-    pub(super) fn load(config: &TlsConfig) -> Result<Self, ConfigError> {
+    pub fn load(config: &TlsConfig) -> Result<Self, ConfigError> {
         Ok(Self {
             config: config.clone(),
             loaded: material::load(config)?,
@@ -164,7 +164,7 @@ impl Tls {
     /// config through [`Running::update`], a daily expiry check) until
     /// shutdown. Failed handshakes are counted in `by_reason` (in
     /// [`HANDSHAKE_FAILURES`] order) too.
-    pub(super) fn start(
+    pub fn start(
         self,
         stage: &str,
         shutdown: ShutdownSignal,
@@ -200,25 +200,25 @@ impl Tls {
 }
 
 /// A running source's handle on its TLS.
-pub(super) struct Running {
+pub struct Running {
     handshaker: Handshaker,
     updates: watch::Sender<TlsConfig>,
 }
 
 impl Running {
     /// What the accept layer needs.
-    pub(super) fn handshaker(&self) -> Handshaker {
+    pub fn handshaker(&self) -> Handshaker {
         self.handshaker.clone()
     }
 
     /// Hands a reloaded `tls` table over: the files are read again (even if
     /// they are the same) and `handshake_timeout` applies to new handshakes.
-    pub(super) fn update(&self, config: &TlsConfig) {
+    pub fn update(&self, config: &TlsConfig) {
         self.updates.send_replace(config.clone());
     }
 
     /// Handshakes that failed since the source started.
-    pub(super) fn failures(&self) -> Arc<HandshakeFailures> {
+    pub fn failures(&self) -> Arc<HandshakeFailures> {
         Arc::clone(&self.handshaker.failures)
     }
 }
@@ -268,7 +268,7 @@ impl HandshakeFailures {
 
 /// Turns accepted connections into TLS streams.
 #[derive(Clone)]
-pub(super) struct Handshaker {
+pub struct Handshaker {
     stage: Arc<str>,
     current: Arc<ArcSwap<Material>>,
     failures: Arc<HandshakeFailures>,
@@ -339,7 +339,7 @@ fn describe_failure(err: &io::Error) -> (&'static str, String) {
 
 /// The connections the HTTP/2 server is given: accepted ones, through a TLS
 /// handshake when TLS is on.
-pub(super) struct Incoming<S, IO> {
+pub struct Incoming<S, IO> {
     accepted: S,
     accepted_ended: bool,
     handshaker: Option<Handshaker>,
@@ -348,7 +348,7 @@ pub(super) struct Incoming<S, IO> {
 
 impl<S, IO> Incoming<S, IO> {
     /// The connections of `accepted`, plain when `handshaker` is `None`.
-    pub(super) fn new(accepted: S, handshaker: Option<Handshaker>) -> Self {
+    pub fn new(accepted: S, handshaker: Option<Handshaker>) -> Self {
         Self {
             accepted,
             accepted_ended: false,
@@ -399,7 +399,7 @@ where
 }
 
 /// One connection to serve: plain, or TLS over the accepted one.
-pub(super) enum Conn<IO> {
+pub enum Conn<IO> {
     /// Plaintext (no `tls` key).
     Plain(IO),
     /// After a completed handshake.

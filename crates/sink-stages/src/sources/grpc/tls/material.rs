@@ -178,7 +178,9 @@ pub(super) fn load(config: &TlsConfig) -> Result<Loaded, ConfigError> {
     };
     let mut server = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     // gRPC is HTTP/2; clients (grpcio, grpcurl) insist on negotiating it.
-    server.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 second, for the otlp source's OTLP/HTTP listener, whose
+    // clients (the SDKs' HTTP exporters) may speak nothing else.
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded {
         server: Arc::new(server),
         leaf,
