@@ -31,9 +31,9 @@ use std::process::ExitCode;
 // The built-in stages register themselves when linked; naming the crate links it.
 use sink_mqtt as _;
 use sink_nats as _;
+use sink_otlp as _;
 use sink_postgres as _;
 use sink_prometheus as _;
-use sink_otlp as _;
 use sink_stages as _;
 
 pub use cli::{ArgsError, REFERENCE_COMMAND, check_args, run_with_args};
