@@ -489,6 +489,9 @@ struct Upkeep {
 impl Upkeep {
     async fn run(mut self, mut updates: watch::Receiver<TlsConfig>, shutdown: ShutdownSignal) {
         let mut watcher = self.watch();
+        // A file replaced between the first load and the watch's start sends
+        // no event: compare once now that the watch is on.
+        self.reload("a file changed", false).await;
         // Another handler of the same signal; the runtime's own reload of the
         // pipeline file is unaffected.
         let mut hangup = match signal(SignalKind::hangup()) {
