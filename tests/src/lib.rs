@@ -398,12 +398,17 @@ fn parse_lines(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The sensor names of the whole lines of the file at `path` while the sink
-/// may be writing to it: a line being written is not one yet.
-pub fn sensor_names_so_far(path: &Path) -> Vec<String> {
+/// The whole JSON lines of the file at `path` while the sink may be writing
+/// to it, or after a kill cut its last line short: a line being written is
+/// not one yet.
+pub fn json_lines_so_far(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
-    names_of(&parse_lines(whole))
+    parse_lines(text.rfind('\n').map_or("", |end| &text[..=end]))
+}
+
+/// The sensor names of [`json_lines_so_far`].
+pub fn sensor_names_so_far(path: &Path) -> Vec<String> {
+    names_of(&json_lines_so_far(path))
 }
 
 /// The sensor names in a `value`-layout file, in file order.

@@ -212,9 +212,10 @@ fn number_messages(prefix: &str, range: std::ops::Range<usize>) -> Vec<(String, 
 
 /// How often each sensor name was written.
 fn name_counts(path: &Path) -> HashMap<String, usize> {
+    // Whole lines only: the sink may be writing one, or a kill cut one
+    // short (the restarted sink removes it).
     let mut counts = HashMap::new();
-    for line in json_lines(path) {
-        let name = line["sensor_name"].as_str().expect("name").to_string();
+    for name in sensor_names_so_far(path) {
         *counts.entry(name).or_default() += 1;
     }
     counts
