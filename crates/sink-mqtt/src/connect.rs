@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ClientConfig;
 use serde::{Deserialize, Serialize};
 use sink_api::ConfigError;
+pub use sink_stages::client_tls::ClientTls;
 
 /// One broker URL or several: `"mqtt://127.0.0.1:1883"`,
 /// `["mqtts://a:8883", "mqtts://b:8883"]`, or one string of URLs separated
@@ -35,22 +34,6 @@ impl Brokers {
             Self::Many(urls) => urls.iter().map(String::as_str).collect(),
         }
     }
-}
-
-/// TLS towards `mqtts://` brokers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MqttTls {
-    /// PEM file of the CA that signed the brokers' certificates (default:
-    /// the system's roots).
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// PEM client certificate, for brokers that require one; needs `key`.
-    #[serde(default)]
-    pub cert: Option<PathBuf>,
-    /// PEM private key of `cert`.
-    #[serde(default)]
-    pub key: Option<PathBuf>,
 }
 
 /// One broker of `url`.
@@ -187,59 +170,9 @@ pub fn read_password(file: &PathBuf) -> Result<String, String> {
     Ok(text.lines().next().unwrap_or_default().to_owned())
 }
 
-/// The TLS client configuration of `tls` (the system's roots without a
-/// `ca`); the error names the key whose file is wrong.
-pub fn client_config(tls: Option<&MqttTls>) -> Result<Arc<ClientConfig>, ConfigError> {
-    let mut roots = RootCertStore::empty();
-    match tls.and_then(|tls| tls.ca.as_ref()) {
-        Some(ca) => {
-            let certs = read_certs(ca).map_err(|why| ConfigError::new("tls.ca", why))?;
-            for cert in certs {
-                roots.add(cert).map_err(|err| {
-                    ConfigError::new("tls.ca", format!("`{}`: {err}", ca.display()))
-                })?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(ConfigError::new(
-                    "tls.ca",
-                    "the system has no CA certificates; give the brokers' CA as `tls.ca`",
-                ));
-            }
-        }
-    }
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|err| ConfigError::new("tls", err.to_string()))?
-            .with_root_certificates(roots);
-    let config = match tls.map(|tls| (&tls.cert, &tls.key)) {
-        Some((Some(cert), Some(key))) => {
-            let chain = read_certs(cert).map_err(|why| ConfigError::new("tls.cert", why))?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|err| {
-                ConfigError::new("tls.key", format!("`{}`: {err}", key.display()))
-            })?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|err| ConfigError::new("tls.key", err.to_string()))?
-        }
-        Some((None, None)) | None => builder.with_no_client_auth(),
-        Some(_) => return Err(ConfigError::new("tls.key", "`cert` and `key` go together")),
-    };
-    Ok(Arc::new(config))
-}
-
-fn read_certs(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| format!("`{}`: {err}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("`{}` holds no PEM certificate", path.display()));
-    }
-    Ok(certs)
+/// The TLS client configuration of `tls`, for `mqtts://` brokers.
+pub fn client_config(tls: Option<&ClientTls>) -> Result<Arc<ClientConfig>, ConfigError> {
+    sink_stages::client_tls::client_config(tls, "the brokers'").map(Arc::new)
 }
 
 #[cfg(test)]

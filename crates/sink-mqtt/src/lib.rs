@@ -21,4 +21,4 @@ pub mod payload;
 pub mod source;
 pub mod topic;
 
-pub use connect::{Broker, Brokers, MqttTls};
+pub use connect::{Broker, Brokers, ClientTls};

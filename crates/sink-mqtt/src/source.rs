@@ -28,7 +28,7 @@ use sink_stages::sources::grpc::Acknowledge;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::connect::{Brokers, Connection, MqttTls, client_config, read_password};
+use crate::connect::{Brokers, ClientTls, Connection, client_config, read_password};
 use crate::payload::{Payload, Reason, Refused};
 use crate::topic::{TopicPattern, topic_fields};
 
@@ -105,7 +105,7 @@ pub struct MqttSourceConfig {
     /// (without `ca`, the system's roots).
     #[serde(default)]
     #[schemars(extend("x-restart" = true))]
-    pub tls: Option<MqttTls>,
+    pub tls: Option<ClientTls>,
 }
 
 fn default_qos() -> u8 {

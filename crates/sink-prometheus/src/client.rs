@@ -5,7 +5,6 @@
 //! each sender owns its connection, which is all the pooling it needs, and
 //! nothing else (proxies, redirects, cookies) belongs in remote write.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,8 +14,7 @@ use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use sink_api::ConfigError;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -168,63 +166,9 @@ fn authorization(config: &PrometheusRemoteWriteConfig) -> Result<Option<HeaderVa
 }
 
 fn tls_connector(tls: Option<&ClientTls>) -> Result<TlsConnector, ConfigError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match tls.and_then(|tls| tls.ca.as_deref()) {
-        Some(ca) => {
-            for cert in certificates("tls.ca", ca)? {
-                roots.add(cert).map_err(|err| {
-                    ConfigError::new(
-                        "tls.ca",
-                        format!("`{}`: not a usable CA: {err}", ca.display()),
-                    )
-                })?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(ConfigError::new(
-                    "tls.ca",
-                    "no system CA certificates were found: name the receiver's CA",
-                ));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|err| ConfigError::new("tls", err.to_string()))?
-        .with_root_certificates(roots);
-    let mut config = match tls.and_then(|tls| tls.cert.as_deref().zip(tls.key.as_deref())) {
-        Some((cert, key)) => {
-            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|err| {
-                ConfigError::new(
-                    "tls.key",
-                    format!("`{}`: no private key: {err}", key.display()),
-                )
-            })?;
-            builder
-                .with_client_auth_cert(certificates("tls.cert", cert)?, key_der)
-                .map_err(|err| ConfigError::new("tls.cert", err.to_string()))?
-        }
-        None => builder.with_no_client_auth(),
-    };
+    let mut config = sink_stages::client_tls::client_config(tls, "the receiver's")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
-}
-
-fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| ConfigError::new(key, format!("`{}`: {err}", path.display())))?;
-    if certs.is_empty() {
-        return Err(ConfigError::new(
-            key,
-            format!("`{}` holds no PEM certificate", path.display()),
-        ));
-    }
-    Ok(certs)
 }
 
 /// What the receiver made of a request.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sink_api::ConfigError;
+pub use sink_stages::client_tls::ClientTls;
 
 /// Remote-writes every reading with a value as a sample (Prometheus remote
 /// write 1.0) to Prometheus, Mimir, Thanos, Cortex or VictoriaMetrics; a
@@ -72,22 +73,6 @@ pub struct BasicAuth {
     pub password: String,
 }
 
-/// TLS towards the receiver.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ClientTls {
-    /// PEM file of the CA certificates that signed the receiver's
-    /// certificate; default: the system's.
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// PEM client certificate, for a receiver that requires one.
-    #[serde(default)]
-    pub cert: Option<PathBuf>,
-    /// PEM private key of `cert`.
-    #[serde(default)]
-    pub key: Option<PathBuf>,
-}
-
 fn default_max_samples() -> usize {
     2000
 }
@@ -145,11 +130,6 @@ impl PrometheusRemoteWriteConfig {
                 "give one of `bearer_token`, `bearer_token_file` or `basic_auth`",
             ));
         }
-        if let Some(tls) = &self.tls
-            && tls.cert.is_some() != tls.key.is_some()
-        {
-            return Err(ConfigError::new("tls.key", "`cert` and `key` go together"));
-        }
-        Ok(())
+        self.tls.as_ref().map_or(Ok(()), ClientTls::check)
     }
 }

@@ -11,6 +11,7 @@
 //! Types register themselves (`#[sink_api::stage]`) when this crate is linked; a binary
 //! that names no item of it must still say `use sink_stages as _;`.
 
+pub mod client_tls;
 pub mod processors;
 pub mod sinks;
 pub mod sources;
