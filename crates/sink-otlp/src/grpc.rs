@@ -107,7 +107,7 @@ where
         let started = std::time::Instant::now();
         if request.uri().path() != EXPORT_PATH {
             let response = Status::unimplemented("no such method").into_http();
-            self.0.metrics.answered(started, &response);
+            self.0.metrics.answered_with(started, &response);
             return Box::pin(async { Ok(response) });
         }
         let service = self.clone();
@@ -116,7 +116,7 @@ where
                 Ok(exported) => ok_response(&exported),
                 Err(status) => status.into_http(),
             };
-            service.0.metrics.answered(started, &response);
+            service.0.metrics.answered_with(started, &response);
             Ok(response)
         })
     }

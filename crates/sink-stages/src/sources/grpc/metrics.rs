@@ -203,18 +203,19 @@ impl GrpcMetrics {
     /// Counts a call answered with `response`, which started at `started`.
     /// A unary answer carries its status in the headers when it fails; a
     /// success carries it in the trailers, so no status here means OK.
-    pub fn answered<B>(&self, started: Instant, response: &http::Response<B>) {
+    pub fn answered_with<B>(&self, started: Instant, response: &http::Response<B>) {
         let code = response
             .headers()
             .get("grpc-status")
-            .and_then(|value| value.to_str().ok()?.parse::<usize>().ok())
-            .unwrap_or(Code::Ok as usize);
-        // A code beyond the known ones is counted as UNKNOWN.
-        let code = if code < CODE_NAMES.len() {
-            code
-        } else {
-            Code::Unknown as usize
-        };
+            .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
+            .map_or(Code::Ok, Code::from_i32);
+        self.answered(started, code);
+    }
+
+    /// Counts a call answered with `code`, which started at `started`.
+    pub fn answered(&self, started: Instant, code: Code) {
+        // Codes beyond the known ones are UNKNOWN already (`Code::from_i32`).
+        let code = (code as usize).min(CODE_NAMES.len() - 1);
         self.calls[code].inc();
         self.duration.observe(started.elapsed().as_secs_f64());
     }

@@ -13,6 +13,7 @@ mod decode;
 mod incoming;
 mod metrics;
 mod ready;
+mod server;
 pub mod shared;
 mod tls;
 
@@ -30,12 +31,10 @@ use sink_api::{
     Batch, BuildContext, ConfigError, Context, MemoryBudget, Output, ReadingLimits, Reservation,
     Source, SourceConfig, StageError, Timestamp,
 };
-use sink_proto::SensorValuesResponse;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
-use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::NamedService;
-use tonic::{Code, Response, Status};
+use tonic::codegen::{Body, StdError, http};
+use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 pub use self::acks::Acknowledge;
@@ -383,37 +382,31 @@ impl Source for GrpcSource {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
+        // Every path but SendSensorValues, which the server answers itself.
         let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(service)
             .prepare();
-        let shutdown = cx.shutdown().clone();
         let config = &self.config;
-        let mut server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .max_concurrent_streams(Some(config.max_concurrent_calls))
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .http2_keepalive_interval(Some(config.keepalive_interval))
-                .http2_keepalive_timeout(Some(config.keepalive_timeout))
-                .serve_with_incoming_shutdown(
-                    incoming::TrackCalls(incoming::LimitStreams::new(
-                        routes,
-                        incoming::long_lived_limit(max_connections),
-                    )),
-                    tls::Incoming::new(
-                        incoming::incoming(
-                            listener,
-                            max_connections,
-                            idle.clone(),
-                            shared.metrics.connections.clone(),
-                        ),
-                        tls.as_ref().map(tls::Running::handshaker),
-                    ),
-                    async move { shutdown.wait().await },
+        let mut server = tokio::spawn(server::serve(
+            tls::Incoming::new(
+                incoming::incoming(
+                    listener,
+                    max_connections,
+                    idle.clone(),
+                    shared.metrics.connections.clone(),
                 ),
-        );
+                tls.as_ref().map(tls::Running::handshaker),
+            ),
+            server::Settings {
+                max_concurrent_streams: config.max_concurrent_calls,
+                keepalive_interval: config.keepalive_interval,
+                keepalive_timeout: config.keepalive_timeout,
+            },
+            service,
+            incoming::LimitStreams::new(routes, incoming::long_lived_limit(max_connections)),
+            cx.shutdown().clone(),
+        ));
 
         // Limits change live: each call reads the current ones.
         let mut params = cx.params::<GrpcConfig>();
@@ -443,7 +436,7 @@ impl Source for GrpcSource {
                     }
                 }
                 served = &mut server => {
-                    served??;
+                    served?;
                     return Err("the gRPC server stopped on its own".into());
                 }
             }
@@ -565,100 +558,10 @@ fn quota(limit: RateLimit) -> Quota {
     Quota::per_second(rate).allow_burst(burst)
 }
 
-/// The hand-written `sensor.v1.SensorService` server.
+/// The hand-written `sensor.v1.SensorService/SendSensorValues`, which
+/// [`server`] calls for each request on that path.
 #[derive(Clone)]
 struct SensorService(Arc<Shared>);
-
-impl NamedService for SensorService {
-    const NAME: &'static str = sink_proto::SERVICE_NAME;
-}
-
-impl<B> Service<http::Request<B>> for SensorService
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let started = std::time::Instant::now();
-        if request.uri().path() != sink_proto::SEND_SENSOR_VALUES_PATH {
-            let response = Status::unimplemented("no such method").into_http();
-            self.0.metrics.answered(started, &response);
-            return Box::pin(async { Ok(response) });
-        }
-        let service = self.clone();
-        Box::pin(async move {
-            let response = match service.unary(request, started.into()).await {
-                Ok(response) => ok_response(response),
-                Err(status) => status.into_http(),
-            };
-            service.0.metrics.answered(started, &response);
-            Ok(response)
-        })
-    }
-}
-
-/// The answer to a call that succeeded: the empty `SensorValuesResponse`
-/// (a 5-byte gRPC frame of length 0) and an OK status in the trailers.
-fn ok_response(_: Response<SensorValuesResponse>) -> http::Response<tonic::body::Body> {
-    let mut response = http::Response::new(tonic::body::Body::new(OkBody::Message));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    response.headers_mut().insert(
-        "grpc-accept-encoding",
-        http::HeaderValue::from_static(body::ACCEPTED_ENCODINGS),
-    );
-    response
-}
-
-/// The body of [`ok_response`]: the message, then the trailers.
-enum OkBody {
-    Message,
-    Trailers,
-    Done,
-}
-
-impl Body for OkBody {
-    type Data = prost::bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let frame = match this {
-            Self::Message => {
-                *this = Self::Trailers;
-                http_body::Frame::data(prost::bytes::Bytes::from_static(&[0; 5]))
-            }
-            Self::Trailers => {
-                *this = Self::Done;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                http_body::Frame::trailers(trailers)
-            }
-            Self::Done => return std::task::Poll::Ready(None),
-        };
-        std::task::Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self, Self::Done)
-    }
-}
 
 /// Decodes one encoded `SensorValuesRequest` into the batch a call hands on,
 /// all stamped `received_at`, as the service does for every call. Public for
@@ -672,15 +575,27 @@ pub fn decode_batch(
 }
 
 impl SensorService {
+    /// Answers one `SendSensorValues` call and counts its answer.
+    async fn answer(
+        &self,
+        request: http::Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<bytes::Bytes>,
+    ) {
+        let started = std::time::Instant::now();
+        let code = server::answer_unary(request, respond, |request| {
+            self.unary(request, started.into())
+        })
+        .await;
+        if let Some(code) = code {
+            self.0.metrics.answered(started, code);
+        }
+    }
+
     /// Serves one call from its request: reads the message prefix, refuses
     /// what the limits refuse before reading any more, takes a
     /// `max_concurrent_calls` permit, reads the one message within
     /// `body_timeout`, decodes it and hands it on ([`accept`](Self::accept)).
-    async fn unary<B>(
-        &self,
-        request: http::Request<B>,
-        started: Instant,
-    ) -> Result<Response<SensorValuesResponse>, Status>
+    async fn unary<B>(&self, request: http::Request<B>, started: Instant) -> Result<(), Status>
     where
         B: Body,
         B::Error: Into<StdError>,
@@ -801,9 +716,9 @@ impl SensorService {
         request: DecodedRequest,
         memory: Reservation,
         message_len: usize,
-    ) -> Result<Response<SensorValuesResponse>, Status> {
+    ) -> Result<(), Status> {
         if request.is_empty() {
-            return Ok(Response::new(SensorValuesResponse {}));
+            return Ok(());
         }
         let Some(output) = self.0.output.load_full() else {
             self.0.metrics.refused(Refusal::ShuttingDown);
@@ -832,10 +747,7 @@ impl SensorService {
             epoch: self.0.started,
             stall: &self.0.stall,
         };
-        handoff
-            .send(batch, memory)
-            .await
-            .map(|()| Response::new(SensorValuesResponse {}))
+        handoff.send(batch, memory).await
     }
 
     /// Reserves `bytes` of `settings.memory_limit` for a call: at once when
