@@ -1,0 +1,965 @@
+//! The grpc source's HTTP/2 server (on the `h2` crate) under protocol abuse,
+//! through the real binary on loopback. Every attack is written by hand in
+//! raw frames over a plain TCP stream, and what the server sends back is
+//! read and parsed frame by frame: rapid reset, CONTINUATION floods, HPACK
+//! bombs, oversized headers, PING floods, a client that grants no window at
+//! shutdown, keepalive, and graceful shutdown as a client sees it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use sink_e2e::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Mutex, watch};
+
+/// What a client says first, before its SETTINGS.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+// Frame types (RFC 9113, section 6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+
+// Flags.
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+// Error codes.
+const NO_ERROR: u32 = 0x0;
+const CANCEL: u32 = 0x8;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+// Settings.
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
+
+/// The largest frame payload a peer must accept (SETTINGS_MAX_FRAME_SIZE's
+/// default, which neither side changes here).
+const MAX_FRAME: usize = 16_384;
+
+/// The header list size the server grants (`server::MAX_HEADER_LIST_SIZE`).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// How much the sink's peak resident memory may grow under one attack.
+const MAX_GROWTH_MIB: u64 = 32;
+
+// ---------------------------------------------------------------------------
+// Writing frames
+
+/// One frame: the 9-byte header (length, type, flags, stream) and `payload`.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("frame length");
+    assert!(len < 1 << 24, "a frame payload is at most 2^24 - 1 bytes");
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A SETTINGS frame of `settings` (identifier, value).
+fn settings_frame(settings: &[(u16, u32)]) -> Vec<u8> {
+    let payload: Vec<u8> = settings
+        .iter()
+        .flat_map(|(id, value)| [&id.to_be_bytes()[..], &value.to_be_bytes()[..]].concat())
+        .collect();
+    frame(SETTINGS, 0, 0, &payload)
+}
+
+/// A HEADERS frame carrying the whole `block`.
+fn headers_frame(stream: u32, block: &[u8], end_stream: bool) -> Vec<u8> {
+    let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
+    frame(HEADERS, flags, stream, block)
+}
+
+fn rst_stream(stream: u32, code: u32) -> Vec<u8> {
+    frame(RST_STREAM, 0, stream, &code.to_be_bytes())
+}
+
+/// The acknowledgement of a SETTINGS or PING frame.
+fn frame_ack(kind: u8, payload: &[u8]) -> Vec<u8> {
+    frame(kind, ACK, 0, payload)
+}
+
+fn ping(flags: u8, payload: [u8; 8]) -> Vec<u8> {
+    frame(PING, flags, 0, &payload)
+}
+
+/// A DATA frame ending the stream with `request` as one gRPC message.
+fn message_frame(stream: u32, request: &sink_proto::SensorValuesRequest) -> Vec<u8> {
+    let message = request.encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&u32::try_from(message.len()).expect("len").to_be_bytes());
+    body.extend_from_slice(&message);
+    frame(DATA, END_STREAM, stream, &body)
+}
+
+// ---------------------------------------------------------------------------
+// HPACK, by hand (RFC 7541): no Huffman coding on the way out.
+
+/// An HPACK integer with an `n`-bit prefix, the prefix's other bits `first`.
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
+    let max = (1 << n) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// A raw (not Huffman-coded) string literal.
+fn hpack_str(out: &mut Vec<u8>, bytes: &[u8]) {
+    hpack_int(out, 0, 7, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// A literal field that does not enter the dynamic table, its name the
+/// static table's entry `name_index`.
+fn literal_indexed_name(out: &mut Vec<u8>, name_index: usize, value: &[u8]) {
+    hpack_int(out, 0x00, 4, name_index);
+    hpack_str(out, value);
+}
+
+/// A literal field with a new name that does not enter the dynamic table.
+fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x00);
+    hpack_str(out, name);
+    hpack_str(out, value);
+}
+
+/// A literal field with a new name that enters the dynamic table (as its
+/// entry 62, the first after the static table's 61).
+fn literal_indexed(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x40);
+    hpack_str(out, name);
+    hpack_str(out, value);
+}
+
+/// A field taken whole from the table: one byte for an entry below 127.
+fn indexed(out: &mut Vec<u8>, index: usize) {
+    hpack_int(out, 0x80, 7, index);
+}
+
+/// The header block of a `SendSensorValues` call: the pseudo-headers,
+/// content-type and te, all outside the dynamic table, so that the same
+/// bytes open any number of streams.
+fn call_headers() -> Vec<u8> {
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    literal_indexed_name(
+        &mut block,
+        4,
+        sink_proto::SEND_SENSOR_VALUES_PATH.as_bytes(),
+    );
+    literal_indexed_name(&mut block, 1, b"sink"); // :authority
+    literal_indexed_name(&mut block, 31, b"application/grpc"); // content-type
+    literal(&mut block, b"te", b"trailers");
+    block
+}
+
+/// The `:status` of a response header block as h2 writes it: first, either
+/// a static-table field (200, 204, 206, 304, 400, 404, 500) or a literal
+/// named by the static `:status` (index 8) whose value is digits, raw or
+/// Huffman-coded. `None` for anything else.
+fn response_status(block: &[u8]) -> Option<u16> {
+    const STATIC: [u16; 7] = [200, 204, 206, 304, 400, 404, 500];
+    let first = *block.first()?;
+    if first & 0x80 != 0 {
+        let index = usize::from(first & 0x7f).checked_sub(8)?;
+        return STATIC.get(index).copied();
+    }
+    let name_index = match first {
+        0x40..=0x7f => first & 0x3f, // with incremental indexing
+        0x00..=0x1f => first & 0x0f, // without indexing, or never indexed
+        _ => return None,            // a table size update
+    };
+    if name_index != 8 {
+        return None;
+    }
+    let (&length, rest) = block[1..].split_first()?;
+    let value = rest.get(..usize::from(length & 0x7f))?;
+    let digits = if length & 0x80 != 0 {
+        huffman_digits(value)?
+    } else {
+        String::from_utf8(value.to_vec()).ok()?
+    };
+    digits.parse().ok()
+}
+
+/// A Huffman-coded string of digits (RFC 7541, appendix B: '0' to '2' are
+/// the 5-bit codes 0 to 2, '3' to '9' the 6-bit codes 0x19 to 0x1f, and
+/// the end is padded with fewer than 8 one bits). `None` for anything else.
+fn huffman_digits(bytes: &[u8]) -> Option<String> {
+    let bits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|byte| (0..8).rev().map(move |i| (byte >> i) & 1))
+        .collect();
+    let code = |at: usize, n: usize| bits[at..at + n].iter().fold(0u8, |c, b| c << 1 | b);
+    let (mut at, mut digits) = (0, String::new());
+    while bits.len() - at >= 5 {
+        let five = code(at, 5);
+        if five <= 2 {
+            digits.push(char::from(b'0' + five));
+            at += 5;
+            continue;
+        }
+        let six = (bits.len() - at >= 6).then(|| code(at, 6));
+        match six {
+            Some(six @ 0x19..=0x1f) => {
+                digits.push(char::from(b'3' + six - 0x19));
+                at += 6;
+            }
+            _ => break,
+        }
+    }
+    (bits.len() - at < 8 && bits[at..].iter().all(|&bit| bit == 1)).then_some(digits)
+}
+
+// ---------------------------------------------------------------------------
+// Reading frames
+
+/// A frame the server sent.
+#[derive(Debug, Clone)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A GOAWAY's error code and debug data.
+    fn go_away(&self) -> Option<(u32, String)> {
+        let code = u32::from_be_bytes(self.payload.get(4..8)?.try_into().ok()?);
+        (self.kind == GOAWAY).then(|| {
+            (
+                code,
+                String::from_utf8_lossy(&self.payload[8..]).into_owned(),
+            )
+        })
+    }
+
+    /// A GOAWAY's last stream identifier: the last stream the server may
+    /// have processed.
+    fn last_stream(&self) -> Option<u32> {
+        let id = u32::from_be_bytes(self.payload.get(..4)?.try_into().ok()?);
+        (self.kind == GOAWAY).then_some(id & 0x7fff_ffff)
+    }
+
+    /// A RST_STREAM's error code.
+    fn reset(&self) -> Option<u32> {
+        (self.kind == RST_STREAM && self.payload.len() == 4)
+            .then(|| u32::from_be_bytes(self.payload[..4].try_into().expect("4 bytes")))
+    }
+
+    /// The `:status` of a HEADERS frame (h2 sends neither padding nor
+    /// priority, so the payload is the header block).
+    fn status(&self) -> Option<u16> {
+        (self.kind == HEADERS)
+            .then(|| response_status(&self.payload))
+            .flatten()
+    }
+
+    fn describe(&self) -> String {
+        let name = match self.kind {
+            DATA => "DATA",
+            HEADERS => "HEADERS",
+            RST_STREAM => "RST_STREAM",
+            SETTINGS => "SETTINGS",
+            PING => "PING",
+            GOAWAY => "GOAWAY",
+            WINDOW_UPDATE => "WINDOW_UPDATE",
+            CONTINUATION => "CONTINUATION",
+            _ => "UNKNOWN",
+        };
+        let detail = if let Some((code, debug)) = self.go_away() {
+            let last = self.last_stream().unwrap_or_default();
+            format!("last={last} code={code:#x} {debug:?}")
+        } else if let Some(code) = self.reset() {
+            format!("code={code:#x}")
+        } else if let Some(status) = self.status() {
+            format!(":status {status}")
+        } else {
+            format!("flags={:#x} len={}", self.flags, self.payload.len())
+        };
+        format!("{name}[{}] {detail}", self.stream)
+    }
+}
+
+/// The next frame from `read`; `None` at the end of the stream.
+async fn read_frame(read: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Frame>> {
+    let mut head = [0; 9];
+    match read.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(err) => return Err(err),
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    read.read_exact(&mut payload).await?;
+    Ok(Some(Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes(head[5..9].try_into().expect("4 bytes")) & 0x7fff_ffff,
+        payload,
+    }))
+}
+
+/// What the server sent on one connection so far, and how it ended.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    frames: Vec<Frame>,
+    /// `closed` at the end of the stream, or the error reading it.
+    ended: Option<String>,
+}
+
+impl Seen {
+    fn go_away(&self) -> Option<(u32, String)> {
+        self.frames.iter().find_map(Frame::go_away)
+    }
+
+    /// The first GOAWAY's last stream identifier.
+    fn go_away_last_stream(&self) -> Option<u32> {
+        self.frames.iter().find_map(Frame::last_stream)
+    }
+
+    /// The server is done with the connection: a GOAWAY, or its end.
+    fn cut_off(&self) -> bool {
+        self.ended.is_some() || self.go_away().is_some()
+    }
+
+    fn on(&self, stream: u32) -> impl Iterator<Item = &Frame> {
+        self.frames.iter().filter(move |f| f.stream == stream)
+    }
+
+    fn status(&self, stream: u32) -> Option<u16> {
+        self.on(stream).find_map(Frame::status)
+    }
+
+    fn reset(&self, stream: u32) -> Option<u32> {
+        self.on(stream).find_map(Frame::reset)
+    }
+
+    fn has_data(&self, stream: u32) -> bool {
+        self.on(stream).any(|f| f.kind == DATA)
+    }
+
+    /// The call on `stream` was answered OK: this server answers a call
+    /// that succeeded with an empty message (5 zero bytes) before its
+    /// trailers, and one that failed with headers alone.
+    fn answered_ok(&self, stream: u32) -> bool {
+        self.on(stream)
+            .any(|f| f.kind == DATA && f.payload == [0; 5])
+    }
+
+    /// The request on `stream` was refused: a GOAWAY, a RST_STREAM, a
+    /// status other than 200, or the connection's end, and no OK answer.
+    fn refused(&self, stream: u32) -> bool {
+        !self.answered_ok(stream)
+            && (self.cut_off()
+                || self.reset(stream).is_some()
+                || self.status(stream).is_some_and(|s| s != 200))
+    }
+
+    /// PINGs the server sent (not its answers to ours).
+    fn pings(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| f.kind == PING && f.flags & ACK == 0)
+            .count()
+    }
+
+    /// Whether the server answered our PING of `payload`.
+    fn pong(&self, payload: [u8; 8]) -> bool {
+        self.frames
+            .iter()
+            .any(|f| f.kind == PING && f.flags & ACK != 0 && f.payload == payload)
+    }
+
+    /// The server's own SETTINGS (not its acknowledgement of ours).
+    fn server_settings(&self) -> Vec<(u16, u32)> {
+        self.frames
+            .iter()
+            .filter(|f| f.kind == SETTINGS && f.flags & ACK == 0)
+            .flat_map(|f| f.payload.chunks_exact(6))
+            .map(|s| {
+                (
+                    u16::from_be_bytes([s[0], s[1]]),
+                    u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+                )
+            })
+            .collect()
+    }
+
+    /// Every frame (the last 30 at most) and the end, for failure messages.
+    fn describe(&self) -> String {
+        let skip = self.frames.len().saturating_sub(30);
+        let mut lines: Vec<String> = self.frames[skip..].iter().map(Frame::describe).collect();
+        if skip > 0 {
+            lines.insert(0, format!("({skip} earlier frames)"));
+        }
+        lines.push(format!("ended: {:?}", self.ended));
+        lines.join("; ")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A raw client connection
+
+/// Connects to `address` and opens HTTP/2 on it.
+async fn handshake(address: SocketAddr, settings: &[(u16, u32)]) -> TcpStream {
+    let tcp = TcpStream::connect(address).await.expect("connect");
+    open(tcp, settings).await
+}
+
+/// Writes the client preface and a SETTINGS frame of `settings`.
+async fn open(mut tcp: TcpStream, settings: &[(u16, u32)]) -> TcpStream {
+    let _ = tcp.set_nodelay(true);
+    let opening = [PREFACE, &settings_frame(settings)].concat();
+    tcp.write_all(&opening).await.expect("preface");
+    tcp
+}
+
+/// An HTTP/2 connection spoken in raw frames. A task reads every frame the
+/// server sends into [`Seen`], acknowledges its SETTINGS and, if asked,
+/// answers its PINGs.
+struct Peer {
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+    seen: watch::Receiver<Seen>,
+}
+
+impl Peer {
+    /// Connects, and returns once the server's SETTINGS are in (and
+    /// acknowledged): no frame of ours can come between the frames of a
+    /// header block from then on, but an answer to a PING.
+    async fn connect(address: SocketAddr, settings: &[(u16, u32)], answer_pings: bool) -> Self {
+        let peer = Self::start(handshake(address, settings).await, answer_pings);
+        let seen = peer
+            .wait(DEADLINE, |seen| {
+                !seen.server_settings().is_empty() || seen.ended.is_some()
+            })
+            .await;
+        assert!(
+            !seen.server_settings().is_empty(),
+            "no SETTINGS from the server: {}",
+            seen.describe()
+        );
+        peer
+    }
+
+    fn start(tcp: TcpStream, answer_pings: bool) -> Self {
+        let (read, write) = tcp.into_split();
+        let writer = Arc::new(Mutex::new(write));
+        let (seen, receiver) = watch::channel(Seen::default());
+        let replies = Arc::clone(&writer);
+        tokio::spawn(async move {
+            let mut read = BufReader::new(read);
+            let ended = loop {
+                match read_frame(&mut read).await {
+                    Ok(Some(frame)) => {
+                        let reply = match (frame.kind, frame.flags & ACK) {
+                            (SETTINGS, 0) => Some(frame_ack(SETTINGS, &[])),
+                            (PING, 0) if answer_pings => Some(frame_ack(PING, &frame.payload)),
+                            _ => None,
+                        };
+                        if let Some(reply) = reply {
+                            let _ = replies.lock().await.write_all(&reply).await;
+                        }
+                        seen.send_modify(|seen| seen.frames.push(frame));
+                    }
+                    Ok(None) => break "closed".to_owned(),
+                    Err(err) => break err.to_string(),
+                }
+            };
+            seen.send_modify(|seen| seen.ended = Some(ended));
+        });
+        Self {
+            writer,
+            seen: receiver,
+        }
+    }
+
+    async fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        self.writer.lock().await.write_all(bytes).await
+    }
+
+    /// What the server sent so far.
+    fn seen(&self) -> Seen {
+        self.seen.borrow().clone()
+    }
+
+    /// Waits at most `within` until `condition` holds of what the server
+    /// sent; returns what it sent by then.
+    async fn wait(&self, within: Duration, condition: impl FnMut(&Seen) -> bool) -> Seen {
+        let mut seen = self.seen.clone();
+        let _ = tokio::time::timeout(within, seen.wait_for(condition)).await;
+        self.seen()
+    }
+
+    /// Writes what `next` makes, again and again, until the server is done
+    /// with the connection (GOAWAY, its end, a failed write, or a write
+    /// stalled for 2 s) or `max_chunks` are written. Returns the chunks and
+    /// bytes written.
+    async fn flood(&self, max_chunks: usize, mut next: impl FnMut() -> Vec<u8>) -> (usize, usize) {
+        let (mut chunks, mut bytes) = (0, 0);
+        while chunks < max_chunks && !self.seen.borrow().cut_off() {
+            let chunk = next();
+            match tokio::time::timeout(Duration::from_secs(2), self.send(&chunk)).await {
+                Ok(Ok(())) => {
+                    chunks += 1;
+                    bytes += chunk.len();
+                }
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        (chunks, bytes)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The sink
+
+/// grpc (with `source` keys) -> buffered(max_events = 1) -> out.json.
+fn pipeline_with_source(source: &str) -> String {
+    [
+        grpc("sensors", source),
+        buffered("batch", &["sensors"], "max_events = 1"),
+        json_file("file", &["batch"], "out.json", ""),
+    ]
+    .concat()
+}
+
+/// The sink's peak resident memory (`VmHWM`), in kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// Asserts the sink's peak resident memory grew by less than
+/// [`MAX_GROWTH_MIB`] since `before` (kB).
+#[track_caller]
+fn assert_memory_bounded(sink: &SinkProcess, before: u64, attack: &str) {
+    let grown_mib = peak_rss_kb(sink.pid()).saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < MAX_GROWTH_MIB,
+        "{attack}: the sink's peak resident memory grew by {grown_mib} MiB"
+    );
+}
+
+/// An honest client on a fresh connection is served at once: two calls of
+/// three readings `<prefix><i>`, answered within 5 s. Returns the names.
+async fn served(sink: &SinkProcess, prefix: &str) -> Vec<String> {
+    let mut client = tokio::time::timeout(DEADLINE, sink.client("sensors"))
+        .await
+        .expect("an honest client connects");
+    tokio::time::timeout(Duration::from_secs(5), send_all(&mut client, prefix, 2, 3))
+        .await
+        .unwrap_or_else(|_| panic!("{prefix}: an honest client not served within 5 s"))
+}
+
+// ---------------------------------------------------------------------------
+// The attacks
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_gets_enhance_your_calm_and_honest_clients_are_served() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let attacker = Peer::connect(address, &[], true).await;
+    // CVE-2023-44487: streams opened and cancelled at once, 100 per write,
+    // up to STREAMS of them.
+    const STREAMS: u32 = 10_000;
+    let block = call_headers();
+    let mut next = 1;
+    let (chunks, _) = attacker
+        .flood((STREAMS / 100) as usize, || {
+            let mut chunk = Vec::new();
+            for _ in 0..100 {
+                chunk.extend(headers_frame(next, &block, false));
+                chunk.extend(rst_stream(next, CANCEL));
+                next += 2;
+            }
+            chunk
+        })
+        .await;
+    let seen = attacker.wait(DEADLINE, Seen::cut_off).await;
+    assert!(
+        seen.cut_off(),
+        "{} streams opened and reset, and the connection is still open: {}",
+        chunks * 100,
+        seen.describe()
+    );
+    if let Some((code, debug)) = seen.go_away() {
+        assert_eq!(
+            code,
+            ENHANCE_YOUR_CALM,
+            "GOAWAY {debug:?}: {}",
+            seen.describe()
+        );
+        // It gave up long before the attack's end (stream 2 * STREAMS - 1).
+        let last = seen.go_away_last_stream().unwrap_or_default();
+        assert!(last < STREAMS, "processed up to stream {last}");
+    }
+    // No stream was answered as a call.
+    assert!(
+        !seen
+            .frames
+            .iter()
+            .any(|f| f.kind == HEADERS || f.kind == DATA),
+        "{}",
+        seen.describe()
+    );
+    let names = served(&sink, "after-reset").await;
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_cut_off_within_a_few_frames() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let mut names = served(&sink, "before").await;
+    let before = peak_rss_kb(sink.pid());
+    let attacker = Peer::connect(address, &[], false).await;
+    // A header whose value is announced 64 MiB long (HPACK integers stop
+    // near 2^28): HEADERS without END_HEADERS, then full CONTINUATION
+    // frames of it, without end.
+    let mut block = call_headers();
+    block.push(0x00);
+    hpack_str(&mut block, b"x-endless");
+    hpack_int(&mut block, 0, 7, 1 << 26);
+    block.resize(MAX_FRAME, b'a');
+    let mut first = Some(frame(HEADERS, 0, 1, &block));
+    let continuation = frame(CONTINUATION, 0, 1, &[b'a'; MAX_FRAME]);
+    // At most 256 MiB.
+    let (frames, bytes) = attacker
+        .flood(16_384, || {
+            first.take().unwrap_or_else(|| continuation.clone())
+        })
+        .await;
+    let seen = attacker.wait(DEADLINE, Seen::cut_off).await;
+    assert!(
+        seen.cut_off(),
+        "{frames} frames ({} MiB) of one header block, and the connection is still open: {}",
+        bytes >> 20,
+        seen.describe()
+    );
+    if let Some((code, debug)) = seen.go_away() {
+        assert_eq!(
+            code,
+            ENHANCE_YOUR_CALM,
+            "GOAWAY {debug:?}: {}",
+            seen.describe()
+        );
+    }
+    // Cut off within what the socket buffers hold, not after the budget.
+    assert!(
+        bytes < 16 << 20,
+        "{frames} frames ({} MiB) written before the connection was cut off",
+        bytes >> 20
+    );
+    assert_memory_bounded(&sink, before, "CONTINUATION flood");
+    names.extend(served(&sink, "after-continuation").await);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hpack_bomb_is_refused_without_being_expanded() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let mut names = served(&sink, "before").await;
+    let before = peak_rss_kb(sink.pid());
+    let attacker = Peer::connect(address, &[], true).await;
+    // One 4000-byte value into the dynamic table (entry 62), then
+    // referenced, one byte each, until the frame is full: 16 KiB on the
+    // wire that decode to about 48 MB of header list, 3000 times the
+    // 16 KiB the server grants.
+    let mut block = call_headers();
+    literal_indexed(&mut block, b"x-bomb", &[b'b'; 4000]);
+    let references = MAX_FRAME - block.len();
+    for _ in 0..references {
+        indexed(&mut block, 62);
+    }
+    assert_eq!(block.len(), MAX_FRAME);
+    attacker
+        .send(&headers_frame(1, &block, true))
+        .await
+        .expect("send the bomb");
+    let seen = attacker.wait(DEADLINE, |seen| seen.refused(1)).await;
+    assert!(
+        seen.refused(1),
+        "{references} references to a 4000-byte entry not refused: {}",
+        seen.describe()
+    );
+    if let Some((code, debug)) = seen.go_away() {
+        assert_eq!(
+            code,
+            ENHANCE_YOUR_CALM,
+            "GOAWAY {debug:?}: {}",
+            seen.describe()
+        );
+    }
+    assert_memory_bounded(&sink, before, "HPACK bomb");
+    names.extend(served(&sink, "after-bomb").await);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_over_16_kib_are_refused_and_the_connection_serves_on() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let client = Peer::connect(address, &[], true).await;
+    let seen = client.seen();
+    assert!(
+        seen.server_settings()
+            .contains(&(SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)),
+        "the server's SETTINGS do not announce a 16 KiB header list: {:?}",
+        seen.server_settings()
+    );
+    // One literal header of 20 KiB: HEADERS, then a CONTINUATION of the rest.
+    let mut block = call_headers();
+    literal(&mut block, b"x-big", &vec![b'v'; 20 * 1024]);
+    let (head, rest) = block.split_at(MAX_FRAME);
+    let request = [
+        frame(HEADERS, END_STREAM, 1, head),
+        frame(CONTINUATION, END_HEADERS, 1, rest),
+    ]
+    .concat();
+    client.send(&request).await.expect("send the headers");
+    let seen = client.wait(DEADLINE, |seen| seen.refused(1)).await;
+    assert!(
+        seen.refused(1),
+        "20 KiB of headers not refused: {}",
+        seen.describe()
+    );
+    if let Some(status) = seen.status(1) {
+        assert_eq!(status, 431, "{}", seen.describe());
+    }
+    // Refused as a stream, the connection serves the next call.
+    if seen.go_away().is_none() {
+        let call = [
+            headers_frame(3, &call_headers(), false),
+            message_frame(3, &request_range("same-connection", 0..1)),
+        ]
+        .concat();
+        client.send(&call).await.expect("send a call");
+        let seen = client
+            .wait(DEADLINE, |seen| seen.answered_ok(3) || seen.cut_off())
+            .await;
+        assert!(
+            seen.answered_ok(3),
+            "the next call on the connection was not answered OK: {}",
+            seen.describe()
+        );
+    }
+    let mut names = served(&sink, "after-big-headers").await;
+    sink.stop();
+    if seen.go_away().is_none() {
+        names.push("same-connection0".to_owned());
+    }
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_from_a_client_that_never_reads_is_held_back() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let mut names = served(&sink, "before").await;
+    let before = peak_rss_kb(sink.pid());
+    // Small buffers on the client's side, so that the answers the server
+    // cannot deliver back up soon.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.set_send_buffer_size(4096).expect("SO_SNDBUF");
+    let tcp = socket.connect(address).await.expect("connect");
+    let mut tcp = open(tcp, &[]).await;
+    let payload = *b"flooding";
+    let chunk: Vec<u8> = (0..1000).flat_map(|_| ping(0, payload)).collect();
+    // Up to 2 million PINGs (34 MB), never reading an answer.
+    const MAX_PINGS: usize = 2_000_000;
+    let started = Instant::now();
+    let (mut sent, mut outcome) = (0, None);
+    while sent < MAX_PINGS {
+        match tokio::time::timeout(Duration::from_millis(500), tcp.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += 1000,
+            Ok(Err(err)) => {
+                outcome = Some(format!("closed: {err}"));
+                break;
+            }
+            Err(_) => {
+                outcome = Some("stalled".to_owned());
+                break;
+            }
+        }
+    }
+    let outcome = outcome.unwrap_or_else(|| {
+        panic!(
+            "{sent} PINGs written in {:?} and the server read them all, never answered",
+            started.elapsed()
+        )
+    });
+    assert_memory_bounded(&sink, before, "PING flood");
+    // While the flooding connection stays open (and stalled), others are served.
+    names.extend(served(&sink, "during-ping-flood").await);
+    // The server answered PINGs: the first answers wait on the socket.
+    let mut read = BufReader::new(tcp);
+    let mut first = Vec::new();
+    let answered = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(frame)) = read_frame(&mut read).await {
+            let done = frame.go_away().is_some()
+                || frame.kind == PING && frame.flags & ACK != 0 && frame.payload == payload;
+            first.push(frame.describe());
+            if done {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(answered, Ok(true)),
+        "after {sent} PINGs ({outcome}), no answer among {first:?}"
+    );
+    drop(read);
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_grants_no_window_cannot_hold_up_shutdown() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    // It answers PINGs (it looks alive) but its streams get no window.
+    let client = Peer::connect(address, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)], true).await;
+    let call = [
+        headers_frame(1, &call_headers(), false),
+        message_frame(1, &request("zero-window", 1)),
+    ]
+    .concat();
+    client.send(&call).await.expect("send a call");
+    // The call is taken and answered: its headers go out (they are not
+    // flow-controlled), its message waits for a window that never opens.
+    let seen = client.wait(DEADLINE, |seen| seen.status(1).is_some()).await;
+    assert_eq!(seen.status(1), Some(200), "{}", seen.describe());
+
+    let signalled = Instant::now();
+    sink.signal(libc::SIGTERM);
+    let status = sink.wait_exit();
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the sink took {took:?} to exit; log:\n{}",
+        sink.log_text()
+    );
+    assert!(status.success(), "exit {status}; log:\n{}", sink.log_text());
+    let seen = client.wait(DEADLINE, |seen| seen.ended.is_some()).await;
+    assert_eq!(
+        seen.go_away().map(|(code, _)| code),
+        Some(NO_ERROR),
+        "{}",
+        seen.describe()
+    );
+    assert!(
+        !seen.has_data(1),
+        "data past a zero window: {}",
+        seen.describe()
+    );
+    assert!(seen.ended.is_some(), "{}", seen.describe());
+    // What was acknowledged (to the sink's knowledge) was written.
+    assert_eq!(sensor_names(&sink.path("out.json")), ["zero-window0"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_drops_a_client_that_never_answers_and_keeps_one_that_does() {
+    let interval = Duration::from_millis(300);
+    let timeout = Duration::from_millis(700);
+    let mut sink = SinkProcess::start(&pipeline_with_source(
+        "keepalive_interval = \"300ms\"\nkeepalive_timeout = \"700ms\"",
+    ));
+    let address = sink.address("sensors");
+    let opened = Instant::now();
+    let silent = Peer::connect(address, &[], false).await;
+    let answering = Peer::connect(address, &[], true).await;
+
+    let seen = silent.wait(DEADLINE, |seen| seen.ended.is_some()).await;
+    let closed_after = opened.elapsed();
+    assert!(seen.ended.is_some(), "never dropped: {}", seen.describe());
+    assert!(seen.pings() >= 1, "dropped unpinged: {}", seen.describe());
+    assert!(
+        closed_after >= interval + timeout && closed_after < Duration::from_secs(5),
+        "the silent client was dropped after {closed_after:?}"
+    );
+
+    // The answering client stays through five rounds (1.5 s and more),
+    // well past the silent one's end.
+    let seen = answering
+        .wait(DEADLINE, |seen| seen.pings() >= 5 || seen.ended.is_some())
+        .await;
+    assert!(seen.ended.is_none(), "dropped: {}", seen.describe());
+    assert!(seen.pings() >= 5, "{}", seen.describe());
+    assert!(opened.elapsed() > interval + timeout + interval);
+    // And it is served: its own PING is answered.
+    let payload = *b"alive?!!";
+    answering.send(&ping(0, payload)).await.expect("ping");
+    let seen = answering
+        .wait(DEADLINE, |seen| seen.pong(payload) || seen.ended.is_some())
+        .await;
+    assert!(seen.pong(payload), "{}", seen.describe());
+    sink.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_idle_connections_a_goaway_and_the_sink_exits() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let idle = Peer::connect(address, &[], true).await;
+    // Another one that does not answer the PING that follows the GOAWAY.
+    let mute = Peer::connect(address, &[], false).await;
+
+    let signalled = Instant::now();
+    sink.signal(libc::SIGTERM);
+    for peer in [&idle, &mute] {
+        let seen = peer.wait(DEADLINE, |seen| seen.go_away().is_some()).await;
+        assert_eq!(
+            seen.go_away().map(|(code, _)| code),
+            Some(NO_ERROR),
+            "{}",
+            seen.describe()
+        );
+    }
+    // The one that answered is closed by the server once it has.
+    let seen = idle.wait(DEADLINE, |seen| seen.ended.is_some()).await;
+    assert_eq!(seen.ended.as_deref(), Some("closed"), "{}", seen.describe());
+    let status = sink.wait_exit();
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit {status}; log:\n{}", sink.log_text());
+    assert!(
+        took < Duration::from_secs(5),
+        "the sink took {took:?} to exit"
+    );
+    let seen = mute.wait(DEADLINE, |seen| seen.ended.is_some()).await;
+    assert!(seen.ended.is_some(), "{}", seen.describe());
+}
