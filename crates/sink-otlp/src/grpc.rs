@@ -92,7 +92,7 @@ impl NamedService for MetricsService {
 
 impl<B> Service<http::Request<B>> for MetricsService
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -129,7 +129,7 @@ impl MetricsService {
         started: Instant,
     ) -> Result<Exported, Status>
     where
-        B: Body,
+        B: Body + Unpin,
         B::Error: Into<StdError>,
     {
         let shared = &self.0;

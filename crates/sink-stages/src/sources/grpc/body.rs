@@ -24,7 +24,7 @@ use std::pin::Pin;
 
 use bytes::{Buf, Bytes, BytesMut};
 use sink_api::{MemoryBudget, Reservation};
-use tonic::codegen::http::HeaderMap;
+use tonic::codegen::http::{HeaderMap, HeaderName};
 use tonic::codegen::{Body, StdError};
 use tonic::{Code, Status};
 
@@ -46,7 +46,8 @@ impl Encoding {
     /// The encoding `headers` announce; an unknown one is UNIMPLEMENTED, as
     /// the gRPC spec asks, naming the ones accepted.
     pub fn from_headers(headers: &HeaderMap) -> Result<Self, Status> {
-        let Some(value) = headers.get("grpc-encoding") else {
+        const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+        let Some(value) = headers.get(GRPC_ENCODING) else {
             return Ok(Self::Identity);
         };
         match value.as_bytes() {
@@ -90,9 +91,9 @@ pub struct Prefix {
 /// A request body, read frame by frame into a buffer that grows only with
 /// the bytes received.
 pub struct BodyReader<B> {
-    body: Pin<Box<B>>,
+    body: B,
     /// Bytes received and not yet taken.
-    buf: BytesMut,
+    buf: Received,
     /// Once [`metered`](Self::metered): the budget the bytes received are
     /// reserved from as they arrive, what is reserved, and how many bytes
     /// have arrived in all.
@@ -132,15 +133,70 @@ impl Meter {
     }
 }
 
+/// Bytes received and not yet taken: the first data frame as it came, so
+/// that a message sent in one frame (most are) is never copied; frames are
+/// gathered into one buffer only once a second one arrives.
+#[derive(Default)]
+struct Received {
+    /// The first frame's bytes, while `gathered` is empty.
+    first: Bytes,
+    gathered: BytesMut,
+}
+
+impl Received {
+    fn bytes(&self) -> &[u8] {
+        if self.gathered.is_empty() {
+            &self.first
+        } else {
+            &self.gathered
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, mut data: impl Buf) {
+        if self.is_empty() {
+            // No copy when `data` is `Bytes`, as h2's, hyper's and tonic's are.
+            self.first = data.copy_to_bytes(data.remaining());
+            return;
+        }
+        if !self.first.is_empty() {
+            self.gathered.extend_from_slice(&self.first);
+            self.first = Bytes::new();
+        }
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            self.gathered.extend_from_slice(chunk);
+            let taken = chunk.len();
+            data.advance(taken);
+        }
+    }
+
+    /// The first `len` bytes (at most [`len`](Self::len)).
+    fn take(&mut self, len: usize) -> Bytes {
+        if self.gathered.is_empty() {
+            self.first.split_to(len)
+        } else {
+            self.gathered.split_to(len).freeze()
+        }
+    }
+}
+
 impl<B> BodyReader<B>
 where
-    B: Body,
+    B: Body + Unpin,
     B::Error: Into<StdError>,
 {
     pub fn new(body: B) -> Self {
         Self {
-            body: Box::pin(body),
-            buf: BytesMut::new(),
+            body,
+            buf: Received::default(),
             meter: None,
         }
     }
@@ -172,7 +228,8 @@ where
                 "the request body ends inside a gRPC message prefix",
             ));
         }
-        let compressed = match self.buf[0] {
+        let prefix = &self.buf.bytes()[..PREFIX_LEN];
+        let compressed = match prefix[0] {
             0 => false,
             1 => true,
             flag => {
@@ -181,7 +238,7 @@ where
                 )));
             }
         };
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
         Ok(Some(Prefix {
             compressed,
             len: len as usize,
@@ -200,8 +257,8 @@ where
                 prefix.len
             )));
         }
-        self.buf.advance(PREFIX_LEN);
-        let message = self.buf.split_to(prefix.len).freeze();
+        self.buf.take(PREFIX_LEN);
+        let message = self.buf.take(prefix.len);
         if self.fill(1).await? {
             return Err(Status::internal(
                 "a unary call carries one message, this one carried more; nothing of it was accepted",
@@ -218,7 +275,7 @@ where
             // be `Send`) is held across the meter's await.
             let arrived = match absorb(
                 &mut self.buf,
-                poll_fn(|cx| self.body.as_mut().poll_frame(cx)).await,
+                poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await,
             )? {
                 Some(arrived) => arrived,
                 None => return Ok(false),
@@ -235,7 +292,7 @@ where
 /// much the prefix announced; says how many bytes that was (0 for trailers),
 /// or `None` at the end of the body.
 fn absorb<D: Buf, E: Into<StdError>>(
-    buf: &mut BytesMut,
+    buf: &mut Received,
     frame: Option<Result<http_body::Frame<D>, E>>,
 ) -> Result<Option<usize>, Status> {
     let Some(frame) = frame else {
@@ -245,16 +302,11 @@ fn absorb<D: Buf, E: Into<StdError>>(
         let err: StdError = err.into();
         Status::cancelled(format!("the request body broke off: {err}"))
     })?;
-    let Ok(mut data) = frame.into_data() else {
+    let Ok(data) = frame.into_data() else {
         return Ok(Some(0));
     };
     let arrived = data.remaining();
-    while data.has_remaining() {
-        let chunk = data.chunk();
-        buf.extend_from_slice(chunk);
-        let taken = chunk.len();
-        data.advance(taken);
-    }
+    buf.push(data);
     Ok(Some(arrived))
 }
 

@@ -33,7 +33,7 @@ use sink_api::{
 };
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
-use tonic::codegen::{Body, StdError, http};
+use tonic::codegen::http;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -595,14 +595,18 @@ impl SensorService {
     /// what the limits refuse before reading any more, takes a
     /// `max_concurrent_calls` permit, reads the one message within
     /// `body_timeout`, decodes it and hands it on ([`accept`](Self::accept)).
-    async fn unary<B>(&self, request: http::Request<B>, started: Instant) -> Result<(), Status>
-    where
-        B: Body,
-        B::Error: Into<StdError>,
-    {
+    async fn unary(
+        &self,
+        request: http::Request<server::RequestBody>,
+        started: Instant,
+    ) -> Result<(), Status> {
         let limits = self.0.limits.load_full();
-        let (head, body) = request.into_parts();
-        let encoding = body::Encoding::from_headers(&head.headers)?;
+        // The headers are not kept across the awaits below: the smaller the
+        // call's future, the less each call copies.
+        let (encoding, body) = {
+            let (head, body) = request.into_parts();
+            (body::Encoding::from_headers(&head.headers)?, body)
+        };
         let mut body = body::BodyReader::new(body);
         // The client's time to deliver the body runs from `started`, while
         // its bytes are awaited, not while the call waits for a permit.

@@ -33,6 +33,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use h2::server::SendResponse;
 use h2::{Ping, PingPong, RecvStream, SendStream};
 use http_body::{Body, Frame};
@@ -58,6 +59,12 @@ const MAX_SEND_BUFFER: usize = 400 * 1024;
 /// Streams a connection may cause the server to reset for errors before it
 /// is closed with ENHANCE_YOUR_CALM, as hyper's server allowed.
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+// Named once: a name given as text is parsed again at every use.
+const GRPC_ACCEPT_ENCODING: http::HeaderName =
+    http::HeaderName::from_static("grpc-accept-encoding");
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// How the HTTP/2 connections are run: the stream bound and keepalive.
 #[derive(Debug, Clone, Copy)]
@@ -136,7 +143,7 @@ pub async fn serve<I, IO, E, O>(
     while connections.join_next().await.is_some() {}
 }
 
-/// Serves one connection: each request on a task of its own, until the
+/// Serves one connection until the
 /// client closes it, it breaks, it misses a keepalive PING, or it has
 /// finished its calls after shutdown's GOAWAY.
 async fn connection<IO, O>(
@@ -176,19 +183,25 @@ async fn connection<IO, O>(
         settings.keepalive_interval,
         settings.keepalive_timeout
     ));
+    // The sensor calls run here, in the connection's task, rather than on
+    // a task each: every request read is accepted first, then every call
+    // that can run runs, and the connection's next poll writes all their
+    // answers in one write. While any call is open the connection is busy.
+    let mut calls = FuturesUnordered::new();
+    let mut busy = None;
     let mut closing = false;
     loop {
         tokio::select! {
+            biased;
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
-                    let call = activity.begin();
                     if request.uri().path() == sink_proto::SEND_SENSOR_VALUES_PATH {
-                        let sensor = sensor.clone();
-                        tokio::spawn(async move {
-                            sensor.answer(request, respond).await;
-                            drop(call);
-                        });
+                        busy.get_or_insert_with(|| activity.begin());
+                        calls.push(sensor.answer(request, respond));
                     } else {
+                        // Other calls (health watches, reflection) may be
+                        // long-lived streams: each runs on a task of its own.
+                        let call = activity.begin();
                         let other = other.clone();
                         tokio::spawn(async move {
                             answer_other(other, request, respond).await;
@@ -202,6 +215,11 @@ async fn connection<IO, O>(
                 }
                 None => break,
             },
+            () = run_ready(&mut calls) => {
+                if calls.is_empty() {
+                    busy = None;
+                }
+            }
             () = &mut stop, if !closing => {
                 closing = true;
                 conn.graceful_shutdown();
@@ -212,6 +230,23 @@ async fn connection<IO, O>(
             }
         }
     }
+}
+
+/// Runs every call of `calls` that can make progress; ready once one or
+/// more have ended.
+async fn run_ready<F: Future<Output = ()>>(calls: &mut FuturesUnordered<F>) {
+    poll_fn(|cx| {
+        let mut ended = false;
+        while let Poll::Ready(Some(())) = Pin::new(&mut *calls).poll_next(cx) {
+            ended = true;
+        }
+        if ended {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// Pings every `interval` and ends when a PING goes unanswered for
@@ -277,7 +312,7 @@ where
 {
     let deadline = request
         .headers()
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|value| grpc_timeout(value.as_bytes()));
     let mut call = pin!(call(request.map(RequestBody)));
     let mut expiry = pin!(deadline.map(tokio::time::sleep));
@@ -321,7 +356,7 @@ fn send_ok(respond: &mut SendResponse<Bytes>) {
         http::HeaderValue::from_static("application/grpc"),
     );
     headers.insert(
-        "grpc-accept-encoding",
+        GRPC_ACCEPT_ENCODING,
         http::HeaderValue::from_static(super::body::ACCEPTED_ENCODINGS),
     );
     let Ok(mut stream) = respond.send_response(head, false) else {
@@ -334,7 +369,7 @@ fn send_ok(respond: &mut SendResponse<Bytes>) {
         return;
     }
     let mut trailers = http::HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
     let _ = stream.send_trailers(trailers);
 }
 
