@@ -103,9 +103,9 @@ pub struct GrpcConfig {
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     pub idle_timeout: Duration,
-    /// How often an HTTP/2 PING checks a connection that has been quiet for
-    /// this long; a client that does not answer within `keepalive_timeout`
-    /// is disconnected.
+    /// How often an HTTP/2 PING checks that a connection's client is still
+    /// there, busy or not; a client that does not answer within
+    /// `keepalive_timeout` is disconnected.
     #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
     #[schemars(with = "String", extend("format" = "duration"))]
     #[schemars(extend("x-restart" = true))]
