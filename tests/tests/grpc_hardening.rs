@@ -1,7 +1,8 @@
 //! The grpc source under attack, through the real binary on loopback:
 //! slowloris streams, announced-but-unsent messages, requests over the rate
 //! limit, two messages in a unary call, compressed requests and bombs, too
-//! many readings, too many or idle connections, and `accept` at the
+//! many readings, too many or idle connections, a client's `grpc-timeout`,
+//! and `accept` at the
 //! descriptor limit. Hand-crafted attacks go straight over HTTP/2 (h2).
 
 use std::io::{Read, Write};
@@ -61,14 +62,28 @@ async fn start_call(
     data: Vec<u8>,
     end: bool,
 ) -> (ResponseFuture, h2::SendStream<Bytes>) {
+    let headers: &[_] = match encoding {
+        Some(encoding) => &[("grpc-encoding", encoding)],
+        None => &[],
+    };
+    start_call_with(sender, headers, data, end).await
+}
+
+/// [`start_call`] with any extra request `headers`.
+async fn start_call_with(
+    sender: &SendRequest<Bytes>,
+    headers: &[(&'static str, &'static str)],
+    data: Vec<u8>,
+    end: bool,
+) -> (ResponseFuture, h2::SendStream<Bytes>) {
     let mut sender = sender.clone().ready().await.expect("ready");
     let mut request = http::Request::builder()
         .method("POST")
         .uri("http://sink/sensor.v1.SensorService/SendSensorValues")
         .header("content-type", "application/grpc")
         .header("te", "trailers");
-    if let Some(encoding) = encoding {
-        request = request.header("grpc-encoding", encoding);
+    for &(name, value) in headers {
+        request = request.header(name, value);
     }
     let (answer, mut stream) = sender
         .send_request(request.body(()).expect("request"), false)
@@ -662,6 +677,54 @@ async fn silent_connections_are_closed_and_bounded_so_honest_clients_get_in() {
         closed_after >= Duration::from_secs(4) && closed_after < Duration::from_secs(8),
         "closed after {closed_after:?}"
     );
+    sink.stop();
+    assert_each_once(&sensor_names(&sink.path("out.json")), &names);
+}
+
+#[tokio::test]
+async fn a_call_past_its_grpc_timeout_is_answered_deadline_exceeded() {
+    let mut sink = SinkProcess::start(&format!(
+        "[api]\naddress = \"127.0.0.1:0\"\n{}",
+        pipeline_with_source("body_timeout = \"1h\"")
+    ));
+    let sender = h2_connect(sink.address("sensors")).await;
+    // A message announced and never sent: only the client's deadline ends
+    // the call, long before body_timeout.
+    let started = Instant::now();
+    let (answer, _stream) = start_call_with(
+        &sender,
+        &[("grpc-timeout", "300m")],
+        prefix_only(100),
+        false,
+    )
+    .await;
+    let (code, message, _) = status_of(answer).await;
+    let waited = started.elapsed();
+    assert_eq!(code, Code::DeadlineExceeded, "{message}");
+    assert!(message.contains("grpc-timeout"), "{message}");
+    assert!(
+        (Duration::from_millis(300)..Duration::from_secs(5)).contains(&waited),
+        "answered after {waited:?}"
+    );
+    assert_eq!(
+        sink.metric("sink_grpc_calls_total", &[("code", "DEADLINE_EXCEEDED")]),
+        Some(1.0)
+    );
+    // A deadline that is not reached, or that cannot be read, changes nothing.
+    let mut names = Vec::new();
+    for (timeout, name) in [("5S", "in-time"), ("soon", "malformed")] {
+        let data = frame(false, &request(name, 1).encode_to_vec());
+        let (answer, _stream) =
+            start_call_with(&sender, &[("grpc-timeout", timeout)], data, true).await;
+        let (code, message, _) = status_of(answer).await;
+        assert_eq!(code, Code::Ok, "grpc-timeout {timeout}: {message}");
+        names.extend(
+            request(name, 1)
+                .items
+                .into_iter()
+                .map(|item| item.sensor_name),
+        );
+    }
     sink.stop();
     assert_each_once(&sensor_names(&sink.path("out.json")), &names);
 }
