@@ -2,8 +2,8 @@
 //! slowloris streams, announced-but-unsent messages, requests over the rate
 //! limit, two messages in a unary call, compressed requests and bombs, too
 //! many readings, too many or idle connections, a client's `grpc-timeout`,
-//! and `accept` at the
-//! descriptor limit. Hand-crafted attacks go straight over HTTP/2 (h2).
+//! and `accept` at the descriptor limit. Hand-crafted attacks go straight
+//! over HTTP/2 (h2).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
