@@ -961,3 +961,18 @@ pub fn end_server(mut child: Child, signal: i32) {
     unsafe { libc::kill(child.id() as i32, signal) };
     let _ = child.wait();
 }
+
+/// A field of `/proc/PID/status` (`VmHWM`, `VmPeak`, ...), in kB.
+pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The peak resident memory of `pid` (`VmHWM`), in kB.
+pub fn peak_rss_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmHWM")
+}

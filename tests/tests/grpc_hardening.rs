@@ -127,16 +127,6 @@ async fn call(
     (code, message)
 }
 
-/// A `/proc/PID/status` field, in kB.
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 #[tokio::test]
 async fn slow_clients_holding_every_permit_do_not_starve_a_good_one() {
     let mut sink = SinkProcess::start(&format!(

@@ -37,17 +37,6 @@ fn stuck_pipeline(settings: &str, grpc_keys: &str) -> String {
     )
 }
 
-/// The peak resident memory of `pid`, in bytes, from /proc.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM");
-    kib * 1024
-}
-
 #[tokio::test]
 async fn a_request_larger_than_the_whole_limit_is_resource_exhausted() {
     let pipeline = format!(
@@ -136,7 +125,7 @@ async fn a_flood_of_empty_items_into_a_stuck_sink_stays_within_the_bound() {
             }
         }
     }
-    let peak = peak_rss(sink.pid());
+    let peak = peak_rss_kb(sink.pid()) * 1024;
     eprintln!("{oks} of 12 calls accepted; peak RSS {} MiB", peak >> 20);
     assert_eq!(oks, 1, "more than the limit was let in");
     assert!(
@@ -197,7 +186,7 @@ async fn a_flood_of_tiny_labels_stays_within_the_bound() {
             Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
         }
     }
-    let peak = peak_rss(sink.pid());
+    let peak = peak_rss_kb(sink.pid()) * 1024;
     eprintln!("{oks} of 12 calls accepted; peak RSS {} MiB", peak >> 20);
     assert!(oks <= 3, "{oks} calls of about 35 MB each let into 128 MiB");
     assert!(

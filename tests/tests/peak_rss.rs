@@ -23,24 +23,6 @@ fn default_pipeline(grpc_keys: &str) -> String {
     .concat()
 }
 
-/// `VmHWM` of `pid`, in MiB.
-fn peak_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .expect("VmHWM")
-        / 1024
-}
-
 /// Lines in `path` so far (without parsing them: each is 24 MiB).
 fn line_count(path: &std::path::Path) -> usize {
     std::fs::read(path)
@@ -52,7 +34,7 @@ fn line_count(path: &std::path::Path) -> usize {
 const LIMIT_MIB: u64 = 256;
 
 fn report(attack: &str, sink: &SinkProcess) -> u64 {
-    let peak = peak_mib(sink.pid());
+    let peak = peak_rss_kb(sink.pid()) / 1024;
     println!("peak RSS under {attack}: {peak} MiB");
     peak
 }

@@ -25,7 +25,6 @@
 //! - **bounded answers**: a long-lived stream's answer is written only as
 //!   the client's flow-control window opens, one frame at a time.
 
-use std::convert::Infallible;
 use std::fmt::Display;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
@@ -45,7 +44,7 @@ use tonic::codegen::{Service, http};
 use tonic::transport::server::Connected;
 use tonic::{Code, Status};
 
-use super::incoming::ConnectionInfo;
+use super::incoming::{ConnectionInfo, LimitStreams};
 use super::{CONNECTION_WINDOW, STREAM_WINDOW, SensorService};
 
 /// The largest header list a request may carry, as hyper's server granted:
@@ -89,27 +88,34 @@ impl Settings {
     }
 }
 
+/// A connection the server can serve: accepted, and over TLS or not.
+pub trait Transport:
+    AsyncRead + AsyncWrite + Connected<ConnectInfo = ConnectionInfo> + Unpin + Send + 'static
+{
+}
+
+impl<T> Transport for T where
+    T: AsyncRead + AsyncWrite + Connected<ConnectInfo = ConnectionInfo> + Unpin + Send + 'static
+{
+}
+
+/// Where every path but `SendSensorValues` goes: tonic's services (health,
+/// reflection), with the bound on long-lived streams.
+pub type OtherRoutes = LimitStreams<tonic::service::Routes>;
+
 /// Serves every connection of `incoming` until `shutdown` starts, then
 /// closes the listener (by dropping `incoming`), sends every connection a
 /// GOAWAY, and returns once they have all closed.
-pub async fn serve<I, IO, E, O>(
+pub async fn serve<I, IO, E>(
     incoming: I,
     settings: Settings,
     sensor: SensorService,
-    other: O,
+    other: OtherRoutes,
     shutdown: ShutdownSignal,
 ) where
     I: Stream<Item = Result<IO, E>>,
     E: Display,
-    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = ConnectionInfo> + Unpin + Send + 'static,
-    O: Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    O::Future: Send + 'static,
+    IO: Transport,
 {
     let builder = settings.builder();
     let mut connections = JoinSet::new();
@@ -146,23 +152,15 @@ pub async fn serve<I, IO, E, O>(
 /// Serves one connection until the
 /// client closes it, it breaks, it misses a keepalive PING, or it has
 /// finished its calls after shutdown's GOAWAY.
-async fn connection<IO, O>(
+async fn connection<IO>(
     io: IO,
     builder: h2::server::Builder,
     settings: Settings,
     sensor: SensorService,
-    other: O,
+    other: OtherRoutes,
     shutdown: ShutdownSignal,
 ) where
-    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = ConnectionInfo> + Unpin + Send + 'static,
-    O: Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    O::Future: Send + 'static,
+    IO: Transport,
 {
     let ConnectionInfo { remote, activity } = io.connect_info();
     let mut stop = pin!(shutdown.wait());
@@ -396,19 +394,14 @@ fn grpc_timeout(value: &[u8]) -> Option<Duration> {
 
 /// Serves a request on any other path through tonic's routes, and writes
 /// their answer out as the client's window allows.
-async fn answer_other<O>(
-    mut other: O,
+async fn answer_other(
+    mut other: OtherRoutes,
     request: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) where
-    O: Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        >,
-{
+) {
     let request = request.map(|body| tonic::body::Body::new(RequestBody(body)));
-    let Ok(()) = poll_fn(|cx| other.poll_ready(cx)).await;
+    let Ok(()) =
+        poll_fn(|cx| Service::<http::Request<tonic::body::Body>>::poll_ready(&mut other, cx)).await;
     let mut answer = pin!(other.call(request));
     let response = poll_fn(|cx| {
         if let Poll::Ready(Ok(response)) = answer.as_mut().poll(cx) {
