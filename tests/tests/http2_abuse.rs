@@ -1,9 +1,10 @@
 //! The grpc source's HTTP/2 server (on the `h2` crate) under protocol abuse,
 //! through the real binary on loopback. Every attack is written by hand in
 //! raw frames over a plain TCP stream, and what the server sends back is
-//! read and parsed frame by frame: rapid reset, CONTINUATION floods, HPACK
-//! bombs, oversized headers, PING floods, a client that grants no window at
-//! shutdown, keepalive, and graceful shutdown as a client sees it.
+//! read and parsed frame by frame: rapid reset, streams the server must
+//! reset (MadeYouReset), CONTINUATION floods, HPACK bombs, oversized
+//! headers, PING floods, a client that grants no window at shutdown,
+//! keepalive, and graceful shutdown as a client sees it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -637,6 +638,45 @@ async fn rapid_reset_gets_enhance_your_calm_and_honest_clients_are_served() {
         seen.describe()
     );
     served_to_the_end(sink, Vec::new(), "after-reset").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_the_server_must_reset_get_enhance_your_calm() {
+    let sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let attacker = Peer::connect(address, &[], true).await;
+    // MadeYouReset (CVE-2025-8671): each stream opened and then sent a
+    // WINDOW_UPDATE that overflows its window, a stream error the server
+    // must answer with RST_STREAM; the client never resets a stream itself,
+    // so only the server's own bound on the streams it resets for errors
+    // (1024) stops it.
+    const STREAMS: u32 = 10_000;
+    let block = call_headers();
+    let mut next = 1;
+    let (chunks, _) = attacker
+        .flood((STREAMS / 100) as usize, || {
+            let mut chunk = Vec::new();
+            for _ in 0..100 {
+                chunk.extend(headers_frame(next, &block, false));
+                chunk.extend(frame(WINDOW_UPDATE, 0, next, &0x7fff_ffffu32.to_be_bytes()));
+                next += 2;
+            }
+            chunk
+        })
+        .await;
+    let seen = attacker.wait(DEADLINE, Seen::cut_off).await;
+    assert!(
+        seen.cut_off(),
+        "{} streams made the server reset them, and the connection is still open: {}",
+        chunks * 100,
+        seen.describe()
+    );
+    assert_calm(&seen);
+    let (code, _) = seen.go_away().expect("a GOAWAY");
+    assert_eq!(code, ENHANCE_YOUR_CALM, "{}", seen.describe());
+    let last = seen.go_away_last_stream().unwrap_or_default();
+    assert!(last < 2 * STREAMS, "processed up to stream {last}");
+    served_to_the_end(sink, Vec::new(), "after-made-you-reset").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
