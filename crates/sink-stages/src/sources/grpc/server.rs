@@ -56,7 +56,8 @@ pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
 
 /// Streams a connection may cause the server to reset for errors before it
-/// is closed with ENHANCE_YOUR_CALM, as hyper's server allowed.
+/// is closed with ENHANCE_YOUR_CALM (MadeYouReset): hyper's default, which
+/// tonic's server turned off.
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 // Named once: a name given as text is parsed again at every use.
