@@ -22,7 +22,7 @@ use std::future::poll_fn;
 use std::io::Read;
 use std::pin::Pin;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sink_api::{MemoryBudget, Reservation};
 use tonic::codegen::http::{HeaderMap, HeaderName};
 use tonic::codegen::{Body, StdError};
@@ -170,12 +170,7 @@ impl Received {
             self.gathered.extend_from_slice(&self.first);
             self.first = Bytes::new();
         }
-        while data.has_remaining() {
-            let chunk = data.chunk();
-            self.gathered.extend_from_slice(chunk);
-            let taken = chunk.len();
-            data.advance(taken);
-        }
+        self.gathered.put(data);
     }
 
     /// The first `len` bytes (at most [`len`](Self::len)).
@@ -374,9 +369,61 @@ fn window_log(max_bytes: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
     use std::io::Write;
+    use std::task::{Context, Poll};
 
     use super::*;
+
+    /// A request body that delivers `frames` one data frame each.
+    struct Frames(VecDeque<Bytes>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|data| Ok(http_body::Frame::data(data))),
+            )
+        }
+    }
+
+    /// What a reader makes of `body` cut into frames at `cuts`.
+    async fn read_cut(body: &[u8], cuts: &[usize]) -> Result<Bytes, Status> {
+        let mut frames = VecDeque::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain([&body.len()]) {
+            frames.push_back(Bytes::copy_from_slice(&body[from..to]));
+            from = to;
+        }
+        let mut reader = BodyReader::new(Frames(frames));
+        let prefix = reader.prefix().await?.expect("a prefix");
+        reader.message(prefix).await
+    }
+
+    #[tokio::test]
+    async fn a_message_is_read_whole_however_its_frames_cut_it() {
+        let message = b"0123456789";
+        let mut body = vec![0, 0, 0, 0, message.len() as u8];
+        body.extend_from_slice(message);
+        for cuts in [&[][..], &[2], &[5], &[7], &[2, 5, 6, 14]] {
+            let read = read_cut(&body, cuts).await.expect("the message");
+            assert_eq!(&read[..], message, "cut at {cuts:?}");
+        }
+        // A second message after the first, in the same frame or the next.
+        let mut twice = body.clone();
+        twice.extend_from_slice(&body);
+        for cuts in [&[][..], &[15], &[3, 17]] {
+            let status = read_cut(&twice, cuts).await.expect_err("two messages");
+            assert!(status.message().contains("one message"), "{status:?}");
+        }
+    }
 
     #[test]
     fn gzip_and_zstd_inflate_and_bombs_are_refused() {
