@@ -1066,7 +1066,7 @@ async fn the_sink_passes_the_stage_conformance_check_against_the_real_server() {
                     Some(Value::Float(f)) => format!("float {:x}", f.to_bits()),
                     None => "none".into(),
                 };
-                (r.sensor_name.clone(), value)
+                (r.sensor_name.to_string(), value)
             })
             .collect();
         rows.sort();

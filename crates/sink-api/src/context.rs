@@ -897,7 +897,7 @@ mod tests {
     fn batch(n: usize) -> Batch {
         (0..n)
             .map(|i| Reading {
-                sensor_name: format!("s{i}"),
+                sensor_name: format!("s{i}").into(),
                 labels: crate::Labels::new(),
                 value: Some(crate::Value::Int(i as i64)),
                 created_at: None,

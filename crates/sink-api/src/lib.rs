@@ -51,6 +51,7 @@ pub mod json;
 mod limits;
 mod map;
 pub mod metrics;
+mod name;
 mod readiness;
 mod reading;
 mod registration;
@@ -71,6 +72,7 @@ pub use context::{
 };
 pub use limits::ReadingLimits;
 pub use map::{MapBatch, MapReadings, map_processor};
+pub use name::SensorName;
 pub use readiness::{Readiness, ReadinessWatch};
 pub use reading::{Labels, Reading, Timestamp, Value};
 pub use registration::{RegistrationErrors, check_registrations};

@@ -71,7 +71,7 @@ pub fn readings(prefix: &str, range: Range<i64>) -> Batch {
     let received_at = Timestamp::now();
     range
         .map(|i| Reading {
-            sensor_name: format!("{prefix}{i}"),
+            sensor_name: format!("{prefix}{i}").into(),
             labels: Labels::new(),
             value: Some(Value::Int(i)),
             created_at: Timestamp::new(1_795_860_000 + i, 0),
@@ -475,7 +475,7 @@ pub async fn check_processor_on<C: ProcessorConfig + Clone>(
     keeps: impl Fn(&Reading) -> bool,
 ) {
     let names = |readings: &mut dyn Iterator<Item = &Reading>| -> Vec<String> {
-        let mut names: Vec<String> = readings.map(|r| r.sensor_name.clone()).collect();
+        let mut names: Vec<String> = readings.map(|r| r.sensor_name.to_string()).collect();
         names.sort();
         names
     };
@@ -544,7 +544,7 @@ pub async fn check_sink_with_on<C, T>(
 /// reading sent exactly once, in any order.
 pub async fn check_sink<C: SinkConfig + Clone>(config: C, written: impl Fn() -> Vec<String>) {
     let names = |sent: &[Reading]| {
-        let mut names: Vec<String> = sent.iter().map(|r| r.sensor_name.clone()).collect();
+        let mut names: Vec<String> = sent.iter().map(|r| r.sensor_name.to_string()).collect();
         names.sort();
         names
     };
@@ -572,7 +572,7 @@ fn expect_tokens_carried(out: &[Batch], calls: &[(Call, Acknowledgement)], name:
         for reading in batch.iter() {
             let Some(((token, _), _)) = calls
                 .iter()
-                .find(|((_, names), _)| names.contains(&reading.sensor_name))
+                .find(|((_, names), _)| names.contains(reading.sensor_name.as_str()))
             else {
                 continue;
             };
@@ -645,7 +645,7 @@ async fn send_reloading_midway<C: Any + Send + Sync>(
         let (token, acknowledgement) = Token::acknowledged(None);
         let mut batch = Batch::from(chunk.to_vec());
         batch.attach(token.clone());
-        let names = chunk.iter().map(|r| r.sensor_name.clone()).collect();
+        let names = chunk.iter().map(|r| r.sensor_name.to_string()).collect();
         (batch, ((token, names), acknowledgement))
     };
     for chunk in first {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use sink_api::json::parse_readings;
-use sink_api::{Labels, Reading, ReadingLimits, Timestamp, Value};
+use sink_api::{Labels, Reading, ReadingLimits, SensorName, Timestamp, Value};
 
 use crate::topic::TopicFields;
 
@@ -155,7 +155,7 @@ impl Payload {
             Payload::Number => {
                 let name = topic.sensor_name.ok_or_else(no_name)?;
                 out.push(Reading {
-                    sensor_name: name.to_owned(),
+                    sensor_name: SensorName::intern_str(name),
                     labels: topic.labels.clone(),
                     value: Some(number(payload)?),
                     created_at: None,
@@ -196,7 +196,8 @@ impl Payload {
                 })?;
                 for mut reading in batch.into_readings() {
                     if reading.sensor_name.is_empty() {
-                        reading.sensor_name = topic.sensor_name.ok_or_else(no_name)?.to_owned();
+                        reading.sensor_name =
+                            SensorName::intern_str(topic.sensor_name.ok_or_else(no_name)?);
                     }
                     reading.labels = merged(&topic.labels, reading.labels);
                     out.push(reading);

@@ -18,7 +18,7 @@
 //!   whole request is refused, so that decoding never holds more than was
 //!   reserved.
 
-use sink_api::{Labels, Reading, ReadingLimits, Timestamp, Value};
+use sink_api::{Labels, Reading, ReadingLimits, SensorName, Timestamp, Value};
 
 /// The label holding a metric's unit, when it has one.
 pub const UNIT: &str = "otlp.unit";
@@ -90,7 +90,7 @@ pub struct Points<'l> {
     resource: Vec<(String, String)>,
     /// Why every point of the current resource is rejected, if one must be.
     resource_refusal: Option<String>,
-    name: String,
+    name: SensorName,
     /// The current metric's metadata labels.
     meta: Vec<(&'static str, String)>,
 }
@@ -116,7 +116,7 @@ impl<'l> Points<'l> {
             reasons: Vec::new(),
             resource: Vec::new(),
             resource_refusal: None,
-            name: String::new(),
+            name: SensorName::default(),
             meta: Vec::new(),
         }
     }
@@ -154,8 +154,7 @@ impl<'l> Points<'l> {
 
     /// A new metric starts: its points follow.
     pub fn begin_metric(&mut self, name: &str, unit: &str, kind: Kind) {
-        self.name.clear();
-        self.name.push_str(name);
+        self.name = SensorName::intern_str(name);
         self.meta.clear();
         if !unit.is_empty() {
             self.meta.push((UNIT, unit.to_owned()));

@@ -175,7 +175,7 @@ mod tests {
     fn reading(name: &str, labels: &[(&str, &str)], value: Option<Value>, ms: i64) -> Reading {
         let at = Timestamp::new(ms / 1000, (ms % 1000) as u32 * 1_000_000).unwrap();
         Reading {
-            sensor_name: name.to_string(),
+            sensor_name: name.into(),
             labels: Labels::from_pairs(
                 labels
                     .iter()

@@ -69,7 +69,7 @@ fn prost_then_convert(message: &[u8], received_at: Timestamp) -> Option<Batch> {
             Some(t) => Some(Timestamp::new(t.seconds, u32::try_from(t.nanos).ok()?)?),
         };
         batch.push(Reading {
-            sensor_name: item.sensor_name,
+            sensor_name: item.sensor_name.into(),
             labels: item.labels.into_iter().collect(),
             value: measurement.sensor_value.map(Value::Int),
             created_at,

@@ -367,7 +367,7 @@ mod tests {
             batch
                 .expect("a batch came out")
                 .into_iter()
-                .map(|r| r.sensor_name)
+                .map(|r| r.sensor_name.into())
                 .collect()
         };
         let mut stage = Harness::processor(FilterConfig::default()).expect("builds");
@@ -390,7 +390,7 @@ mod tests {
         });
         stage.send(readings("c", 0..3)).await;
         let rest = stage.finish().await.expect("ends cleanly");
-        let rest: Vec<String> = rest.into_iter().map(|r| r.sensor_name).collect();
+        let rest: Vec<String> = rest.into_iter().map(|r| r.sensor_name.into()).collect();
         assert_eq!(rest, ["c0"]);
     }
 }
