@@ -280,3 +280,72 @@ async fn the_originals_requests_are_written_byte_for_byte_as_before() {
     let golden: Vec<&str> = GOLDEN.lines().collect();
     assert_eq!(masked, golden);
 }
+
+/// Readings share their sensor's name, which the sink remembers per thread
+/// (1024 names of up to 128 bytes). Names that repeat, collide in that
+/// memory, replace each other, are too long to remember, or are not ASCII,
+/// sent over two connections at once (so both workers decode), each come
+/// out with their own value, once.
+#[tokio::test]
+async fn shared_names_come_out_exact_however_they_repeat() {
+    let pipeline = [
+        grpc("sensors", ""),
+        json_file("file", &["sensors"], "out.json", ""),
+    ]
+    .concat();
+    let mut sink = SinkProcess::start(&pipeline);
+    let long = "l".repeat(200);
+    let name = move |i: usize| match i % 7 {
+        0 => format!("{long}-{}", i % 50),
+        1 => format!("température-ü-{}", i % 3000),
+        _ => format!("sensor-{}", i % 3000),
+    };
+    const CALLS: usize = 20;
+    const PER_CALL: usize = 250;
+    let mut senders = Vec::new();
+    for connection in 0..2 {
+        let mut client = sink.client("sensors").await;
+        let name = name.clone();
+        senders.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for call in 0..CALLS {
+                let items: Vec<SensorValue> = (0..PER_CALL)
+                    .map(|j| {
+                        let i = (connection * CALLS + call) * PER_CALL + j;
+                        item(&name(i), Some(i as i64), None, &[])
+                    })
+                    .collect();
+                sent.extend(items.iter().map(|item| {
+                    (
+                        item.sensor_name.clone(),
+                        item.measurement.unwrap().sensor_value,
+                    )
+                }));
+                client
+                    .send_sensor_values(SensorValuesRequest { items })
+                    .await
+                    .expect("accepted");
+            }
+            sent
+        }));
+    }
+    let mut sent = Vec::new();
+    for sender in senders {
+        sent.extend(sender.await.expect("sender"));
+    }
+    sink.stop();
+    let mut written: Vec<(String, Option<i64>)> = json_lines(&sink.path("out.json"))
+        .iter()
+        .map(|line| {
+            let name = line["sensor_name"].as_str().expect("a name").to_owned();
+            (name, line["sensor_value"].as_i64())
+        })
+        .collect();
+    sent.sort();
+    written.sort();
+    assert_eq!(written.len(), 2 * CALLS * PER_CALL);
+    assert!(
+        written == sent,
+        "the readings written differ from those sent"
+    );
+}
