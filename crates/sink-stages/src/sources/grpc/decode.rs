@@ -141,7 +141,7 @@ fn decode_counted(
             continue;
         }
         let mut item = length_delimited(wire_type, &mut buf)
-            .and_then(sensor_value)
+            .and_then(|bytes| sensor_value(bytes, limits.max_name_bytes))
             .map_err(|err| malformed(Some(index), err))?;
         if invalid.is_none() {
             match item.push_reading(limits, received_at, &mut batch) {
@@ -179,11 +179,22 @@ fn count_items(message: &[u8]) -> usize {
     count
 }
 
+/// An item's name as read. Within the length the limits allow, it is
+/// interned at once: a sink hears the same few names again and again, and
+/// a name this thread remembers needs no UTF-8 check or allocation. A longer
+/// one is only checked, so that a name the reading's refusal will name never
+/// takes memory.
+#[derive(Debug)]
+enum ItemName<'a> {
+    Shared(SensorName),
+    TooLong(&'a str),
+}
+
 /// One `SensorValue` as read so far: the fields of every occurrence merged.
 #[derive(Debug, Default)]
 struct Item<'a> {
-    /// Interned as read: a sink hears the same few names again and again.
-    name: Option<SensorName>,
+    /// `None` when the item names none: the empty name.
+    name: Option<ItemName<'a>>,
     value: Option<i64>,
     float: Option<f64>,
     /// `(seconds, nanos)`, unchecked.
@@ -208,8 +219,7 @@ impl Item<'_> {
     ) -> Result<(), Invalid> {
         let created_at = self.created_at()?;
         let value = self.value()?;
-        let name = self.name.take().unwrap_or_default();
-        limits.check_name(&name).map_err(Invalid::Limit)?;
+        let sensor_name = self.name(limits)?;
         limits
             .check_label_count(self.label_entries)
             .map_err(Invalid::Limit)?;
@@ -219,13 +229,26 @@ impl Item<'_> {
             self.labels(limits).map_err(Invalid::Limit)?
         };
         batch.push(Reading {
-            sensor_name: name,
+            sensor_name,
             labels,
             value,
             created_at,
             received_at,
         });
         Ok(())
+    }
+
+    /// The name, taken out of the item; refused past the limit.
+    #[inline]
+    fn name(&mut self, limits: &ReadingLimits) -> Result<SensorName, Invalid> {
+        match self.name.take() {
+            None => Ok(SensorName::default()),
+            Some(ItemName::Shared(name)) => Ok(name),
+            Some(ItemName::TooLong(text)) => limits
+                .check_name(text)
+                .map(|()| SensorName::from(text))
+                .map_err(Invalid::Limit),
+        }
     }
 
     /// The value: an integer, a float, or none; not both, and no float JSON
@@ -313,8 +336,9 @@ impl Invalid {
     }
 }
 
-/// Reads the fields of one `SensorValue` (the bytes inside its `items` field).
-fn sensor_value(mut buf: &[u8]) -> Result<Item<'_>, Malformed> {
+/// Reads the fields of one `SensorValue` (the bytes inside its `items`
+/// field); a name longer than `max_name_bytes` is not made a name.
+fn sensor_value(mut buf: &[u8], max_name_bytes: usize) -> Result<Item<'_>, Malformed> {
     // Depths as prost counts them: SensorValue's fields are one level down.
     const DEPTH: u32 = RECURSION_LIMIT - 1;
     let mut item = Item {
@@ -326,8 +350,12 @@ fn sensor_value(mut buf: &[u8]) -> Result<Item<'_>, Malformed> {
         match tag {
             SENSOR_NAME => {
                 let bytes = length_delimited(wire_type, &mut buf)?;
-                item.name =
-                    Some(SensorName::intern(bytes).map_err(|_| Malformed::NotUtf8("sensor_name"))?);
+                item.name = Some(if bytes.len() > max_name_bytes {
+                    ItemName::TooLong(utf8(bytes, "sensor_name")?)
+                } else {
+                    let name = SensorName::intern(bytes);
+                    ItemName::Shared(name.map_err(|_| Malformed::NotUtf8("sensor_name"))?)
+                });
             }
             MEASUREMENT => measurement(length_delimited(wire_type, &mut buf)?, &mut item)?,
             LABELS => {
@@ -1338,6 +1366,35 @@ mod tests {
         let batch = assert_same(&at_bounds).expect("within bounds");
         assert_eq!(batch[1].labels.len(), 64);
         assert_eq!(batch[1].value, Some(Value::Float(2.5)));
+    }
+
+    #[test]
+    fn names_are_shared_across_calls_and_checked_as_text_at_any_length() {
+        let names = |message: &[u8]| -> Vec<SensorName> {
+            decode_request(message, received_at(), &ReadingLimits::default())
+                .expect("well formed")
+                .readings
+                .expect("valid")
+                .iter()
+                .map(|reading| reading.sensor_name.clone())
+                .collect()
+        };
+        let plain = Measurement::default();
+        let first = names(&item_with(plain, &[], "pump"));
+        let second = names(&item_with(plain, &[], "pump"));
+        assert_eq!(first[1], "pump");
+        assert!(SensorName::ptr_eq(&first[1], &second[1]));
+        assert!(SensorName::ptr_eq(&first[0], &second[0]));
+        // Not UTF-8 is malformed whatever the length, as prost reads it,
+        // before any limit: a name past max_name_bytes is checked too.
+        for len in [10, 1025] {
+            let mut name = vec![b'n'; len];
+            name[len / 2] = 0xff;
+            let message = wrap(ITEMS, &wrap(SENSOR_NAME, &name));
+            let status = decode_request(&message, received_at(), &ReadingLimits::default())
+                .expect_err("malformed");
+            assert_eq!(status.code(), Code::Internal, "{len}: {status:?}");
+        }
     }
 
     #[test]
