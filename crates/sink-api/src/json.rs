@@ -157,8 +157,8 @@ pub fn write_value(value: Value, out: &mut Vec<u8>) {
 /// missing (the name from a topic, `received_at` from its clock).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedReading {
-    /// `sensor_name`, if given.
-    pub sensor_name: Option<String>,
+    /// `sensor_name`, if given (interned: lines of one sensor share it).
+    pub sensor_name: Option<SensorName>,
     /// `labels`, empty if not given.
     pub labels: Labels,
     /// `sensor_value`: a number (an integer without `.` or exponent, else a
@@ -175,7 +175,9 @@ impl ParsedReading {
     /// when it has them and from the arguments when it does not.
     pub fn into_reading(self, sensor_name: &str, received_at: Timestamp) -> Reading {
         Reading {
-            sensor_name: SensorName::intern_str(self.sensor_name.as_deref().unwrap_or(sensor_name)),
+            sensor_name: self
+                .sensor_name
+                .unwrap_or_else(|| SensorName::intern_str(sensor_name)),
             labels: self.labels,
             value: self.value,
             created_at: self.created_at,
@@ -278,7 +280,7 @@ impl JsonReading<'_> {
         Ok(ParsedReading {
             created_at: time(self.created_at, "created_at")?,
             received_at: time(self.received_at, "received_at")?,
-            sensor_name: self.sensor_name.map(Cow::into_owned),
+            sensor_name: self.sensor_name.as_deref().map(SensorName::intern_str),
             labels: self.labels,
             value,
         })
