@@ -10,6 +10,7 @@
 mod acks;
 mod body;
 mod decode;
+mod http2;
 mod incoming;
 mod metrics;
 mod ready;
@@ -33,7 +34,6 @@ use sink_api::{
 };
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
-use tonic::codegen::http;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -575,20 +575,25 @@ pub fn decode_batch(
 }
 
 impl SensorService {
-    /// Answers one `SendSensorValues` call and counts its answer.
-    async fn answer(
-        &self,
-        request: http::Request<h2::RecvStream>,
-        respond: h2::server::SendResponse<bytes::Bytes>,
-    ) {
+    /// Answers one `SendSensorValues` call and counts its answer; `None`
+    /// when the client reset it first.
+    async fn answer(self, call: http2::SensorCall) -> Option<Result<(), Status>> {
         let started = std::time::Instant::now();
-        let code = server::answer_unary(request, respond, |request| {
-            self.unary(request, started.into())
+        let http2::SensorCall {
+            encoding,
+            timeout,
+            body,
+        } = call;
+        let inbox = Arc::clone(body.inbox());
+        let outcome = http2::guarded(&inbox, timeout, async {
+            self.unary(encoding?, body, started.into()).await
         })
         .await;
-        if let Some(code) = code {
+        if let Some(outcome) = &outcome {
+            let code = outcome.as_ref().map_or_else(Status::code, |()| Code::Ok);
             self.0.metrics.answered(started, code);
         }
+        outcome
     }
 
     /// Serves one call from its request: reads the message prefix, refuses
@@ -597,16 +602,11 @@ impl SensorService {
     /// `body_timeout`, decodes it and hands it on ([`accept`](Self::accept)).
     async fn unary(
         &self,
-        request: http::Request<server::RequestBody>,
+        encoding: body::Encoding,
+        body: http2::RequestBody,
         started: Instant,
     ) -> Result<(), Status> {
         let limits = self.0.limits.load_full();
-        // The headers are not kept across the awaits below: the smaller the
-        // call's future, the less each call copies.
-        let (encoding, body) = {
-            let (head, body) = request.into_parts();
-            (body::Encoding::from_headers(&head.headers)?, body)
-        };
         let mut body = body::BodyReader::new(body);
         // The client's time to deliver the body runs from `started`, while
         // its bytes are awaited, not while the call waits for a permit.
