@@ -1,10 +1,12 @@
-//! The grpc source's HTTP/2 server (on the `h2` crate) under protocol abuse,
+//! The grpc source's own HTTP/2 server under protocol abuse,
 //! through the real binary on loopback. Every attack is written by hand in
 //! raw frames over a plain TCP stream, and what the server sends back is
 //! read and parsed frame by frame: rapid reset, streams the server must
 //! reset (MadeYouReset), CONTINUATION floods, HPACK bombs, oversized
-//! headers, PING floods, a client that grants no window at shutdown,
-//! keepalive, and graceful shutdown as a client sees it.
+//! headers, PING and SETTINGS floods, frames that break the protocol,
+//! windows overrun, streams past the limit, random frames, a client that
+//! grants no window at shutdown, keepalive, and graceful shutdown as a
+//! client sees it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -802,6 +804,27 @@ async fn headers_over_16_kib_are_refused_and_the_connection_serves_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_from_a_client_that_never_reads_is_held_back() {
+    let payload = *b"flooding";
+    flood_without_reading("PING", &ping(0, payload), |frame| {
+        frame.kind == PING && frame.flags & ACK != 0 && frame.payload == payload
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_flood_from_a_client_that_never_reads_is_held_back() {
+    // Each SETTINGS must be acknowledged: the same flood, in other frames.
+    flood_without_reading("SETTINGS", &settings_frame(&[(0x3, 100)]), |frame| {
+        frame.kind == SETTINGS && frame.flags & ACK != 0
+    })
+    .await;
+}
+
+/// Writes `frame` up to 2 million times (tens of MB) on a connection whose
+/// client never reads: the server must stop reading it (the write stalls)
+/// or close it, its memory must stay bounded, others must be served, and
+/// the answers it did write (`is_answer`) wait on the socket.
+async fn flood_without_reading(what: &str, frame: &[u8], is_answer: impl Fn(&Frame) -> bool) {
     let mut sink = SinkProcess::start(&pipeline_with_source(""));
     let address = sink.address("sensors");
     let mut names = served(&sink, "before").await;
@@ -813,13 +836,11 @@ async fn a_ping_flood_from_a_client_that_never_reads_is_held_back() {
     socket.set_send_buffer_size(4096).expect("SO_SNDBUF");
     let tcp = socket.connect(address).await.expect("connect");
     let mut tcp = open(tcp, &[]).await;
-    let payload = *b"flooding";
-    let chunk: Vec<u8> = (0..1000).flat_map(|_| ping(0, payload)).collect();
-    // Up to 2 million PINGs (34 MB), never reading an answer.
-    const MAX_PINGS: usize = 2_000_000;
+    let chunk: Vec<u8> = (0..1000).flat_map(|_| frame.to_vec()).collect();
+    const MAX_FRAMES: usize = 2_000_000;
     let started = Instant::now();
     let (mut sent, mut outcome) = (0, None);
-    while sent < MAX_PINGS {
+    while sent < MAX_FRAMES {
         match tokio::time::timeout(Duration::from_millis(500), tcp.write_all(&chunk)).await {
             Ok(Ok(())) => sent += 1000,
             Ok(Err(err)) => {
@@ -834,20 +855,19 @@ async fn a_ping_flood_from_a_client_that_never_reads_is_held_back() {
     }
     let outcome = outcome.unwrap_or_else(|| {
         panic!(
-            "{sent} PINGs written in {:?} and the server read them all, never answered",
+            "{sent} {what} frames written in {:?} and the server read them all",
             started.elapsed()
         )
     });
-    assert_memory_bounded(&sink, before, "PING flood");
+    assert_memory_bounded(&sink, before, what);
     // While the flooding connection stays open (and stalled), others are served.
-    names.extend(served(&sink, "during-ping-flood").await);
-    // The server answered PINGs: the first answers wait on the socket.
+    names.extend(served(&sink, &format!("during-{what}-flood")).await);
+    // The server answered: the first answers wait on the socket.
     let mut read = BufReader::new(tcp);
     let mut first = Vec::new();
     let answered = tokio::time::timeout(DEADLINE, async {
         while let Ok(Some(frame)) = read_frame(&mut read).await {
-            let done = frame.go_away().is_some()
-                || frame.kind == PING && frame.flags & ACK != 0 && frame.payload == payload;
+            let done = frame.go_away().is_some() || is_answer(&frame);
             first.push(frame.describe());
             if done {
                 return true;
@@ -858,7 +878,7 @@ async fn a_ping_flood_from_a_client_that_never_reads_is_held_back() {
     .await;
     assert!(
         matches!(answered, Ok(true)),
-        "after {sent} PINGs ({outcome}), no answer among {first:?}"
+        "after {sent} {what} frames ({outcome}), no answer among {first:?}"
     );
     drop(read);
     sink.stop();
@@ -979,4 +999,350 @@ async fn sigterm_sends_idle_connections_a_goaway_and_the_sink_exits() {
     );
     let seen = mute.wait(DEADLINE, |seen| seen.ended.is_some()).await;
     assert!(seen.ended.is_some(), "{}", seen.describe());
+}
+
+const PROTOCOL_ERROR: u32 = 0x1;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const REFUSED_STREAM: u32 = 0x7;
+const COMPRESSION_ERROR: u32 = 0x9;
+const PADDED: u8 = 0x8;
+const PUSH_PROMISE: u8 = 0x5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_break_the_protocol_close_the_connection_with_their_code() {
+    let sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let names = served(&sink, "before").await;
+    let open_stream = headers_frame(1, &call_headers(), false);
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "a frame past SETTINGS_MAX_FRAME_SIZE",
+            frame(PING, 0, 0, &[0; MAX_FRAME + 1]),
+            FRAME_SIZE_ERROR,
+        ),
+        ("DATA on stream 0", frame(DATA, 0, 0, b"x"), PROTOCOL_ERROR),
+        (
+            "DATA on a stream never opened",
+            frame(DATA, 0, 7, b"x"),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "a stream a client may not open (even)",
+            headers_frame(2, &call_headers(), true),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "a connection window past 2^31-1",
+            frame(WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes()),
+            FLOW_CONTROL_ERROR,
+        ),
+        (
+            "a WINDOW_UPDATE of 0 on the connection",
+            frame(WINDOW_UPDATE, 0, 0, &0u32.to_be_bytes()),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "SETTINGS_INITIAL_WINDOW_SIZE past 2^31-1",
+            settings_frame(&[(SETTINGS_INITIAL_WINDOW_SIZE, 0x8000_0000)]),
+            FLOW_CONTROL_ERROR,
+        ),
+        (
+            "PUSH_PROMISE from a client",
+            frame(PUSH_PROMISE, END_HEADERS, 1, &[0, 0, 0, 2]),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "CONTINUATION outside a header block",
+            frame(CONTINUATION, END_HEADERS, 1, &[]),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "a frame inside a header block",
+            [frame(HEADERS, 0, 1, &call_headers()), ping(0, *b"between!")].concat(),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "padding past the frame",
+            [open_stream.clone(), frame(DATA, PADDED, 1, &[10, 1, 2])].concat(),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "a header block HPACK cannot decode (index 0)",
+            headers_frame(1, &[0x80], true),
+            COMPRESSION_ERROR,
+        ),
+        (
+            "a PING not 8 bytes long",
+            frame(PING, 0, 0, &[1, 2, 3]),
+            FRAME_SIZE_ERROR,
+        ),
+    ];
+    for (what, bytes, code) in cases {
+        let peer = Peer::connect(address, &[], true).await;
+        peer.send(&bytes).await.expect("send");
+        let seen = peer.wait(DEADLINE, |seen| seen.ended.is_some()).await;
+        assert_eq!(
+            seen.go_away().map(|(code, _)| code),
+            Some(code),
+            "{what}: {}",
+            seen.describe()
+        );
+        assert!(
+            seen.ended.is_some(),
+            "{what}: not closed: {}",
+            seen.describe()
+        );
+    }
+    // Not HTTP/2 at all: closed without a call.
+    let mut tcp = TcpStream::connect(address).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: sink\r\n\r\n")
+        .await
+        .expect("send");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "an HTTP/1.1 request left the connection open"
+    );
+    served_to_the_end(sink, names, "after-protocol-errors").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_continuation_frames_is_cut_off() {
+    let sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let names = served(&sink, "before").await;
+    let attacker = Peer::connect(address, &[], true).await;
+    // Empty CONTINUATIONs never grow the block: only a bound on their
+    // number stops them.
+    let mut first = Some(frame(HEADERS, 0, 1, &call_headers()));
+    let empty = frame(CONTINUATION, 0, 1, &[]);
+    let (chunks, _) = attacker
+        .flood(1000, || {
+            let mut chunk = first.take().unwrap_or_default();
+            for _ in 0..1000 {
+                chunk.extend_from_slice(&empty);
+            }
+            chunk
+        })
+        .await;
+    let seen = attacker.wait(DEADLINE, Seen::cut_off).await;
+    assert!(
+        seen.cut_off(),
+        "{} empty CONTINUATION frames, and the connection is still open: {}",
+        chunks * 1000,
+        seen.describe()
+    );
+    assert_eq!(
+        seen.go_away().map(|(code, _)| code),
+        Some(ENHANCE_YOUR_CALM),
+        "{}",
+        seen.describe()
+    );
+    served_to_the_end(sink, names, "after-empty-continuations").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_limit_are_refused_and_the_connection_serves_on() {
+    let mut sink = SinkProcess::start(&pipeline_with_source("max_concurrent_calls = 2"));
+    let address = sink.address("sensors");
+    let client = Peer::connect(address, &[], true).await;
+    assert!(
+        client
+            .seen()
+            .server_settings()
+            .contains(&(SETTINGS_MAX_CONCURRENT_STREAMS, 2)),
+        "{}",
+        client.seen().describe()
+    );
+    // Two calls open, waiting for their messages; a third is one too many.
+    let opening = [
+        headers_frame(1, &call_headers(), false),
+        headers_frame(3, &call_headers(), false),
+        headers_frame(5, &call_headers(), false),
+    ]
+    .concat();
+    client.send(&opening).await.expect("send");
+    let seen = client.wait(DEADLINE, |seen| seen.reset(5).is_some()).await;
+    assert_eq!(seen.reset(5), Some(REFUSED_STREAM), "{}", seen.describe());
+    let messages = [
+        message_frame(1, &request("first", 1)),
+        message_frame(3, &request("second", 1)),
+    ]
+    .concat();
+    client.send(&messages).await.expect("send");
+    let seen = client
+        .wait(DEADLINE, |seen| seen.answered_ok(1) && seen.answered_ok(3))
+        .await;
+    assert!(
+        seen.answered_ok(1) && seen.answered_ok(3),
+        "{}",
+        seen.describe()
+    );
+    sink.stop();
+    assert_each_once(
+        &sensor_names(&sink.path("out.json")),
+        &["first0".to_owned(), "second0".to_owned()],
+    );
+}
+
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+/// The stream window the server grants (`STREAM_WINDOW`).
+const STREAM_WINDOW: usize = 256 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_sent_past_its_window_is_reset_and_the_connection_serves_on() {
+    let sink = SinkProcess::start(&pipeline_with_source(
+        "max_concurrent_calls = 1\nmax_message_bytes = 1048576\nbody_timeout = \"30s\"",
+    ));
+    let address = sink.address("sensors");
+    let names = served(&sink, "before").await;
+    // One call holds the only permit: its message is announced 100 bytes
+    // long and 10 come.
+    let holder = Peer::connect(address, &[], true).await;
+    let mut slow = vec![0, 0, 0, 0, 100];
+    slow.extend_from_slice(&[0; 10]);
+    holder
+        .send(
+            &[
+                headers_frame(1, &call_headers(), false),
+                frame(DATA, 0, 1, &slow),
+            ]
+            .concat(),
+        )
+        .await
+        .expect("send");
+    // Another call waits for that permit, its body unread, and its client
+    // sends 400 KiB on a stream granted 256 KiB.
+    let attacker = Peer::connect(address, &[], true).await;
+    let mut message = vec![0];
+    message.extend_from_slice(&(400u32 * 1024).to_be_bytes());
+    message.resize(5 + 400 * 1024, 0);
+    let mut bytes = headers_frame(1, &call_headers(), false);
+    for chunk in message.chunks(MAX_FRAME) {
+        bytes.extend(frame(DATA, 0, 1, chunk));
+    }
+    attacker.send(&bytes).await.expect("send");
+    let seen = attacker
+        .wait(DEADLINE, |seen| seen.reset(1).is_some() || seen.cut_off())
+        .await;
+    assert_eq!(
+        seen.reset(1),
+        Some(FLOW_CONTROL_ERROR),
+        "{}",
+        seen.describe()
+    );
+    assert!(seen.go_away().is_none(), "{}", seen.describe());
+    assert!(message.len() > STREAM_WINDOW + MAX_FRAME);
+    // The connection serves on once the permit is free: the holder cancels.
+    holder.send(&rst_stream(1, CANCEL)).await.expect("send");
+    let call = [
+        headers_frame(3, &call_headers(), false),
+        message_frame(3, &request("after-overrun", 1)),
+    ]
+    .concat();
+    attacker.send(&call).await.expect("send");
+    let seen = attacker
+        .wait(DEADLINE, |seen| seen.answered_ok(3) || seen.cut_off())
+        .await;
+    assert!(seen.answered_ok(3), "{}", seen.describe());
+    let mut names = names;
+    names.push("after-overrun0".to_owned());
+    served_to_the_end(sink, names, "after-window-overrun").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_larger_than_both_windows_arrive_whole_side_by_side() {
+    let mut sink = SinkProcess::start(&pipeline_with_source("max_message_bytes = 2097152"));
+    let client = sink.client("sensors").await;
+    // Four calls of about 900 KiB at once on one connection: each past its
+    // stream's window, together past the connection's, so every byte
+    // arrives only as the windows are given back.
+    let mut calls = tokio::task::JoinSet::new();
+    for call in 0..4 {
+        let mut client = client.clone();
+        calls.spawn(async move {
+            let mut request = request_range(&format!("big{call}-"), 0..1000);
+            for item in &mut request.items {
+                item.sensor_name = format!("{}-{}", item.sensor_name, "n".repeat(900));
+            }
+            client.send_sensor_values(request).await
+        });
+    }
+    let answers = tokio::time::timeout(DEADLINE, calls.join_all())
+        .await
+        .expect("four large calls answered");
+    for answer in answers {
+        answer.expect("a large call accepted");
+    }
+    sink.stop();
+    let written = sensor_names(&sink.path("out.json"));
+    let expected: Vec<String> = (0..4)
+        .flat_map(|call| (0..1000).map(move |i| format!("big{call}-{i}-{}", "n".repeat(900))))
+        .collect();
+    assert_each_once(&written, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_frames_never_bring_the_server_down() {
+    let sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    let names = served(&sink, "before").await;
+    // A fixed seed: the same frames on every run (xorshift64*).
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |below: u64| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d) % below
+    };
+    let valid = call_headers();
+    let message = message_frame(1, &request("random", 1))[9..].to_vec();
+    for connection in 0..200 {
+        let peer = Peer::connect(address, &[], true).await;
+        let mut bytes = Vec::new();
+        for _ in 0..(1 + next(12)) {
+            let kind = next(11) as u8;
+            let flags = [
+                0,
+                END_STREAM,
+                END_HEADERS,
+                END_STREAM | END_HEADERS,
+                PADDED,
+                0x20,
+                0xff,
+            ][next(7) as usize];
+            let stream = next(8) as u32;
+            let mut payload = match next(4) {
+                0 => valid.clone(),
+                1 => message.clone(),
+                _ => (0..next(40)).map(|_| next(256) as u8).collect(),
+            };
+            // Some valid payloads, a byte changed.
+            if !payload.is_empty() && next(2) == 0 {
+                let at = next(payload.len() as u64) as usize;
+                payload[at] = next(256) as u8;
+            }
+            bytes.extend(frame(kind, flags, stream, &payload));
+        }
+        if peer.send(&bytes).await.is_err() {
+            continue;
+        }
+        // Then a PING of our own: answered, or the connection closed; never
+        // a server that stopped listening.
+        let payload = (connection as u64).to_be_bytes();
+        let _ = peer.send(&ping(0, payload)).await;
+        let seen = peer
+            .wait(DEADLINE, |seen| seen.pong(payload) || seen.ended.is_some())
+            .await;
+        assert!(
+            seen.pong(payload) || seen.ended.is_some(),
+            "connection {connection}: neither answered nor closed: {}",
+            seen.describe()
+        );
+    }
+    assert!(!sink.log_text().contains("panicked"), "{}", sink.log_text());
+    served_to_the_end(sink, names, "after-random-frames").await;
 }

@@ -861,7 +861,10 @@ where
             // Trailers of a request (the block is decoded all the same, to
             // keep the table in step), or a stream reused.
             let Some(stream) = self.streams.get_mut(&id) else {
-                return Err(Fatal(Reason::STREAM_CLOSED, "HEADERS on a closed stream"));
+                // A stream closed already: after an early answer and its
+                // RST_STREAM the client may still have trailers in flight,
+                // which RFC 9113 5.1 asks to ignore.
+                return Ok(());
             };
             if stream.recv_ended || !end_stream {
                 return self.reset_for_error(id, Reason::PROTOCOL_ERROR);
