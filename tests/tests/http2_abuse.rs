@@ -1346,3 +1346,27 @@ async fn random_frames_never_bring_the_server_down() {
     assert!(!sink.log_text().contains("panicked"), "{}", sink.log_text());
     served_to_the_end(sink, names, "after-random-frames").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_shrinks_its_hpack_table_is_told_in_the_next_answer() {
+    let mut sink = SinkProcess::start(&pipeline_with_source(""));
+    let address = sink.address("sensors");
+    // SETTINGS_HEADER_TABLE_SIZE 0: a strict decoder (nghttp2's) then
+    // expects a dynamic table size update at the start of the next block.
+    let client = Peer::connect(address, &[(0x1, 0)], true).await;
+    let call = [
+        headers_frame(1, &call_headers(), false),
+        message_frame(1, &request("small-table", 1)),
+    ]
+    .concat();
+    client.send(&call).await.expect("send a call");
+    let seen = client.wait(DEADLINE, |seen| seen.answered_ok(1)).await;
+    assert!(seen.answered_ok(1), "{}", seen.describe());
+    let head = seen
+        .on(1)
+        .find(|frame| frame.kind == HEADERS)
+        .expect("the answer's headers");
+    assert_eq!(head.payload.first(), Some(&0x20), "{}", seen.describe());
+    sink.stop();
+    assert_eq!(sensor_names(&sink.path("out.json")), ["small-table0"]);
+}

@@ -193,6 +193,10 @@ struct Connection<IO, C: Calls> {
     grace: Option<Pin<Box<Sleep>>>,
     ok_head: Vec<u8>,
     ok_trailers: Vec<u8>,
+    /// The client lowered its HPACK table: the next block says so first.
+    table_size_update: Option<usize>,
+    /// The table size the client allows now.
+    peer_table_size: usize,
 }
 
 struct Stream {
@@ -307,6 +311,8 @@ where
             grace: None,
             ok_head,
             ok_trailers,
+            table_size_update: None,
+            peer_table_size: 4096,
         }
     }
 
@@ -414,8 +420,9 @@ where
         self.answered += 1;
         match outcome {
             Ok(()) => {
-                frame::put_headers(
+                put_block(
                     &mut self.write,
+                    &mut self.table_size_update,
                     id,
                     &self.ok_head,
                     false,
@@ -426,8 +433,9 @@ where
                     stream.send_window -= 5;
                     self.send_window -= 5;
                     frame::put_frame(&mut self.write, frame::DATA, 0, id, &message);
-                    frame::put_headers(
+                    put_block(
                         &mut self.write,
+                        &mut self.table_size_update,
                         id,
                         &self.ok_trailers,
                         true,
@@ -440,7 +448,14 @@ where
             }
             Err(status) => {
                 let block = status_block(status);
-                frame::put_headers(&mut self.write, id, &block, true, self.peer_max_frame);
+                put_block(
+                    &mut self.write,
+                    &mut self.table_size_update,
+                    id,
+                    &block,
+                    true,
+                    self.peer_max_frame,
+                );
             }
         }
         self.answered_fully(id);
@@ -473,9 +488,13 @@ where
     }
 
     /// Takes the next part of each answer written by a task of its own,
-    /// while the one before has been written.
+    /// once the one before has been written and while the socket keeps up.
     fn poll_others(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
+        if self.write.len() >= WRITE_HIGH_WATER {
+            // Taken once the socket takes what waits (its write wakes us).
+            return false;
+        }
         let mut i = 0;
         while i < self.others.len() {
             let id = self.others[i];
@@ -516,7 +535,14 @@ where
                 let mut block = Vec::new();
                 hpack::encode_status(&mut block, head.status.as_u16());
                 encode_headers(&mut block, &head.headers);
-                frame::put_headers(&mut self.write, id, &block, end, max_frame);
+                put_block(
+                    &mut self.write,
+                    &mut self.table_size_update,
+                    id,
+                    &block,
+                    end,
+                    max_frame,
+                );
                 if end {
                     stream.out = None;
                     stream.answered = true;
@@ -537,7 +563,14 @@ where
             Some(Out::Trailers(trailers)) => {
                 let mut block = Vec::new();
                 encode_headers(&mut block, &trailers);
-                frame::put_headers(&mut self.write, id, &block, true, max_frame);
+                put_block(
+                    &mut self.write,
+                    &mut self.table_size_update,
+                    id,
+                    &block,
+                    true,
+                    max_frame,
+                );
                 stream.out = None;
                 stream.answered = true;
                 self.answered_fully(id);
@@ -581,7 +614,14 @@ where
         match after {
             After::More => {}
             After::Trailers(block) => {
-                frame::put_headers(&mut self.write, id, &block, true, self.peer_max_frame);
+                put_block(
+                    &mut self.write,
+                    &mut self.table_size_update,
+                    id,
+                    &block,
+                    true,
+                    self.peer_max_frame,
+                );
                 self.answered_fully(id);
             }
             After::End => {
@@ -894,7 +934,14 @@ where
                 // Larger than SETTINGS_MAX_HEADER_LIST_SIZE: 431, as hyper.
                 let mut block = Vec::new();
                 hpack::encode_status(&mut block, 431);
-                frame::put_headers(&mut self.write, id, &block, true, self.peer_max_frame);
+                put_block(
+                    &mut self.write,
+                    &mut self.table_size_update,
+                    id,
+                    &block,
+                    true,
+                    self.peer_max_frame,
+                );
                 if !end_stream {
                     frame::put_rst_stream(&mut self.write, id, Reason::NO_ERROR);
                 }
@@ -1029,8 +1076,17 @@ where
                     }
                     self.peer_max_frame = value as usize;
                 }
-                // Our answers never use the client's dynamic table, and
-                // the rest is the client's own business.
+                frame::SETTINGS_HEADER_TABLE_SIZE => {
+                    let size = value as usize;
+                    // Our answers never add to the client's table; a
+                    // smaller one must still be acknowledged in the next
+                    // block (RFC 7541 4.2).
+                    if size < self.peer_table_size {
+                        self.table_size_update = Some(size);
+                    }
+                    self.peer_table_size = size;
+                }
+                // The rest is the client's own business.
                 _ => {}
             }
         }
@@ -1151,6 +1207,26 @@ where
             io.shutdown().await
         })
         .await;
+    }
+}
+
+/// Appends a header block, after the table size update the client is owed.
+fn put_block(
+    write: &mut Vec<u8>,
+    table_size_update: &mut Option<usize>,
+    stream: u32,
+    block: &[u8],
+    end_stream: bool,
+    max_frame: usize,
+) {
+    match table_size_update.take() {
+        None => frame::put_headers(write, stream, block, end_stream, max_frame),
+        Some(size) => {
+            let mut updated = Vec::with_capacity(block.len() + 5);
+            hpack::encode_table_size(&mut updated, size);
+            updated.extend_from_slice(block);
+            frame::put_headers(write, stream, &updated, end_stream, max_frame);
+        }
     }
 }
 

@@ -401,6 +401,13 @@ pub fn encode_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     encode_string(out, value);
 }
 
+/// A dynamic table size update (RFC 7541 §6.3), owed at the start of the next block once the
+/// peer lowers SETTINGS_HEADER_TABLE_SIZE below what it allowed before. This encoder never adds
+/// to the table, so the update only confirms the new size.
+pub fn encode_table_size(out: &mut Vec<u8>, size: usize) {
+    encode_integer(out, size, 5, 0x20);
+}
+
 /// `:status` as a header field: 200 is the static index 8 (one byte 0x88); others a literal with the
 /// static name index 8.
 pub fn encode_status(out: &mut Vec<u8>, status: u16) {
@@ -1033,6 +1040,44 @@ mod tests {
                 assert_eq!(got, expected, "round {round} block {block_no}");
                 assert_eq!(size, list_size(&expected));
             }
+        }
+    }
+
+    #[test]
+    fn a_table_size_update_decodes_and_resizes() {
+        let mut block = Vec::new();
+        encode_table_size(&mut block, 100);
+        encode_field(&mut block, b"grpc-status", b"0");
+        let mut decoder = Decoder::new(4096);
+        let (fields, _) = decode_all(&mut decoder, &block).unwrap();
+        assert_eq!(fields, self::fields(&[("grpc-status", "0")]));
+        let mut too_big = Vec::new();
+        encode_table_size(&mut too_big, 5000);
+        assert!(decode_all(&mut decoder, &too_big).is_err());
+    }
+
+    #[test]
+    fn any_bytes_decode_or_fail_without_panicking_and_the_table_stays_bounded() {
+        let mut rng = XorShift(0x5eed_cafe_f00d_beef);
+        let mut decoder = Decoder::new(4096);
+        for _ in 0..20_000 {
+            let mut block = rng.bytes(64);
+            // Now and then a valid start, to reach deeper states.
+            if rng.below(3) == 0 {
+                block.insert(0, 0x40 | (rng.below(62) as u8));
+            }
+            let mut fields = 0usize;
+            let _ = decoder.decode(&block, |_, _| fields += 1);
+            let held: usize = decoder
+                .table
+                .entries
+                .iter()
+                .map(|entry| {
+                    let (name, value) = entry.field();
+                    name.len() + value.len() + 32
+                })
+                .sum();
+            assert!(held <= 4096, "the table holds {held} bytes");
         }
     }
 }
