@@ -193,10 +193,33 @@ struct Connection<IO, C: Calls> {
     grace: Option<Pin<Box<Sleep>>>,
     ok_head: Vec<u8>,
     ok_trailers: Vec<u8>,
-    /// The client lowered its HPACK table: the next block says so first.
-    table_size_update: Option<usize>,
+    blocks: Blocks,
     /// The table size the client allows now.
     peer_table_size: usize,
+}
+
+/// How header blocks are written to the client.
+struct Blocks {
+    /// The client lowered its HPACK table: the next block says so first.
+    table_size_update: Option<usize>,
+    /// The largest frame the client takes.
+    max_frame: usize,
+}
+
+impl Blocks {
+    /// Appends `block` as HEADERS (and CONTINUATION) frames, after the
+    /// table size update the client is owed.
+    fn put(&mut self, write: &mut Vec<u8>, stream: u32, block: &[u8], end_stream: bool) {
+        match self.table_size_update.take() {
+            None => frame::put_headers(write, stream, block, end_stream, self.max_frame),
+            Some(size) => {
+                let mut updated = Vec::with_capacity(block.len() + 5);
+                hpack::encode_table_size(&mut updated, size);
+                updated.extend_from_slice(block);
+                frame::put_headers(write, stream, &updated, end_stream, self.max_frame);
+            }
+        }
+    }
 }
 
 struct Stream {
@@ -311,7 +334,10 @@ where
             grace: None,
             ok_head,
             ok_trailers,
-            table_size_update: None,
+            blocks: Blocks {
+                table_size_update: None,
+                max_frame: frame::DEFAULT_MAX_FRAME_SIZE,
+            },
             peer_table_size: 4096,
         }
     }
@@ -420,27 +446,14 @@ where
         self.answered += 1;
         match outcome {
             Ok(()) => {
-                put_block(
-                    &mut self.write,
-                    &mut self.table_size_update,
-                    id,
-                    &self.ok_head,
-                    false,
-                    self.peer_max_frame,
-                );
+                self.blocks.put(&mut self.write, id, &self.ok_head, false);
                 let message = Bytes::from_static(&[0; 5]);
                 if stream.send_window >= 5 && self.send_window >= 5 {
                     stream.send_window -= 5;
                     self.send_window -= 5;
                     frame::put_frame(&mut self.write, frame::DATA, 0, id, &message);
-                    put_block(
-                        &mut self.write,
-                        &mut self.table_size_update,
-                        id,
-                        &self.ok_trailers,
-                        true,
-                        self.peer_max_frame,
-                    );
+                    self.blocks
+                        .put(&mut self.write, id, &self.ok_trailers, true);
                 } else {
                     stream.waiting = Some((message, After::Trailers(self.ok_trailers.clone())));
                     return;
@@ -448,14 +461,7 @@ where
             }
             Err(status) => {
                 let block = status_block(status);
-                put_block(
-                    &mut self.write,
-                    &mut self.table_size_update,
-                    id,
-                    &block,
-                    true,
-                    self.peer_max_frame,
-                );
+                self.blocks.put(&mut self.write, id, &block, true);
             }
         }
         self.answered_fully(id);
@@ -526,7 +532,6 @@ where
 
     /// Writes a part of a task's answer; true once it is the last.
     fn write_other(&mut self, id: u32, part: Option<Out>) -> bool {
-        let max_frame = self.peer_max_frame;
         let Some(stream) = self.streams.get_mut(&id) else {
             return true;
         };
@@ -535,14 +540,7 @@ where
                 let mut block = Vec::new();
                 hpack::encode_status(&mut block, head.status.as_u16());
                 encode_headers(&mut block, &head.headers);
-                put_block(
-                    &mut self.write,
-                    &mut self.table_size_update,
-                    id,
-                    &block,
-                    end,
-                    max_frame,
-                );
+                self.blocks.put(&mut self.write, id, &block, end);
                 if end {
                     stream.out = None;
                     stream.answered = true;
@@ -563,14 +561,7 @@ where
             Some(Out::Trailers(trailers)) => {
                 let mut block = Vec::new();
                 encode_headers(&mut block, &trailers);
-                put_block(
-                    &mut self.write,
-                    &mut self.table_size_update,
-                    id,
-                    &block,
-                    true,
-                    max_frame,
-                );
+                self.blocks.put(&mut self.write, id, &block, true);
                 stream.out = None;
                 stream.answered = true;
                 self.answered_fully(id);
@@ -614,14 +605,7 @@ where
         match after {
             After::More => {}
             After::Trailers(block) => {
-                put_block(
-                    &mut self.write,
-                    &mut self.table_size_update,
-                    id,
-                    &block,
-                    true,
-                    self.peer_max_frame,
-                );
+                self.blocks.put(&mut self.write, id, &block, true);
                 self.answered_fully(id);
             }
             After::End => {
@@ -934,14 +918,7 @@ where
                 // Larger than SETTINGS_MAX_HEADER_LIST_SIZE: 431, as hyper.
                 let mut block = Vec::new();
                 hpack::encode_status(&mut block, 431);
-                put_block(
-                    &mut self.write,
-                    &mut self.table_size_update,
-                    id,
-                    &block,
-                    true,
-                    self.peer_max_frame,
-                );
+                self.blocks.put(&mut self.write, id, &block, true);
                 if !end_stream {
                     frame::put_rst_stream(&mut self.write, id, Reason::NO_ERROR);
                 }
@@ -1075,6 +1052,7 @@ where
                         ));
                     }
                     self.peer_max_frame = value as usize;
+                    self.blocks.max_frame = self.peer_max_frame;
                 }
                 frame::SETTINGS_HEADER_TABLE_SIZE => {
                     let size = value as usize;
@@ -1082,7 +1060,7 @@ where
                     // smaller one must still be acknowledged in the next
                     // block (RFC 7541 4.2).
                     if size < self.peer_table_size {
-                        self.table_size_update = Some(size);
+                        self.blocks.table_size_update = Some(size);
                     }
                     self.peer_table_size = size;
                 }
@@ -1207,26 +1185,6 @@ where
             io.shutdown().await
         })
         .await;
-    }
-}
-
-/// Appends a header block, after the table size update the client is owed.
-fn put_block(
-    write: &mut Vec<u8>,
-    table_size_update: &mut Option<usize>,
-    stream: u32,
-    block: &[u8],
-    end_stream: bool,
-    max_frame: usize,
-) {
-    match table_size_update.take() {
-        None => frame::put_headers(write, stream, block, end_stream, max_frame),
-        Some(size) => {
-            let mut updated = Vec::with_capacity(block.len() + 5);
-            hpack::encode_table_size(&mut updated, size);
-            updated.extend_from_slice(block);
-            frame::put_headers(write, stream, &updated, end_stream, max_frame);
-        }
     }
 }
 

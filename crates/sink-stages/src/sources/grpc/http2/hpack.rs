@@ -432,6 +432,7 @@ pub fn encode_status(out: &mut Vec<u8>, status: u16) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::XorShift;
     use super::*;
 
     type Fields = Vec<(Vec<u8>, Vec<u8>)>;
@@ -959,33 +960,6 @@ mod tests {
                 assert_eq!(cursor.integer(prefix_bits), Ok(value));
                 assert_eq!(cursor.pos, out.len());
             }
-        }
-    }
-
-    /// A small deterministic generator, so that failures reproduce.
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn bytes(&mut self, max_len: usize) -> Vec<u8> {
-            let len = self.below(max_len + 1);
-            let any = self.below(4) == 0;
-            (0..len)
-                .map(|_| {
-                    let r = self.next() as u8;
-                    if any {
-                        return r;
-                    }
-                    b' ' + r % 95
-                })
-                .collect()
         }
     }
 

@@ -245,6 +245,7 @@ fn decode_into(src: &[u8], out: &mut [u8]) -> Result<usize, &'static str> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::XorShift;
     use super::*;
 
     /// Each symbol's code, right-aligned, as the decoding tables see it.
@@ -294,17 +295,6 @@ mod tests {
         decode(src, &mut out).map(|()| out)
     }
 
-    /// A small deterministic generator, so that failures reproduce.
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
-
     #[test]
     fn codes_match_the_reference_table() {
         let reference = httlib_huffman::encoder::table::ENCODE_TABLE;
@@ -345,17 +335,7 @@ mod tests {
     fn random_strings_round_trip() {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..2000 {
-            let len = (rng.next() % 64) as usize;
-            let ascii = rng.next() & 1 == 0;
-            let s: Vec<u8> = (0..len)
-                .map(|_| {
-                    let r = rng.next() as u8;
-                    if !ascii {
-                        return r;
-                    }
-                    b' ' + r % 95
-                })
-                .collect();
+            let s = rng.bytes(64);
             assert_eq!(decoded(&reference_encode(&s)).unwrap(), s);
         }
     }

@@ -100,3 +100,33 @@ where
     })
     .await
 }
+
+/// A small deterministic generator for the tests, so that failures reproduce.
+#[cfg(test)]
+struct XorShift(u64);
+
+#[cfg(test)]
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Up to `max_len` bytes: printable ASCII three times in four, else any.
+    fn bytes(&mut self, max_len: usize) -> Vec<u8> {
+        let len = self.below(max_len + 1);
+        let any = self.below(4) == 0;
+        (0..len)
+            .map(|_| {
+                let r = self.next() as u8;
+                if any { r } else { b' ' + r % 95 }
+            })
+            .collect()
+    }
+}
