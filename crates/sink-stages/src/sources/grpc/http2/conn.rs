@@ -54,6 +54,9 @@ const MAX_EARLY_RESETS: usize = 1024;
 /// held back by its own socket.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
+/// Reads the connection's task makes before it lets other tasks run.
+const READS_PER_POLL: usize = 1;
+
 /// How long answers may wait for a client's window after the last call of
 /// a connection that is closing has ended.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -349,6 +352,7 @@ where
         running: &mut FuturesUnordered<Running<C::Call>>,
     ) -> Poll<()> {
         self.returned.driver.register(cx.waker());
+        let mut reads = 0;
         loop {
             if self.done {
                 return Poll::Ready(());
@@ -376,9 +380,19 @@ where
                     return Poll::Ready(());
                 }
             }
+            if reads == READS_PER_POLL {
+                // The calls of the last read have run and their answers are
+                // out: the stages downstream, on the same workers, get their
+                // turn before the next read brings more.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if self.write.len() < WRITE_HIGH_WATER {
                 match self.read_frames(cx, running) {
-                    Poll::Ready(Ok(true)) => progress = true,
+                    Poll::Ready(Ok(true)) => {
+                        reads += 1;
+                        progress = true;
+                    }
                     Poll::Ready(Ok(false)) => {
                         // The client closed its side: its calls go with it.
                         return Poll::Ready(());

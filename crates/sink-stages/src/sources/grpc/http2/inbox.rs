@@ -60,8 +60,11 @@ struct State {
     closed: bool,
     /// Bytes received and not taken.
     held: usize,
-    /// The task to wake when data, the end or a reset comes.
-    waker: Option<Waker>,
+    /// The reader, to wake when data, the end or a reset comes.
+    reader: Option<Waker>,
+    /// Whoever waits for a reset (the call's guard, or the task answering
+    /// on its own, which is not always the reader's).
+    watcher: Option<Waker>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,7 +92,7 @@ impl Inbox {
             state.data.push_back(data);
         }
         state.end |= end;
-        if let Some(waker) = state.waker.take() {
+        if let Some(waker) = state.reader.take() {
             drop(state);
             waker.wake();
         }
@@ -98,8 +101,11 @@ impl Inbox {
     /// The client reset the stream, or the connection ended.
     pub fn reset(&self) {
         self.reset.store(true, Ordering::Release);
-        let waker = lock(&self.state).waker.take();
-        if let Some(waker) = waker {
+        let (reader, watcher) = {
+            let mut state = lock(&self.state);
+            (state.reader.take(), state.watcher.take())
+        };
+        for waker in [reader, watcher].into_iter().flatten() {
             waker.wake();
         }
     }
@@ -117,13 +123,9 @@ impl Inbox {
         std::mem::take(&mut state.held)
     }
 
-    /// Remembers `cx`'s task, to be woken by the next push or reset.
+    /// Remembers `cx`'s task, to be woken by a reset.
     pub fn register(&self, cx: &Context<'_>) {
-        let mut state = lock(&self.state);
-        match &state.waker {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            _ => state.waker = Some(cx.waker().clone()),
-        }
+        remember(&mut lock(&self.state).watcher, cx);
     }
 
     /// The next data, `None` at the end of the request; an error once the
@@ -151,10 +153,7 @@ impl Inbox {
         if state.end || state.closed {
             return Poll::Ready(None);
         }
-        match &state.waker {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            _ => state.waker = Some(cx.waker().clone()),
-        }
+        remember(&mut state.reader, cx);
         Poll::Pending
     }
 
@@ -172,6 +171,13 @@ impl Inbox {
             }
         })
         .await;
+    }
+}
+
+fn remember(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(waker) if waker.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
     }
 }
 
@@ -263,5 +269,44 @@ mod tests {
         assert_eq!(streams, [(7, 4)]);
         inbox.reset();
         assert!(matches!(poll(&mut body), Poll::Ready(Some(Err(Reset)))));
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Counter(AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn data_wakes_the_reader_even_when_another_task_watches_for_a_reset() {
+        let inbox = Inbox::new(1, Arc::new(Returned::default()));
+        let (reader, watcher) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+        let reader_waker = Waker::from(Arc::clone(&reader));
+        let watcher_waker = Waker::from(Arc::clone(&watcher));
+        // The reader waits for data; then another task starts watching.
+        let body = RequestBody::new(Arc::clone(&inbox), false);
+        assert!(
+            body.inbox
+                .poll_data(&Context::from_waker(&reader_waker), false)
+                .is_pending()
+        );
+        inbox.register(&Context::from_waker(&watcher_waker));
+        inbox.push(Bytes::from_static(b"x"), true);
+        assert_eq!(
+            reader.0.load(Ordering::SeqCst),
+            1,
+            "the reader was not woken"
+        );
+        assert_eq!(watcher.0.load(Ordering::SeqCst), 0);
+        inbox.reset();
+        assert_eq!(
+            watcher.0.load(Ordering::SeqCst),
+            1,
+            "the watcher was not woken"
+        );
     }
 }
