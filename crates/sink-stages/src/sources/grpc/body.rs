@@ -166,7 +166,7 @@ impl Received {
 
     fn push(&mut self, mut data: impl Buf) {
         if self.is_empty() {
-            // No copy when `data` is `Bytes`, as h2's, hyper's and tonic's are.
+            // No copy when `data` is `Bytes`, as this server's, hyper's and tonic's are.
             self.first = data.copy_to_bytes(data.remaining());
             return;
         }
