@@ -159,6 +159,22 @@ wait_healthy() {
   die "container $1 never became healthy"
 }
 
+# wait_for_log NAME TEXT: waits up to 10 s for TEXT in the container's log
+# (conmon copies the output to the log a moment after it is written, so a
+# healthy container's log may not have its first lines yet); prints the log
+# when it never comes. The log is read whole before it is searched: with
+# pipefail, `podman logs | grep -q` fails whenever grep stops reading first.
+wait_for_log() {
+  local log
+  for _ in $(seq 50); do
+    log=$(podman_ logs "$1" 2>&1) || true
+    [[ $log == *"$2"* ]] && return 0
+    sleep 0.2
+  done
+  podman_ logs "$1" >&2 || true
+  return 1
+}
+
 # stop_and_check NAME DATA_DIR READINGS: stops the container with SIGTERM and
 # checks a clean exit, the drain message, the files' owner and the count of
 # readings in every file the sink wrote on the volume (rotated, gzipped or not).
@@ -201,7 +217,7 @@ podman_ run -d --name sink-ci-defaults --network host --read-only \
   -e GRPC_SERVER_SOCKET="0.0.0.0:$port" -v "$WORK/data1:/var/lib/sink" "$IMAGE" >/dev/null \
   || die "podman run failed"
 wait_healthy sink-ci-defaults
-podman_ logs sink-ci-defaults 2>&1 | grep -q "listening on 0.0.0.0:$port" || die "not listening on 0.0.0.0:$port"
+wait_for_log sink-ci-defaults "listening on 0.0.0.0:$port" || die "not listening on 0.0.0.0:$port"
 pid=$(podman_ inspect --format '{{.State.Pid}}' sink-ci-defaults)
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
 [ "$uid" = 10001 ] || die "the sink ran as uid $uid, not 10001"
