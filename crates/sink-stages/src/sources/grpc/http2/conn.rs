@@ -441,7 +441,10 @@ where
             ended = true;
             match outcome {
                 Some(outcome) => self.answer(stream, outcome),
-                None => self.forget(stream),
+                // Reset by the client: closed already.
+                None => {
+                    self.close(stream, false);
+                }
             }
         }
         if ended && running.is_empty() {
@@ -484,19 +487,23 @@ where
     /// The stream's answer is all written: it is closed, and a request
     /// still arriving is cut short (RFC 9113 8.1).
     fn answered_fully(&mut self, id: u32) {
-        if let Some(stream) = self.streams.remove(&id) {
-            if !stream.recv_ended {
-                frame::put_rst_stream(&mut self.write, id, Reason::NO_ERROR);
-            }
-            self.to_return += stream.inbox.close();
+        if let Some(stream) = self.close(id, false)
+            && !stream.recv_ended
+        {
+            frame::put_rst_stream(&mut self.write, id, Reason::NO_ERROR);
         }
     }
 
-    /// A stream whose call is gone unanswered (it was reset).
-    fn forget(&mut self, id: u32) {
-        if let Some(stream) = self.streams.remove(&id) {
-            self.to_return += stream.inbox.close();
+    /// The connection is done with stream `id`: what it received and its
+    /// call never took is given back to the window, and with `reset` a call
+    /// still running is told to stop.
+    fn close(&mut self, id: u32, reset: bool) -> Option<Stream> {
+        let stream = self.streams.remove(&id)?;
+        if reset {
+            stream.inbox.reset();
         }
+        self.to_return += stream.inbox.close();
+        Some(stream)
     }
 
     fn streams_all_answered(&self) -> bool {
@@ -995,11 +1002,9 @@ where
                 "RST_STREAM on an idle stream",
             ));
         }
-        let Some(stream) = self.streams.remove(&head.stream) else {
+        let Some(stream) = self.close(head.stream, true) else {
             return Ok(());
         };
-        stream.inbox.reset();
-        self.to_return += stream.inbox.close();
         if !stream.answered {
             self.early_resets += 1;
             if self.early_resets > MAX_EARLY_RESETS && self.early_resets as u64 > self.answered {
@@ -1159,10 +1164,7 @@ where
     /// connection.
     fn reset_for_error(&mut self, id: u32, reason: Reason) -> Result<(), Fatal> {
         frame::put_rst_stream(&mut self.write, id, reason);
-        if let Some(stream) = self.streams.remove(&id) {
-            stream.inbox.reset();
-            self.to_return += stream.inbox.close();
-        }
+        self.close(id, true);
         self.local_resets += 1;
         if self.local_resets > MAX_LOCAL_ERROR_RESETS {
             return Err(Fatal(
